@@ -1,0 +1,22 @@
+# Two commands do all the set-up on a fresh machine: `make quickstart` and `make test`.
+# torch is pinned so that pip takes the CPU build instead of several GB of CUDA packages.
+PY ?= python3
+TORCH ?= torch==2.13.0
+
+install:
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+
+quickstart: install
+	$(PY) examples/quickstart.py
+
+test: install
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/bench_ops.py
+
+.PHONY: install quickstart test test-slow bench
