@@ -75,7 +75,7 @@ def test_s4d_bad_input():
         s4d_kernel(A, B, C[:, :2], dt, 8)
 
 
-def dss_system(H=3, N=5, seed=0, shared=False, growing=False):
+def dss_system(H=3, N=5, seed=0, shared=False, growing=False, sep_dt=False):
     g = torch.Generator().manual_seed(seed)
     re = -torch.rand(N if shared else H * N, generator=g, dtype=F64) - 0.1
     if growing:  # the softmax variant leaves Lambda free: some modes grow
@@ -83,15 +83,15 @@ def dss_system(H=3, N=5, seed=0, shared=False, growing=False):
     Lam = torch.complex(re, torch.randn(re.shape, generator=g, dtype=F64) * 5)
     Lam = Lam if shared else Lam.reshape(H, N)
     W = torch.randn(H, N, generator=g, dtype=C128)
-    dt = torch.exp(torch.empty(H, dtype=F64).uniform_(-6.9, -2.3, generator=g))
-    return Lam, W, dt
+    dt = torch.exp(torch.empty(2 if sep_dt else 1, H, dtype=F64).uniform_(-6.9, -2.3, generator=g))
+    return Lam, W, dt if sep_dt else dt[0]
 
 
 @pytest.mark.parametrize("L", LENGTHS)
 @pytest.mark.parametrize("variant", ["exp", "softmax"])
-@pytest.mark.parametrize("shared", [False, True])
-def test_dss_matches_twin(L, variant, shared):
-    Lam, W, dt = dss_system(shared=shared, growing=variant == "softmax")
+@pytest.mark.parametrize("shared,sep_dt", [(False, False), (True, False), (True, True)])
+def test_dss_matches_twin(L, variant, shared, sep_dt):
+    Lam, W, dt = dss_system(shared=shared, growing=variant == "softmax", sep_dt=sep_dt)
     K = dss_kernel(Lam, W, dt, L, variant, eps=0)
     assert K.shape == (3, L) and K.dtype == F64
     assert_close(K, dss_kernel_ref(Lam, W, dt, L, variant, eps=0))
@@ -139,7 +139,7 @@ def test_dss_gradients_match_twin(variant):
 
 @pytest.mark.parametrize("variant", ["exp", "softmax"])
 def test_dss_gradcheck(variant):
-    leaves = [t.requires_grad_() for t in dss_system(H=2, N=3, seed=6, growing=variant == "softmax")]
+    leaves = [t.requires_grad_() for t in dss_system(H=2, N=3, seed=6, growing=variant == "softmax", sep_dt=True)]
     assert torch.autograd.gradcheck(lambda *a: dss_kernel(*a, 29, variant), leaves)
 
 
@@ -149,3 +149,18 @@ def test_dss_bad_input():
         dss_kernel(Lam, W, dt, 8, "relu")
     with pytest.raises(ValueError, match="Lambda must be"):
         dss_kernel(Lam[:, :2], W, dt, 8)
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+def test_vandermonde_contract_matches_twin(L):
+    from diagssm.ops.kernels import vandermonde_contract, vandermonde_contract_ref
+
+    w = torch.complex(-torch.rand(3, 4, dtype=F64) * 0.05, randn(3, 4, seed=8))  # (H, N)
+    u = randn(2, 3, L, seed=9)  # (B, H, L)
+    assert_close(vandermonde_contract(u, w), vandermonde_contract_ref(u, w), scale=10)
+    leaves = [w.clone().requires_grad_(), u.clone().requires_grad_()]
+    wt = randn(2, 3, 4, dtype=C128, seed=10)
+    grads = [torch.autograd.grad((f(leaves[1], leaves[0]) * wt).real.sum(), leaves)
+             for f in (vandermonde_contract, vandermonde_contract_ref)]
+    for got, want in zip(*grads):
+        assert_close(got, want, scale=10)

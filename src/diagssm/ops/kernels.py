@@ -42,6 +42,34 @@ def vandermonde_sum(z, w, L):
     return K.flatten(-2)[..., :L]  # (..., H, L)
 
 
+def vandermonde_contract(u, w):
+    """The state a diagonal system reaches from zero: x[..., h, n] = sum_l u[..., h, l] exp(w[h, n] (L-1-l)).
+
+    The adjoint of `vandermonde_sum`, by the same two levels (the (H, N, L) tensor is never built).
+
+    Shapes:
+        u: (..., H, L) real or complex; w: (H, N) complex
+        returns (..., H, N) complex
+    """
+    L = u.shape[-1]
+    c = 1 << math.ceil(math.log2(L) / 2)
+    M = -(-L // c)
+    u_rev = torch.nn.functional.pad(u.flip(-1), (0, M * c - L)).unflatten(-1, (M, c))  # (..., H, M, c) r = L-1-l
+    j = torch.arange(c, device=w.device, dtype=w.real.dtype)
+    m = torch.arange(M, device=w.device, dtype=w.real.dtype) * c
+    E = torch.exp(w[..., None, :] * j[:, None])  # (H, c, N)
+    T = u_rev.to(E.dtype) @ E  # (..., H, M, N)
+    return (T * torch.exp(w[..., None, :] * m[:, None])).sum(-2)  # (..., H, N)
+
+
+def vandermonde_contract_ref(u, w):
+    """Reference twin of `vandermonde_contract`: the recurrence x <- exp(w) x + u_l, step by step."""
+    x = torch.zeros(*u.shape[:-1], w.shape[-1], dtype=(u[..., :1] * w[..., :1]).dtype)
+    for u_l in u.unbind(-1):
+        x = torch.exp(w) * x + u_l[..., None]
+    return x
+
+
 def _check_s4d(A, B, C, dt):
     if A.dim() != 2 or B.shape != A.shape:
         raise ValueError(f"A and B must both be (H, N/2); got A {tuple(A.shape)}, B {tuple(B.shape)}")
@@ -92,8 +120,18 @@ def _check_dss(Lambda, W, dt, variant):
         raise ValueError(f"W must be (H, N); got {tuple(W.shape)}")
     if Lambda.shape not in (W.shape[-1:], W.shape):
         raise ValueError(f"Lambda must be (N,) or (H, N) with (H, N)={tuple(W.shape)}; got {tuple(Lambda.shape)}")
-    if dt.shape != W.shape[:1]:
-        raise ValueError(f"dt must be (H,)={tuple(W.shape[:1])}; got {tuple(dt.shape)}")
+    if dt.shape not in (W.shape[:1], (2,) + W.shape[:1]):
+        raise ValueError(f"dt must be (H,) or (2, H) with H={W.shape[0]}; got {tuple(dt.shape)}")
+
+
+def dss_exponent(Lambda, dt):
+    """dt Lambda, or dt[0] Re Lambda + i dt[1] Im Lambda with separate steps (the DSS code's default).
+
+    Shapes: Lambda (N,) or (H, N); dt (H,) or (2, H) -> (H, N) complex
+    """
+    if dt.dim() == 1:
+        return Lambda * dt[:, None]
+    return torch.complex(Lambda.real * dt[0, :, None], Lambda.imag * dt[1, :, None])
 
 
 def dss_kernel(Lambda, W, dt, L, variant="exp", eps=EPS_RECIPROCAL):
@@ -109,14 +147,16 @@ def dss_kernel(Lambda, W, dt, L, variant="exp", eps=EPS_RECIPROCAL):
     DSS code does (eps=0 gives the exact formula).
 
     Shapes:
-        Lambda: (N,) or (H, N) complex; W: (H, N) complex; dt: (H,) real > 0
+        Lambda: (N,) or (H, N) complex; W: (H, N) complex
+        dt: (H,) real > 0, or (2, H): separate steps for Re and Im of Lambda (`dss_exponent`)
         returns K: (H, L) real
     """
     _check_length(L)
     _check_dss(Lambda, W, dt, variant)
-    w = Lambda * dt[:, None]  # (H, N)
+    w = dss_exponent(Lambda, dt)  # (H, N)
     if variant == "exp":
-        return vandermonde_sum(W * dt[:, None] * phi1(w), w, L)  # (exp(w)-1)/Lambda = dt phi1(w)
+        ratio = dt[:, None] if dt.dim() == 1 else w / Lambda  # (exp(w)-1)/Lambda = phi1(w) w/Lambda
+        return vandermonde_sum(W * ratio * phi1(w), w, L)
     grows = w.real > 0  # (H, N) summed from the end: exp(w l) = exp(-w (L-1-l)) * exp(w (L-1))
     w_dec = torch.where(grows, -w, w)  # (H, N), Re <= 0
     # softmax_l = exp(w_dec l') (1 - exp(w_dec)) / (1 - exp(w_dec L)), l' = l or L-1-l
@@ -133,9 +173,10 @@ def dss_kernel_ref(Lambda, W, dt, L, variant="exp", eps=EPS_RECIPROCAL):
     _check_length(L)
     _check_dss(Lambda, W, dt, variant)
     l = torch.arange(L, dtype=dt.dtype)  # (L,)
-    P = (Lambda * dt[:, None])[..., None] * l  # (H, N, L)
+    w = dss_exponent(Lambda, dt)  # (H, N)
+    P = w[..., None] * l  # (H, N, L)
     if variant == "exp":
-        return (W[..., None] * (torch.exp(Lambda * dt[:, None]) - 1)[..., None] / Lambda[..., None] * P.exp()).sum(1).real
+        return (W[..., None] * (torch.exp(w) - 1)[..., None] / Lambda[..., None] * P.exp()).sum(1).real
     shift = P.real.max(-1, keepdim=True).values  # (H, N, 1)
     S = torch.exp(P - shift)  # (H, N, L)
     scale = reciprocal(Lambda * S.sum(-1), eps)  # (H, N) = 1 / (Lambda sum_l S)

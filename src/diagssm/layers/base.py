@@ -1,0 +1,143 @@
+"""What every SSM layer shares: input checks, parameter helpers, and the convolution/recurrence
+machinery of H independent diagonal SISO systems (S4D, DSS).
+
+A per-channel diagonal layer describes its discretised system by three tensors,
+
+    w     (H, M)      complex, log A_bar: x_k = exp(w) x_{k-1} + B_bar u_k
+    B_bar (H, M)      complex
+    C     (C', H, M)  complex, y_k = factor Re sum_n C x_k + D u_k   (C' = channels, x2 if bidirectional)
+
+and its convolution kernel K (C', H, L) = factor Re sum_n C B_bar exp(w l), which the subclass
+computes with the fast op of its paper. `factor` is 2 for a conjugate-symmetric state (N/2
+stored modes stand for N) and 1 otherwise.
+"""
+import math
+
+import torch
+from torch import nn
+
+from diagssm.ops import fft_conv
+from diagssm.ops.kernels import vandermonde_contract, vandermonde_sum
+
+
+def complex_parameter(z):
+    """A complex tensor stored as a real (..., 2) parameter (optimisers and DDP see real numbers)."""
+    return nn.Parameter(torch.view_as_real(z.to(torch.complex64).contiguous()).clone())
+
+
+def as_complex(p):
+    return torch.view_as_complex(p)
+
+
+def log_uniform(shape, low, high, generator=None):
+    """exp(U[log low, log high]): the papers' step-size initialisation."""
+    if not 0 < low <= high:
+        raise ValueError(f"dt_min={low} and dt_max={high} must satisfy 0 < dt_min <= dt_max")
+    r = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return torch.exp(r * (math.log(high) - math.log(low)) + math.log(low))
+
+
+def check_even_state(d_state, who):
+    if not isinstance(d_state, int) or d_state < 2 or d_state % 2:
+        raise ValueError(f"{who}: d_state={d_state!r} must be an even int >= 2 (conjugate pairs: N/2 complex modes)")
+
+
+class SSMLayer(nn.Module):
+    """Input and state checks shared by all layers. Subclasses set d_model and check_finite."""
+
+    def check_input(self, u, name="u"):
+        ndim = 3 if name == "u" else 2
+        if not torch.is_tensor(u) or u.dim() != ndim or u.shape[-1] != self.d_model:
+            want = "(B, L, H)" if ndim == 3 else "(B, H)"
+            got = tuple(u.shape) if torch.is_tensor(u) else type(u).__name__
+            raise ValueError(f"{name} must be {want} with H = d_model = {self.d_model}; got {got}")
+        if u.dtype != self.param_dtype():
+            raise ValueError(f"{name} has dtype {u.dtype} but the layer's parameters are {self.param_dtype()}; "
+                             f"convert one of them (layer.to({u.dtype}) or {name}.to({self.param_dtype()}))")
+        if ndim == 3 and u.shape[1] < 1:
+            raise ValueError(f"{name} has length L = 0; need L >= 1")
+        if self.check_finite and not torch.isfinite(u).all():
+            raise ValueError(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
+
+    def check_state(self, state, batch_size):
+        want = self.default_state(batch_size)
+        if not torch.is_tensor(state) or state.shape != want.shape or state.dtype != want.dtype:
+            got = (tuple(state.shape), state.dtype) if torch.is_tensor(state) else type(state).__name__
+            raise ValueError(f"state must have shape {tuple(want.shape)} and dtype {want.dtype}; got {got}")
+
+    def check_recurrent(self):
+        if self.bidirectional:
+            raise ValueError("a bidirectional layer has no recurrent state: it sees the future. "
+                             "Use return_state/step only with bidirectional=False")
+
+    def param_dtype(self):
+        return self.D.dtype
+
+
+class DiagonalSSM(SSMLayer):
+    """H independent diagonal systems of M modes each. Subclasses define `kernel` and `system`."""
+
+    factor = 2
+    length_dependent = False  # True when the system depends on the sequence length (DSS-softmax)
+
+    def kernel(self, L, rate):  # (C', H, L)
+        raise NotImplementedError
+
+    def system(self, L, rate):  # (w, B_bar, C)
+        raise NotImplementedError
+
+    def default_state(self, batch_size):
+        """The zero state, (B, H, M) complex."""
+        cdtype = (torch.ones(1, dtype=self.param_dtype()) * 1j).dtype
+        return torch.zeros(batch_size, self.d_model, self.n_modes, dtype=cdtype, device=self.D.device)
+
+    def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
+        """y = K * u + D u (+ the response to `state`), by FFT convolution.
+
+        `rate` scales dt (a change of sampling rate at inference); `L` is the length the system
+        is defined for, for layers whose system depends on it (DSS-softmax; default: u's length).
+
+        Shapes:
+            u: (B, L, H); state: (B, H, M) complex or None (zero)
+            returns y (B, L, C'' H) with C'' = channels (H alone when channels = 1),
+            and the final state (B, H, M) when return_state
+        """
+        self.check_input(u)
+        Bsz, L_u, H = u.shape
+        L = self.system_length(L, L_u)
+        K = self.kernel(L, rate)[..., :L_u]  # (C', H, L_u)
+        if self.bidirectional:
+            K = K.unflatten(0, (2, -1)).transpose(0, 1)  # (channels, 2, H, L)
+        y = torch.cat([fft_conv(u, K[c], self.D[c]) for c in range(self.channels)], dim=-1)  # (B, L, channels H)
+        if state is None and not return_state:
+            return y
+        self.check_recurrent()
+        state = self.default_state(Bsz) if state is None else state
+        self.check_state(state, Bsz)
+        w, B_bar, C = self.system(L, rate)
+        z = C * torch.exp(w) * state[:, None]  # (B, C', H, M): the zero-input response
+        y = y + self.factor * vandermonde_sum(z, w, L_u).permute(0, 3, 1, 2).flatten(2)  # (B, L, C' H)
+        if not return_state:
+            return y
+        x = torch.exp(w * L_u) * state + B_bar * vandermonde_contract(u.transpose(1, 2), w)  # (B, H, M)
+        return y, x
+
+    def system_length(self, L, L_u):
+        if L is None or not self.length_dependent:
+            return L_u
+        if L < L_u:
+            raise ValueError(f"L={L} is shorter than the input's length {L_u}")
+        return L
+
+    def step(self, u_t, state, rate=1.0, L=None):
+        """One step of the recurrence: x = A_bar x + B_bar u_t, y_t = factor Re(C x) + D u_t.
+
+        Shapes: u_t (B, H); state (B, H, M) complex -> y_t (B, C'' H), state (B, H, M)
+        """
+        self.check_recurrent()
+        self.check_input(u_t, "u_t")
+        self.check_state(state, u_t.shape[0])
+        w, B_bar, C = self.system(L, rate)
+        x = torch.exp(w) * state + B_bar * u_t[..., None]  # (B, H, M)
+        y = self.factor * (C * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
+        return y.flatten(1), x
