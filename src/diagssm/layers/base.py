@@ -108,7 +108,8 @@ class DiagonalSSM(SSMLayer):
         K = self.kernel(L, rate)[..., :L_u]  # (C', H, L_u)
         if self.bidirectional:
             K = K.unflatten(0, (2, -1)).transpose(0, 1)  # (channels, 2, H, L)
-        y = torch.cat([fft_conv(u, K[c], self.D[c]) for c in range(self.channels)], dim=-1)  # (B, L, channels H)
+        y = [fft_conv(u, K[c], self.D[c], bidirectional=self.bidirectional) for c in range(self.channels)]
+        y = torch.cat(y, dim=-1)  # (B, L, channels H)
         if state is None and not return_state:
             return y
         self.check_recurrent()

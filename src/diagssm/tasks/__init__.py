@@ -1,0 +1,1 @@
+"""Tasks: datasets generated here, shipped in packages, or read from standard files."""

@@ -1,0 +1,171 @@
+"""S4D and DSS layers: convolution = recurrence, state passing, bidirectional, rate, contracts."""
+import math
+
+import pytest
+import torch
+
+from diagssm.layers import DSS, S4D
+from helpers import assert_close, randn
+
+F64 = torch.float64
+
+LAYERS = {
+    "s4d-legs": lambda **kw: S4D(4, 8, **kw),
+    "s4d-inv-bilinear": lambda **kw: S4D(4, 8, init="inv", discretization="bilinear", **kw),
+    "s4d-lin-relu": lambda **kw: S4D(4, 8, init="lin", real_transform="relu", **kw),
+    "s4d-real-none": lambda **kw: S4D(4, 8, init="real", real_transform="none", **kw),
+    "s4d-rand-channels": lambda **kw: S4D(4, 8, init="rand", channels=2, **kw),
+    "dss-exp": lambda **kw: DSS(4, 8, **kw),
+    "dss-exp-one-dt": lambda **kw: DSS(4, 8, sep_dt=False, **kw),
+    "dss-softmax": lambda **kw: DSS(4, 8, variant="softmax", **kw),
+}
+
+
+def make(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = LAYERS[name](**kw).double()
+    if name == "dss-softmax":  # the softmax variant leaves Lambda free: make some modes grow
+        with torch.no_grad():
+            layer.Lambda_re[::2] = 0.3
+    return layer
+
+
+def rollout(layer, u, state, L=None):
+    ys = []
+    for u_t in u.unbind(1):
+        y_t, state = layer.step(u_t, state, L=L)
+        ys.append(y_t)
+    return torch.stack(ys, 1), state
+
+
+def random_state(layer, batch, seed=1):
+    return randn(*layer.default_state(batch).shape, dtype=torch.complex128, seed=seed)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("L", [1, 3, 17, 200])
+def test_conv_equals_step_rollout(name, L):
+    layer = make(name)
+    u, h0 = randn(2, L, 4, seed=2), random_state(layer, 2)
+    y, h = layer(u, state=h0, return_state=True)
+    y_ref, h_ref = rollout(layer, u, h0, L=L)
+    assert_close(y, y_ref, scale=10)
+    assert_close(h, h_ref, scale=10)
+    assert_close(layer(u), rollout(layer, u, layer.default_state(2), L=L)[0], scale=10)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_split_sequence_with_state(name):
+    layer = make(name)
+    u = randn(2, 50, 4, seed=3)
+    y, h = layer(u, return_state=True)
+    for t in (1, 21, 49):
+        y1, h1 = layer(u[:, :t], return_state=True, L=50)
+        y2, h2 = layer(u[:, t:], state=h1, return_state=True, L=50)
+        assert_close(torch.cat([y1, y2], 1), y, scale=10)
+        assert_close(h2, h, scale=10)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_gradients_conv_equal_recurrence(name):
+    """The convolution path's parameter gradients equal those of the step-by-step twin."""
+    layer = make(name)
+    u, h0, w = randn(2, 30, 4, seed=4), random_state(layer, 2), randn(2, 30, 4 * layer.channels, seed=5)
+    params = [p for p in layer.parameters()]
+    g_conv = torch.autograd.grad((layer(u, state=h0) * w).sum(), params)
+    g_step = torch.autograd.grad((rollout(layer, u, h0, L=30)[0] * w).sum(), params)
+    for got, want in zip(g_conv, g_step):
+        assert_close(got, want, scale=100)  # sums over 30 steps and 4 channels
+
+
+@pytest.mark.parametrize("cls,kw", [(S4D, {}), (DSS, {}), (DSS, {"variant": "softmax"})])
+def test_bidirectional_is_forward_plus_reversed(cls, kw):
+    torch.manual_seed(0)
+    bi = cls(4, 8, bidirectional=True, **kw).double()
+    fwd = cls(4, 8, **kw).double()
+    cname = "C" if cls is S4D else "W"
+    fwd.load_state_dict({k: v[:1] if k == cname else v for k, v in bi.state_dict().items()})
+    bwd = cls(4, 8, **kw).double()
+    bwd.load_state_dict({k: v[1:] if k == cname else (0 * v if k == "D" else v) for k, v in bi.state_dict().items()})
+    u = randn(2, 33, 4, seed=6)
+    assert_close(bi(u), fwd(u) + bwd(u.flip(1)).flip(1), scale=10)
+    with pytest.raises(ValueError, match="bidirectional"):
+        bi.step(u[:, 0], bi.default_state(2))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_rate_equals_rescaled_dt(name):
+    layer, other = make(name), make(name)
+    with torch.no_grad():
+        other.log_dt += math.log(2.0)
+    u = randn(2, 40, 4, seed=7)
+    assert_close(layer(u, rate=2.0), other(u), scale=10)
+
+
+def s4d_count(H, N, channels=1, bidirectional=False):
+    return H * (1 + N * (2 + channels * (1 + bidirectional)) + channels)
+
+
+def dss_count(H, N, channels=1, bidirectional=False, sep_dt=True):
+    return (1 + sep_dt) * H + N + channels * (1 + bidirectional) * H * N + channels * H
+
+
+@pytest.mark.parametrize("H,N,channels,bidirectional", [(4, 8, 1, False), (16, 64, 1, False), (8, 16, 2, True)])
+def test_parameter_counts(H, N, channels, bidirectional):
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(S4D(H, N, channels=channels, bidirectional=bidirectional)) == s4d_count(H, N, channels, bidirectional)
+    assert n(DSS(H, N, channels=channels, bidirectional=bidirectional)) == dss_count(H, N, channels, bidirectional)
+    assert n(DSS(H, N, sep_dt=False)) == dss_count(H, N, sep_dt=False)
+    assert s4d_count(64, 64) == 64 * 194  # the docs' table: H = 64, N = 64
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_state_dict_round_trip(name):
+    layer, fresh = make(name, seed=0), make(name, seed=1)
+    u = randn(2, 20, 4, seed=8)
+    assert not torch.allclose(layer(u), fresh(u))
+    fresh.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(u), fresh(u))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_float32_close_to_float64(name):
+    layer = make(name)
+    u = randn(2, 100, 4, seed=9)
+    y64 = layer(u)
+    y32 = layer.float()(u.float())
+    assert y32.dtype == torch.float32
+    assert_close(y32, y64, scale=10)
+
+
+def test_seeded_construction_is_deterministic():
+    torch.manual_seed(3)
+    a = S4D(4, 8, init="rand").state_dict()
+    torch.manual_seed(3)
+    b = S4D(4, 8, init="rand").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_input_errors():
+    layer = S4D(4, 8)
+    with pytest.raises(ValueError, match=r"u must be \(B, L, H\) with H = d_model = 4"):
+        layer(torch.randn(2, 10, 3))
+    with pytest.raises(ValueError, match=r"u must be \(B, L, H\)"):
+        layer(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        layer(torch.full((1, 5, 4), float("nan")))
+    assert torch.isnan(S4D(4, 8, check_finite=False)(torch.full((1, 5, 4), float("nan")))).all()
+    with pytest.raises(ValueError, match="dtype"):
+        layer(torch.randn(1, 5, 4, dtype=F64))
+    with pytest.raises(ValueError, match=r"state must have shape \(2, 4, 4\)"):
+        layer(torch.randn(2, 5, 4), state=torch.zeros(2, 4, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="complex64"):
+        layer.step(torch.randn(2, 4), torch.zeros(2, 4, 4, dtype=torch.complex128))
+    with pytest.raises(ValueError, match="d_state=7"):
+        S4D(4, 7)
+    with pytest.raises(ValueError, match="dt_min"):
+        DSS(4, 8, dt_min=0.5, dt_max=0.1)
+    with pytest.raises(ValueError, match="init|name"):
+        S4D(4, 8, init="legt")
+    with pytest.raises(ValueError, match="L="):
+        DSS(4, 8, variant="softmax").step(torch.randn(2, 4), torch.zeros(2, 4, 4, dtype=torch.complex64))
