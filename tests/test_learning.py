@@ -1,0 +1,55 @@
+"""Each layer learns a task that needs memory over hundreds of steps (slow: a few seconds each).
+
+Task (`tasks.memory.delayed_signal`): reproduce a smooth unit-variance input 200 steps later, on
+sequences of length 512; scored by mean squared error on held-out sequences after step 200.
+Predicting zero scores 1.0; the model is linear encoder -> layer -> linear decoder, so the delay
+must be held in the SSM state.
+"""
+import pytest
+import torch
+from torch import nn
+
+from diagssm import layers
+from diagssm.optim import param_groups
+from diagssm.tasks.memory import delayed_signal
+
+L, DELAY, H = 512, 200, 16
+THRESHOLD = 0.06  # held-out MSE; measured 0.018 (S4D) and 0.039 (DSS) at 600 steps
+
+
+class DelayModel(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.encoder, self.ssm, self.decoder = nn.Linear(1, H), layer, nn.Linear(H, 1)
+
+    def forward(self, u):
+        return self.decoder(self.ssm(self.encoder(u)))
+
+
+def train_delay(layer, steps=600, lr=3e-3):
+    model = DelayModel(layer)
+    opt = torch.optim.AdamW(param_groups(model, lr=lr, ssm_lr=lr, verbose=False))
+    train_gen, test_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    for _ in range(steps):
+        u, y = delayed_signal(32, L, DELAY, generator=train_gen)
+        loss = ((model(u) - y)[:, DELAY:] ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    u, y = delayed_signal(256, L, DELAY, generator=test_gen)
+    with torch.no_grad():
+        return ((model(u) - y)[:, DELAY:] ** 2).mean().item()
+
+
+LAYERS = {
+    "S4D": lambda: layers.S4D(H, 64),
+    "DSS": lambda: layers.DSS(H, 64),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_learns_delay_of_200_steps(name):
+    torch.manual_seed(0)
+    mse = train_delay(LAYERS[name]())
+    assert mse < THRESHOLD, f"{name}: held-out MSE {mse:.4f} >= {THRESHOLD}"
