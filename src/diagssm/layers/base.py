@@ -73,6 +73,10 @@ class SSMLayer(nn.Module):
     def param_dtype(self):
         return self.D.dtype
 
+    def extra_repr(self):
+        keys = ("d_model", "d_state", "init", "variant", "discretization", "blocks", "channels", "bidirectional")
+        return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys if hasattr(self, k))
+
 
 class DiagonalSSM(SSMLayer):
     """H independent diagonal systems of M modes each. Subclasses define `kernel` and `system`."""

@@ -1,0 +1,1 @@
+"""Training tools: config, loop, checkpoints, distributed, CLI (needs the `train` extra)."""

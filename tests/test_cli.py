@@ -1,0 +1,17 @@
+"""The `diagssm` command: argument checks and the `info` summary."""
+import pytest
+
+from diagssm.train.cli import main
+
+
+def test_info_counts(capsys):
+    main(["info", "S4D", "--d-model", "64", "--d-state", "64"])
+    out = capsys.readouterr().out
+    assert "S4D(d_model=64, d_state=64, init='legs'" in out
+    assert out.rstrip().endswith("12,416")
+
+
+def test_unknown_layer_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["info", "S6"])
+    assert "invalid choice: 'S6'" in capsys.readouterr().err
