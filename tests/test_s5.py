@@ -188,7 +188,7 @@ def test_init():
     assert (layer.log_dt >= math.log(1e-3)).all() and (layer.log_dt <= math.log(1e-1)).all()
     B = 2 * (V @ as_complex(layer.B)).real  # (P, H): B_tilde = Vinv B with B real, recovered
     assert_close(as_complex(layer.B), Vinv @ B.to(C128), dtype=torch.float32)
-    assert abs(B.std().item() * math.sqrt(H) - 1) < 0.05  # lecun normal, fan-in H
+    assert abs(B.std().item() * math.sqrt(P) - 1) < 0.05  # lecun normal, JAX fan-in of (P, H) = P
     C = lecun_normal((20000,), 16)
     assert abs(C.std().item() * 4 - 1) < 0.03 and C.abs().max() <= 2 / 0.8796 / 4 + 1e-12
     assert layer.default_state(3).dtype == C128 and S5(2, 4).default_state(3).dtype == torch.complex64

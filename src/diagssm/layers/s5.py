@@ -107,8 +107,8 @@ class S5(SSMLayer):
         check_finite: reject NaN/inf inputs (costs one pass over u).
 
     Initialisation (S5's code): Lambda, V from `init.hippo_n_blocks`; B_tilde = V^-1 B with B (P, H)
-    real lecun_normal of fan-in H (std 1/sqrt(H); S5's JAX code reads the fan-in of its (P, H)
-    array as P); C_tilde by `init_C`; D standard normal.
+    real lecun_normal as S5's JAX code draws it: JAX reads the fan-in of a (P, H) array as P, so
+    the std is 1/sqrt(P) (not 1/sqrt(H)); C_tilde by `init_C`; D standard normal.
 
     Parameters (H = d_model, M = P/2 with conj_sym else P, C' = 2 if bidirectional else 1):
     Lambda_re (M,); Lambda_im (M,); log_dt (M,); B (M, H, 2) = B_tilde; C (C', H, M, 2) = C_tilde;
@@ -152,7 +152,7 @@ class S5(SSMLayer):
         self.log_dt = nn.Parameter(torch.log(log_uniform(M, dt_min, dt_max)).float())  # (M,)
         self.Lambda_re = nn.Parameter(Lambda.real.float().contiguous())  # (M,)
         self.Lambda_im = nn.Parameter(Lambda.imag.float().contiguous())  # (M,)
-        B = lecun_normal((d_state, H), fan_in=H).to(torch.complex128)  # (P, H)
+        B = lecun_normal((d_state, H), fan_in=d_state).to(torch.complex128)  # (P, H), JAX's fan-in of (P, H)
         self.B = complex_parameter(Vinv @ B)  # (M, H, 2)
         self.C = complex_parameter(init_C(C_init, 1 + bidirectional, H, V))  # (C', H, M, 2)
         self.D = nn.Parameter(torch.randn(H))  # (H,)
