@@ -1,0 +1,334 @@
+"""S4: the structured state space layer of Gu, Goel and Re, "Efficiently Modeling Long Sequences
+with Structured State Spaces" (ICLR 2022), Sec. 3 and Algorithm 1 -- the DPLR baseline that the
+diagonal layers simplify.
+
+The system. `hippo.nplr_diagonal` writes the real HiPPO matrix in the unitary eigenbasis V of its
+normal part: A_real = V_full (diag(Lambda_full) - p p^H) V_full^H. The layer stores one member of
+each conjugate pair (M = N/2 modes): Lambda (M,), P (rank, M), B (H, M), C (C', H, M). They stand
+for the N-dimensional system on the conjugate-doubled state [x; conj x] with
+
+    Lambda_full = [Lambda, conj Lambda],  p = [P, conj P],  B_full = [B, conj B],  C_full = [C, conj C]
+    A = diag(Lambda_full) - p p^H      (N, N): exactly HiPPO at initialisation (in the basis V)
+
+As in S4's code (its Cauchy kernel sums v/(z-w) + conj(v)/(z-conj w)), the low-rank term couples
+the two halves: on the stored state, A x = Lambda x - P 2 Re(P^H x), a real-linear map. (The
+complex M-dimensional system Lambda - P P^H would be a different matrix, not HiPPO.) The state
+is x (B, H, M) complex; the output is y = C_full x_full + D u = 2 Re(C x) + D u.
+
+Discretisation is bilinear (S4 eq. (3)), dt per channel:
+    A_bar = (I - dt/2 A)^{-1} (I + dt/2 A),   B_bar = dt (I - dt/2 A)^{-1} B
+Kernel (S4 Algorithm 1): K[l] = C A_bar^l B_bar, l < L, from its truncated generating function
+at the roots of unity omega_k = exp(-2 pi i k / L), where omega^L = 1:
+    K_hat(omega) = C_tilde (I - A_bar omega)^{-1} B_bar,   C_tilde = C (I - A_bar^L)
+                 = 2/(1+omega) C_tilde (g(omega) - A)^{-1} B,   g(omega) = 2/dt (1-omega)/(1+omega)
+and (g - A)^{-1} = (g - Lambda + p p^H)^{-1} by the Woodbury identity, every term a Cauchy product
+(`ops.cauchy`); K = irfft(K_hat). C is the plain C of the continuous system; C_tilde is computed
+for the requested L each call, so no parameter depends on the last length used.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diagssm import hippo
+from diagssm.layers.base import SSMLayer, as_complex, check_even_state, complex_parameter, log_uniform
+from diagssm.ops import fft_conv
+from diagssm.ops.cauchy import cauchy
+
+MIN_NEG_REAL = 1e-4  # Re Lambda <= -1e-4 at init (S4's clamp), since Re Lambda = -exp(log_Lambda_re)
+
+
+def doubled(x):
+    """[x, conj x] along the last dim: the conjugate-doubled (full) vector. (..., M) -> (..., 2M)."""
+    return torch.cat([x, x.conj()], dim=-1)
+
+
+def small_solve(A, B):
+    """X = A^{-1} B for a batch of tiny r x r systems (r = rank: 1 or 2 in practice). Closed forms
+    for r <= 2: torch.linalg.solve on many tiny systems is all per-system overhead on the CPU
+    (0.4 s for the 128 1x1 systems of one H = 128 discretisation, measured under load), and the
+    kernel solves one per channel and frequency. Shapes: A (..., r, r), B (..., r, k)."""
+    r = A.shape[-1]
+    if r == 1:
+        return B / A
+    if r == 2:
+        a, b, c, d = A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1]
+        adj = torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2)  # (..., 2, 2)
+        return adj @ B / (a * d - b * c)[..., None, None]
+    return torch.linalg.solve(A, B)
+
+
+def dplr_dense(Lambda, P):
+    """A = diag(Lambda_full) - p p^H on the doubled state. Lambda (M,), P (r, M) -> (2M, 2M)."""
+    p = doubled(P)  # (r, N)
+    return torch.diag(doubled(Lambda)) - p.transpose(0, 1) @ p.conj()  # (N, N)
+
+
+def bilinear_dense(A, B, dt):
+    """A_bar = (I - dt/2 A)^{-1}(I + dt/2 A), B_bar = dt (I - dt/2 A)^{-1} B, per channel.
+
+    Shapes: A (N, N); B (H, N); dt (H,) -> A_bar (H, N, N), B_bar (H, N)
+    """
+    eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)  # (N, N)
+    half = (dt / 2).to(A.dtype)[:, None, None]  # (H, 1, 1)
+    lhs = eye - half * A  # (H, N, N)
+    A_bar = torch.linalg.solve(lhs, eye + half * A)  # (H, N, N)
+    B_bar = torch.linalg.solve(lhs, B[..., None])[..., 0] * dt[:, None]  # (H, N)
+    return A_bar, B_bar
+
+
+def bilinear_dplr(Lambda, P, B, dt):
+    """`bilinear_dense(dplr_dense(Lambda, P), B, dt)` without a dense solve. With
+    I - dt/2 A = diag(1 - dt/2 Lambda_full) + dt/2 U U^H, U = p^T (N, r), and d its diagonal's
+    inverse, Woodbury gives (I - dt/2 A)^{-1} = diag(d) - d U (2/dt I + U^H d U)^{-1} U^H d;
+    then A_bar = 2 (I - dt/2 A)^{-1} - I (since I + dt/2 A = 2I - (I - dt/2 A)), B_bar = dt (.)^{-1} B.
+
+    Shapes: Lambda (M,); P (r, M); B (H, N) doubled; dt (H,) -> A_bar (H, N, N), B_bar (H, N)
+    """
+    U = doubled(P).transpose(0, 1)  # (N, r)
+    d = 1 / (1 - (dt / 2)[:, None] * doubled(Lambda))  # (H, N)
+    dU = d[..., None] * U  # (H, N, r)
+    Uh_d = U.conj().T * d[:, None, :]  # (H, r, N) U^H d
+    eye_r = torch.eye(U.shape[1], dtype=d.dtype, device=d.device)
+    core = (2 / dt)[:, None, None] * eye_r + Uh_d @ U  # (H, r, r)
+    inv = torch.diag_embed(d) - dU @ small_solve(core, Uh_d)  # (H, N, N) (I - dt/2 A)^{-1}
+    eye = torch.eye(U.shape[0], dtype=d.dtype, device=d.device)
+    return 2 * inv - eye, dt[:, None] * (inv @ B[..., None])[..., 0]  # (H, N, N), (H, N)
+
+
+def c_tilde(C, A_bar, L):
+    """C_tilde = C (I - A_bar^L) on the stored half; A_bar^L by repeated squaring (log2 L matmuls
+    of the dense (H, N, N) matrix: cheap next to the Cauchy products, exact, and differentiable;
+    the DPLR structure is not kept by powers, so nothing is gained by avoiding the dense form).
+
+    Shapes: C (C', H, M); A_bar (H, N, N) -> (C', H, M)
+    """
+    M = C.shape[-1]
+    CA = (doubled(C)[..., None, :] @ torch.linalg.matrix_power(A_bar, L))[..., 0, :]  # (C', H, N)
+    return C - CA[..., :M]
+
+
+def _frequencies(L, dtype, device):
+    """z = 2 (1-omega)/(1+omega) = 2i tan(pi k / L) and s = 2/(1+omega), k = 0 .. L//2, and the
+    mask of omega = -1 (even L), where both are infinite: that entry is set from its limit."""
+    k = torch.arange(L // 2 + 1, dtype=torch.float64, device=device)  # (L',)
+    nyquist = 2 * k == L  # (L',)
+    half = torch.where(nyquist, torch.zeros_like(k), math.pi * k / L)  # (L',) theta/2
+    z = torch.complex(torch.zeros_like(k), 2 * torch.tan(half))  # (L',)
+    s = torch.exp(torch.complex(torch.zeros_like(k), half)) / torch.cos(half)  # (L',) e^{i theta/2}/cos
+    s = torch.where(nyquist, torch.zeros_like(s), s)
+    return z.to(dtype), s.to(dtype), nyquist
+
+
+def dplr_kernel(Lambda, P, B, C, dt, L):
+    """S4 kernel K[..., c, h, l] = C_full A_bar^l B_bar_full (real) of the doubled DPLR system.
+
+    C is used as given (pass C_tilde for the truncated kernel; see `c_tilde`). With r(a, b) =
+    sum_n a_n b_n dt / (z - dt Lambda_n) over all N modes (a Cauchy product, v = a b dt):
+        K_hat = s(omega) [r(C, B) - r(C, P) (I + r(P*, P))^{-1} r(P*, B)]      (Woodbury)
+    and at omega = -1 exactly K_hat = dt/2 C_full B_full (the resolvent there is dt/2 I).
+
+    Shapes:
+        Lambda (M,) complex; P (r, M) complex; B (..., H, M) complex (batch dims allowed);
+        C (C', H, M) complex; dt (H,) real
+        returns K (..., C', H, L) real
+    """
+    H, M = C.shape[-2:]
+    rank, batch = P.shape[0], B.shape[:-2]
+    z, s, nyquist = _frequencies(L, C.dtype, C.device)  # (L',)
+    left = torch.cat([C, P.conj()[:, None].expand(rank, H, M)])  # (C'+r, H, M)
+    right = torch.cat([B.reshape(-1, H, M), P[:, None].expand(rank, H, M)])  # (nb+r, H, M)
+    v = left[:, None] * right[None] * dt[:, None]  # (C'+r, nb+r, H, M)
+    w = dt[:, None] * Lambda  # (H, M)
+    r = cauchy(doubled(v), z, doubled(w))  # (C'+r, nb+r, H, L') sums over all N modes
+    nc, nb = C.shape[0], right.shape[0] - rank
+    r00, r01, r10, r11 = r[:nc, :nb], r[:nc, nb:], r[nc:, :nb], r[nc:, nb:]
+    if rank == 1:
+        k = r00 - r01 * r10 / (1 + r11)  # (C', nb, H, L')
+    else:
+        eye = torch.eye(rank, dtype=r.dtype, device=r.device)
+        X = small_solve(eye + r11.permute(2, 3, 0, 1), r10.permute(2, 3, 0, 1))  # (H, L', r, nb)
+        k = r00 - torch.einsum("cshl,hlsb->cbhl", r01, X)  # (C', nb, H, L')
+    at_nyquist = v[:nc, :nb].sum(-1).real.to(k.dtype)[..., None]  # (C', nb, H, 1) = dt Re sum C B
+    K_hat = torch.where(nyquist, at_nyquist, s * k)  # (C', nb, H, L')
+    K = torch.fft.irfft(K_hat, n=L)  # (C', nb, H, L)
+    return K.transpose(0, 1).reshape(*batch, nc, H, L)
+
+
+def dplr_kernel_ref(Lambda, P, B, C, dt, L):
+    """Reference twin of `dplr_kernel` (with C_tilde applied): K[l] = Re(C_full A_bar^l B_bar_full),
+    powers of the dense bilinear A_bar by repeated multiplication, one step per l.
+
+    Shapes: as `dplr_kernel` with B (H, M) -> K (C', H, L)
+    """
+    A_bar, B_bar = bilinear_dense(dplr_dense(Lambda, P), doubled(B), dt)  # (H, N, N), (H, N)
+    Cf, x, K = doubled(C), B_bar, []  # (C', H, N), (H, N)
+    for _ in range(L):
+        K.append((Cf * x).sum(-1).real)  # (C', H)
+        x = (A_bar @ x[..., None])[..., 0]  # (H, N)
+    return torch.stack(K, dim=-1)  # (C', H, L)
+
+
+def apply_A(Lambda, P, x):
+    """A x on the stored half: Lambda x - sum_r P_r 2 Re(P_r^H x). x (..., H, M) -> (..., H, M)."""
+    q = 2 * torch.einsum("rm,...m->...r", P.conj(), x).real  # (..., H, r)
+    return Lambda * x - q.to(x.dtype) @ P  # (..., H, M)
+
+
+def final_state(A_bar, B_bar, u, x0_full):
+    """x_L = A_bar^L x0 + sum_l A_bar^{L-1-l} B_bar u_l on the doubled state, in two levels like
+    `vandermonde_contract`: l = c m + j with c ~ sqrt(L); in-chunk powers A_bar^j B_bar (j < c)
+    by doubling, then a Horner recurrence over the L/c chunks with A_bar^c.
+
+    Shapes: A_bar (H, N, N); B_bar (H, N); u (B, L, H) real; x0_full (B, H, N) -> (B, H, N)
+    """
+    L = u.shape[1]
+    c = 1 << math.ceil(math.log2(L) / 2)  # in-chunk length, a power of two >= sqrt(L)
+    n_chunks = -(-L // c)
+    G, Ap = B_bar[:, None, :], A_bar  # (H, 1, N) rows A^j B_bar; Ap = A^(rows of G)
+    while G.shape[1] < c:
+        G = torch.cat([G, G @ Ap.transpose(-1, -2)], dim=1)  # (H, 2j, N)
+        Ap = Ap @ Ap
+    U = F.pad(u.transpose(1, 2), (n_chunks * c - L, 0))  # (B, H, n c) zeros first
+    U = U.unflatten(-1, (n_chunks, c)).flip(-1).to(G.dtype)  # (B, H, n, c) index c-1-j
+    T = U @ G  # (B, H, n, N): sum_j A^{c-1-j} B_bar u_{cm+j}
+    x = x0_full[..., None, :] @ torch.linalg.matrix_power(A_bar, L).transpose(-1, -2)  # (B, H, 1, N)
+    h = torch.zeros_like(x)
+    for m in range(n_chunks):
+        h = h @ Ap.transpose(-1, -2) + T[:, :, m : m + 1]  # (B, H, 1, N)
+    return (x + h)[..., 0, :]  # (B, H, N)
+
+
+class S4(SSMLayer):
+    """S4 layer (DPLR): (B, L, H) -> (B, L, C'' H). The SSM and its D skip term only.
+
+    Args:
+        d_model: H, the number of channels (independent SISO systems sharing Lambda and P).
+        d_state: N, the size of the real HiPPO matrix; N/2 complex modes are stored.
+        measure: HiPPO measure, "legs" | "legt" | "lagt" | "fout" (`hippo.nplr_diagonal`).
+        rank: rank of the low-rank term; legt needs 2 (a ValueError says so), the others 1.
+        dt_min, dt_max: dt is initialised log-uniform in [dt_min, dt_max].
+        channels: output channels C'' (C is (C', H, N/2)); the output is (B, L, C'' H).
+        bidirectional: add an anti-causal kernel with its own C (no recurrent state then).
+        check_finite: reject NaN/inf inputs.
+
+    Parameters (H = d_model, N = d_state, r = rank, C' = channels (x2 bidirectional)):
+    log_dt (H,); log_Lambda_re (N/2,) with Re Lambda = -exp(.) < 0; Lambda_im (N/2,);
+    P (r, N/2, 2); B (H, N/2, 2); C (C', H, N/2, 2); D (channels, H).
+    Count: H (1 + N (1 + C') + channels) + N (1 + r).
+
+    Shapes: u (B, L, H) -> y (B, L, channels H); state (B, H, N/2) complex.
+    """
+
+    # given their own learning rate and no weight decay by diagssm.optim.param_groups
+    ssm_params = ("log_dt", "log_Lambda_re", "Lambda_im", "P", "B")
+
+    def __init__(self, d_model, d_state=64, measure="legs", rank=1, dt_min=1e-3, dt_max=1e-1,
+                 channels=1, bidirectional=False, check_finite=True):
+        super().__init__()
+        check_even_state(d_state, "S4")
+        for name, value in (("d_model", d_model), ("channels", channels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"S4: {name}={value!r} must be an int >= 1")
+        Lambda, P, B, _ = hippo.nplr_diagonal(measure, d_state, rank)  # (M,), (r, M), (M,)
+        self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
+        self.measure, self.rank, self.channels = measure, rank, channels
+        self.bidirectional, self.check_finite = bidirectional, check_finite
+        H, M = d_model, self.n_modes
+        self.log_dt = nn.Parameter(torch.log(log_uniform(H, dt_min, dt_max)).float())  # (H,)
+        self.log_Lambda_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=MIN_NEG_REAL)).float())  # (M,)
+        self.Lambda_im = nn.Parameter(Lambda.imag.float().contiguous())  # (M,)
+        self.P = complex_parameter(P)  # (r, M, 2)
+        self.B = complex_parameter(B.expand(H, M))  # (H, M, 2)
+        self.C = complex_parameter(torch.randn(channels * (1 + bidirectional), H, M, dtype=torch.complex64))
+        self.D = nn.Parameter(torch.randn(channels, H))  # (channels, H)
+
+    def Lambda(self):
+        """The diagonal part, (N/2,) complex, Re < 0."""
+        return torch.complex(-torch.exp(self.log_Lambda_re), self.Lambda_im)
+
+    def dt(self, rate=1.0):
+        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
+            raise ValueError(f"rate={rate!r} must be a positive number (it scales dt)")
+        return torch.exp(self.log_dt) * rate  # (H,)
+
+    def dense(self, rate=1.0):
+        """The discretised doubled system (A_bar (H, N, N), B_bar (H, N)), for the state and tests."""
+        return bilinear_dplr(self.Lambda(), as_complex(self.P), doubled(as_complex(self.B)), self.dt(rate))
+
+    def kernel(self, L, rate=1.0):
+        """K (C', H, L) = 2 Re(C A_bar^l B_bar) on the stored half, l < L (S4 Algorithm 1)."""
+        if isinstance(L, bool) or not isinstance(L, int) or L < 1:
+            raise ValueError(f"L={L!r} must be a positive int (the kernel length)")
+        A_bar, _ = self.dense(rate)
+        Ct = c_tilde(as_complex(self.C), A_bar, L)  # (C', H, M)
+        return dplr_kernel(self.Lambda(), as_complex(self.P), as_complex(self.B), Ct, self.dt(rate), L)
+
+    def default_state(self, batch_size):
+        """The zero state, (B, H, N/2) complex."""
+        cdtype = (torch.ones(1, dtype=self.param_dtype()) * 1j).dtype
+        return torch.zeros(batch_size, self.d_model, self.n_modes, dtype=cdtype, device=self.D.device)
+
+    def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
+        """y = K * u + D u (+ the response to `state`), by FFT convolution.
+
+        The zero-input response 2 Re(C A_bar^(l+1) x0) is the kernel of the input vector
+        B' = (I + dt/2 A) x0 / dt (its B_bar' is A_bar x0; the kernel is linear in B), so it
+        shares the Cauchy products with K. The final state uses the dense doubled A_bar
+        (`final_state`). `L` is accepted for interface parity and unused (S4 does not depend on it).
+
+        Shapes:
+            u: (B, L, H); state: (B, H, N/2) complex or None (zero)
+            returns y (B, L, channels H), and the final state (B, H, N/2) when return_state
+        """
+        self.check_input(u)
+        Bsz, L_u, H = u.shape
+        if state is not None or return_state:
+            self.check_recurrent()
+            state = self.default_state(Bsz) if state is None else state
+            self.check_state(state, Bsz)
+        Lambda, P, dt = self.Lambda(), as_complex(self.P), self.dt(rate)
+        A_bar, B_bar = bilinear_dplr(Lambda, P, doubled(as_complex(self.B)), dt)  # (H, N, N), (H, N)
+        Bs = as_complex(self.B)[None]  # (1, H, M)
+        if state is not None:
+            B_x0 = state / dt[:, None] + apply_A(Lambda, P, state) / 2  # (B, H, M)
+            Bs = torch.cat([Bs, B_x0])  # (1 + B, H, M)
+        K = dplr_kernel(Lambda, P, Bs, c_tilde(as_complex(self.C), A_bar, L_u), dt, L_u)  # (nb, C', H, L)
+        y = self._conv(u, K[0])  # (B, L, channels H)
+        if state is None:
+            return y
+        y = y + K[1:].permute(0, 3, 1, 2).flatten(2)  # (B, L, C' H)
+        if not return_state:
+            return y
+        x = final_state(A_bar, B_bar, u, doubled(state))  # (B, H, N)
+        return y, x[..., : self.n_modes]
+
+    def _conv(self, u, K):
+        """K (C', H, L) -> fft_conv per output channel, (B, L, channels H)."""
+        if self.bidirectional:
+            K = K.unflatten(0, (2, -1)).transpose(0, 1)  # (channels, 2, H, L)
+        return torch.cat([fft_conv(u, K[c], self.D[c], bidirectional=self.bidirectional)
+                          for c in range(self.channels)], dim=-1)
+
+    def step(self, u_t, state, rate=1.0, L=None):
+        """One bilinear step in O(N r) per channel, using the DPLR structure (the recurrent view of S4):
+            x' = (I - dt/2 A)^{-1} ((I + dt/2 A) x + dt B u_t),   y_t = 2 Re(C x') + D u_t
+        The inverse is diag(1 - dt/2 Lambda) plus the real-linear rank-r term, solved by Woodbury:
+        with d = 1/(1 - dt/2 Lambda) and q = 2 Re(P^H x') (r real numbers per channel),
+            x' = d (rhs - dt/2 P q),   (I + dt Re(P^H d P)) q = 2 Re(P^H d rhs).
+
+        Shapes: u_t (B, H); state (B, H, N/2) complex -> y_t (B, channels H), state (B, H, N/2)
+        """
+        self.check_recurrent()
+        self.check_input(u_t, "u_t")
+        self.check_state(state, u_t.shape[0])
+        Lambda, P, dt = self.Lambda(), as_complex(self.P), self.dt(rate)[:, None]  # (M,), (r, M), (H, 1)
+        rhs = state + dt / 2 * apply_A(Lambda, P, state) + dt * as_complex(self.B) * u_t[..., None]  # (B, H, M)
+        d = 1 / (1 - dt / 2 * Lambda)  # (H, M)
+        G = torch.einsum("sm,hm,tm->hst", P.conj(), d, P).real  # (H, r, r)
+        lhs = torch.eye(self.rank, dtype=G.dtype, device=G.device) + dt[..., None] * G  # (H, r, r)
+        q = small_solve(lhs, 2 * torch.einsum("sm,hm,bhm->bhs", P.conj(), d, rhs).real[..., None])[..., 0]  # (B, H, r)
+        x = d * (rhs - dt / 2 * (q.to(rhs.dtype) @ P))  # (B, H, M)
+        y = 2 * (as_complex(self.C) * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
+        return y.flatten(1), x
