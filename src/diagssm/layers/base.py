@@ -73,8 +73,13 @@ class SSMLayer(nn.Module):
     def param_dtype(self):
         return self.D.dtype
 
+    def zero_state(self, *shape):
+        """Zeros of the state's complex dtype (complex64 for float32 parameters, complex128 for float64)."""
+        return torch.zeros(*shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
+
     def extra_repr(self):
-        keys = ("d_model", "d_state", "init", "variant", "discretization", "blocks", "channels", "bidirectional")
+        keys = ("d_model", "d_state", "init", "measure", "rank", "variant", "discretization", "blocks", "channels",
+                "bidirectional")
         return ", ".join(f"{k}={getattr(self, k)!r}" for k in keys if hasattr(self, k))
 
 
@@ -92,8 +97,7 @@ class DiagonalSSM(SSMLayer):
 
     def default_state(self, batch_size):
         """The zero state, (B, H, M) complex."""
-        cdtype = (torch.ones(1, dtype=self.param_dtype()) * 1j).dtype
-        return torch.zeros(batch_size, self.d_model, self.n_modes, dtype=cdtype, device=self.D.device)
+        return self.zero_state(batch_size, self.d_model, self.n_modes)
 
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
         """y = K * u + D u (+ the response to `state`), by FFT convolution.

@@ -267,8 +267,7 @@ class S4(SSMLayer):
 
     def default_state(self, batch_size):
         """The zero state, (B, H, N/2) complex."""
-        cdtype = (torch.ones(1, dtype=self.param_dtype()) * 1j).dtype
-        return torch.zeros(batch_size, self.d_model, self.n_modes, dtype=cdtype, device=self.D.device)
+        return self.zero_state(batch_size, self.d_model, self.n_modes)
 
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
         """y = K * u + D u (+ the response to `state`), by FFT convolution.

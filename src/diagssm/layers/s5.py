@@ -171,8 +171,7 @@ class S5(SSMLayer):
 
     def default_state(self, batch_size):
         """The zero state, (B, M) complex (complex64 for float32 parameters, complex128 for float64)."""
-        cdtype = (torch.ones(1, dtype=self.param_dtype()) * 1j).dtype
-        return torch.zeros(batch_size, self.n_modes, dtype=cdtype, device=self.D.device)
+        return self.zero_state(batch_size, self.n_modes)
 
     def forward(self, u, state=None, return_state=False, rate=1.0, dt=None, resets=None):
         """y_k = factor Re(C_tilde h_k) + D u_k with h_k = Lambda_bar_k h_(k-1) + B_bar_k u_k, h_(-1) = state.
