@@ -3,7 +3,8 @@
 Task (`tasks.memory.delayed_signal`): reproduce a smooth unit-variance input 200 steps later, on
 sequences of length 512; scored by mean squared error on held-out sequences after step 200.
 Predicting zero scores 1.0; the model is linear encoder -> layer -> linear decoder, so the delay
-must be held in the SSM state.
+must be held in the SSM state. Denormal floats are flushed, as the training tools do: decaying
+states otherwise make the CPU up to 6x slower without changing the result.
 """
 import pytest
 import torch
@@ -14,7 +15,6 @@ from diagssm.optim import param_groups
 from diagssm.tasks.memory import delayed_signal
 
 L, DELAY, H = 512, 200, 16
-THRESHOLD = 0.06  # held-out MSE; measured 0.018 (S4D) and 0.039 (DSS) at 600 steps
 
 
 class DelayModel(nn.Module):
@@ -41,15 +41,26 @@ def train_delay(layer, steps=600, lr=3e-3):
         return ((model(u) - y)[:, DELAY:] ** 2).mean().item()
 
 
+# layer, held-out MSE it must reach in 600 steps (measured on 2 CPU cores in brackets)
 LAYERS = {
-    "S4D": lambda: layers.S4D(H, 64),
-    "DSS": lambda: layers.DSS(H, 64),
+    "S4D": (lambda: layers.S4D(H, 64), 0.06),  # (0.025)
+    "DSS": (lambda: layers.DSS(H, 64), 0.06),  # (0.039)
+    "S5": (lambda: layers.S5(H, 256), 0.06),  # (0.048) one shared state: P = 256 for 16 channels
+    "S4": (lambda: layers.S4(H, 64), 0.12),  # (0.085) Lambda and P tied across channels
 }
+
+
+@pytest.fixture(autouse=True)
+def flush_denormals():
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)  # torch's default
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_learns_delay_of_200_steps(name):
+    make, threshold = LAYERS[name]
     torch.manual_seed(0)
-    mse = train_delay(LAYERS[name]())
-    assert mse < THRESHOLD, f"{name}: held-out MSE {mse:.4f} >= {THRESHOLD}"
+    mse = train_delay(make())
+    assert mse < threshold, f"{name}: held-out MSE {mse:.4f} >= {threshold}"
