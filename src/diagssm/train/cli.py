@@ -12,7 +12,10 @@ def _plot(args):
     if args.what == "convergence":
         from diagssm.theory import plot_convergence
 
-        plot_convergence(args.out)
+        errors = plot_convergence(args.out)
+        print("relative L2 error of the first four basis kernels, S4D-LegS (B/2) against S4-LegS:")
+        for N, err in errors.items():
+            print(f"  N = {N:5d}: {err:.3g}")
         print(f"saved {args.out}")
 
 
