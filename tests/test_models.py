@@ -1,0 +1,272 @@
+"""Models: residual block, sequence model, pooling, heads, padding, stepping, dropout, contracts."""
+import pytest
+import torch
+from torch.nn import functional as F
+
+from diagssm.layers import DSS, S4, S4D, S5
+from diagssm.models import LAYER_NAMES, ResidualBlock, SequenceModel, TiedDropout, make_layer, pool
+from diagssm.optim import param_groups
+from helpers import assert_close, randn
+
+F64 = torch.float64
+H, N = 4, 8
+SMALL = {"s4d": {"d_state": N}, "dss": {"d_state": N}, "s5": {"d_state": N}, "s4": {"d_state": N}}
+COMBOS = [("classification", "mean"), ("classification", "last"), ("classification", "none"),
+          ("regression", "mean"), ("regression", "last"), ("regression", "none"),
+          ("per_step", "none"), ("retrieval", "mean"), ("retrieval", "last")]
+
+
+def model(seed=0, layer="s4d", bidirectional=False, **kw):
+    torch.manual_seed(seed)
+    lk = dict(SMALL[layer], bidirectional=bidirectional)
+    kw = {"d_input": 3, "d_output": 5, "d_model": H, "n_layers": 2, **kw}
+    return SequenceModel(layer=layer, layer_kwargs=lk, **kw).double()
+
+
+def tokens(B, L, vocab=3, seed=0):
+    return torch.randint(0, vocab, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def padded(x, lengths, seed=9):
+    """x with large random garbage on its padded steps."""
+    garbage = 1e3 * randn(*x.shape, seed=seed)
+    real = (torch.arange(x.shape[1]) < lengths[:, None])[..., None]  # (B, L, 1)
+    return torch.where(real, x, garbage)
+
+
+def test_make_layer():
+    assert [type(make_layer(n, H, **SMALL[n])) for n in LAYER_NAMES] == [S4D, DSS, S5, S4]
+    assert make_layer("s5", H).d_state == 64  # S5's default d_state here
+    assert make_layer("s4d", H, d_state=16, init="lin").d_state == 16
+
+
+@pytest.mark.parametrize("encoder", ["embedding", "linear"])
+@pytest.mark.parametrize("head,pooling", COMBOS)
+def test_shapes(encoder, head, pooling):
+    m = model(encoder=encoder, head=head, pooling=pooling)
+    B, L = 2, 6
+    x = tokens(B, L) if encoder == "embedding" else randn(B, L, 3)
+    lengths = torch.tensor([6, 3])
+    if head == "retrieval":
+        x2 = tokens(B, 4, seed=1) if encoder == "embedding" else randn(B, 4, 3, seed=1)
+        assert m.forward_pair(x, x2, lengths, None).shape == (B, 5)
+        return
+    want = (B, L, 5) if pooling == "none" else (B, 5)
+    assert m(x).shape == want and m(x, lengths).shape == want
+
+
+def test_pool_mean_and_last_honour_lengths():
+    h, lengths = randn(3, 7, H), torch.tensor([7, 1, 4])
+    mean, last = pool(h, lengths, "mean"), pool(h, lengths, "last")
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(mean[b], h[b, :n].mean(0))
+        assert_close(last[b], h[b, n - 1])
+    assert_close(pool(h, None, "mean"), h.mean(1))
+    assert_close(pool(h, None, "last"), h[:, -1])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("layer", ["s4d", "s5"])
+def test_model_pooling_equals_unpadded(pooling, layer):
+    """A padded batch's pooled output equals each sequence's own output without padding."""
+    m = model(layer=layer, pooling=pooling).eval()
+    lengths = torch.tensor([6, 2, 4])
+    x = padded(randn(3, 6, 3), lengths)
+    out = m(x, lengths)  # (B, d_output)
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(out[b], m(x[b:b + 1, :n])[0], scale=100)
+
+
+@pytest.mark.parametrize("prenorm", [True, False])
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+def test_padding_does_not_leak_bidirectional(layer, prenorm):
+    m = model(layer=layer, bidirectional=True, prenorm=prenorm, pooling="none").eval()
+    randomise_norms(m)  # LayerNorm's bias maps a zeroed step to a nonzero one
+    lengths = torch.tensor([7, 3])
+    x = padded(randn(2, 7, 3), lengths)
+    y = m(x, lengths)  # (B, L, d_output)
+    assert not torch.allclose(m(x)[1, :3], y[1, :3])  # without lengths the garbage does leak
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(y[b, :n], m(x[b:b + 1, :n])[0], scale=100)
+
+
+def test_padding_does_not_leak_batchnorm_train_stats():
+    """Training-mode BatchNorm takes its batch statistics over the real steps only."""
+    m = model(layer="s4d", bidirectional=True, norm="batch", pooling="none").train()
+    lengths = torch.tensor([5])
+    x = padded(randn(1, 9, 3), lengths)
+    y = m(x, lengths)[0, :5]
+    stats = [b.norm.running_mean.clone() for b in m.blocks]
+    m2 = model(layer="s4d", bidirectional=True, norm="batch", pooling="none").train()
+    assert_close(y, m2(x[:, :5])[0], scale=100)
+    for b, s in zip(m2.blocks, stats):
+        assert_close(b.norm.running_mean, s, scale=100)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+def test_padding_gets_no_gradient(norm):
+    """Training mode, bidirectional, dropout: the loss does not depend on the padded inputs."""
+    m = model(layer="s5", bidirectional=True, norm=norm, dropout=0.2, pooling="mean").train()
+    lengths = torch.tensor([6, 2, 4])
+    x = padded(randn(3, 6, 3), lengths).requires_grad_()
+    m(x, lengths).square().sum().backward()
+    real = torch.arange(6) < lengths[:, None]  # (B, L)
+    assert torch.equal(x.grad[~real], torch.zeros_like(x.grad[~real]))
+    assert (x.grad[real].abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("layer", ["s4d", "s4"])
+def test_padding_does_not_change_causal_outputs(layer):
+    m = model(layer=layer, pooling="none").eval()
+    lengths = torch.tensor([7, 3])
+    x = padded(randn(2, 7, 3), lengths)
+    y, y_nolen = m(x, lengths), m(x)
+    for b, n in enumerate(lengths.tolist()):
+        assert_close(y[b, :n], y_nolen[b, :n], scale=100)
+
+
+def randomise_norms(m, seed=5):
+    """Random affine maps and running statistics (at initialisation a norm maps 0 to 0)."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.BatchNorm1d):
+            mod.running_mean.copy_(torch.randn(H, generator=g, dtype=F64))
+            mod.running_var.copy_(torch.rand(H, generator=g, dtype=F64) + 0.5)
+        if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)):
+            with torch.no_grad():
+                mod.weight.copy_(torch.randn(H, generator=g, dtype=F64))
+                mod.bias.copy_(torch.randn(H, generator=g, dtype=F64))
+
+
+def rollout(m, x):
+    state, outs = m.default_state(x.shape[0]), []
+    for x_t in x.unbind(1):
+        out_t, state = m.step(x_t, state)
+        outs.append(out_t)
+    return torch.stack(outs, 1)  # (B, L, d_output)
+
+
+@pytest.mark.parametrize("norm", ["layer", "batch"])
+@pytest.mark.parametrize("prenorm", [True, False])
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+def test_step_equals_forward(layer, prenorm, norm):
+    m = model(layer=layer, prenorm=prenorm, norm=norm, pooling="none", dropout=0.3).eval()
+    randomise_norms(m)
+    x = randn(2, 9, 3)
+    assert_close(rollout(m, x), m(x), scale=100)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "glu", "half_glu1", "half_glu2"])
+def test_step_equals_forward_tokens_activations(activation):
+    m = model(encoder="embedding", activation=activation, head="per_step", pooling="none").eval()
+    x = tokens(2, 9)
+    assert_close(rollout(m, x), m(x), scale=100)
+
+
+def test_step_in_train_mode_uses_running_stats():
+    """Stepping is inference: in train mode it still equals the eval-mode forward and changes no statistics."""
+    m = model(norm="batch", pooling="none", dropout=0.5)
+    randomise_norms(m)
+    x = randn(2, 5, 3)
+    m.train()
+    y_step = rollout(m, x)
+    m.eval()
+    assert_close(y_step, m(x), scale=100)
+    assert int(m.blocks[0].norm.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("activation", ["gelu", "glu", "half_glu1", "half_glu2"])
+def test_activation_formulas(activation):
+    torch.manual_seed(0)
+    block = ResidualBlock(H, layer_kwargs=SMALL["s4d"], activation=activation).double().eval()
+    y, W, b = randn(2, 5, H), block.out.weight, block.out.bias
+    z = F.gelu(y)
+    want = {"gelu": lambda: z @ W.T + b,
+            "glu": lambda: (z @ W[:H].T + b[:H]) * torch.sigmoid(z @ W[H:].T + b[H:]),
+            "half_glu1": lambda: z * torch.sigmoid(z @ W.T + b),
+            "half_glu2": lambda: y * torch.sigmoid(z @ W.T + b)}[activation]()
+    assert_close(block.output(y), want)
+
+
+def test_dropout_mask_tied_over_length():
+    torch.manual_seed(0)
+    drop = TiedDropout(0.5).train()
+    x = randn(8, 30, 16) + 10  # no zeros of its own
+    out = drop(x)
+    zero = out == 0  # (B, L, H)
+    assert torch.equal(zero, zero[:, :1].expand_as(zero))  # the same pattern at every step
+    assert 0.35 < zero[:, 0].double().mean() < 0.65
+    assert_close(out[~zero], (x * 2)[~zero])  # kept entries scaled by 1/(1-p)
+    assert torch.equal(drop.eval()(x), x)
+
+
+def test_retrieval_head_order_matters():
+    m = model(head="retrieval", pooling="mean", encoder="embedding").eval()
+    x1, x2 = tokens(2, 6, seed=1), tokens(2, 5, seed=2)
+    l1, l2 = torch.tensor([6, 4]), torch.tensor([5, 2])
+    logits = m.forward_pair(x1, x2, l1, l2)
+    o1, o2 = pool(m.encode(x1, l1), l1, "mean"), pool(m.encode(x2, l2), l2, "mean")
+    assert_close(logits, m.head.mlp(torch.cat([o1, o2, o1 - o2, o1 * o2], -1)))
+    assert not torch.allclose(logits, m.forward_pair(x2, x1, l2, l1))
+
+
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+def test_param_groups(layer, capsys):
+    m = model(layer=layer, norm="batch")
+    groups = {g["name"]: set(g["param_names"]) for g in param_groups(m, lr=0.01, verbose=False)}
+    want_ssm = {f"{mod}.{p}" for mod, module in m.named_modules()
+                for p, _ in module.named_parameters(recurse=False) if p in getattr(type(module), "ssm_params", ())}
+    assert len(want_ssm) >= 2 * 3 and groups["ssm"] == want_ssm  # >= 3 SSM tensors in each of 2 blocks
+    norms = {n for n, _ in m.named_parameters() if ".norm." in n or n.startswith("norm.")}
+    biases = {n for n, _ in m.named_parameters() if n.endswith(".bias")}
+    assert norms and groups["no_decay"] == norms | biases
+    assert sum(map(len, groups.values())) == len(list(m.parameters()))
+
+
+def test_state_dict_round_trip_and_seeded_determinism():
+    a, b = model(seed=0, norm="batch"), model(seed=1, norm="batch")
+    x = randn(2, 6, 3)
+    a(x)  # update a's running statistics
+    a.eval(), b.eval()
+    assert not torch.allclose(a(x), b(x))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+    c, d = model(seed=3, layer="s5"), model(seed=3, layer="s5")
+    assert all(torch.equal(p, q) for p, q in zip(c.state_dict().values(), d.state_dict().values()))
+
+
+ERRORS = [
+    (lambda: make_layer("s6", H), r"layer='s6'.*allowed: \('s4d', 'dss', 's5', 's4'\)"),
+    (lambda: make_layer("s4d", H, d_stat=8), r"\['d_stat'\].*allowed"),
+    (lambda: model(encoder="conv"), r"encoder='conv'.*allowed"),
+    (lambda: model(norm="group"), r"norm='group'.*allowed"),
+    (lambda: model(activation="relu"), r"activation='relu'.*allowed"),
+    (lambda: model(pooling="max"), r"pooling='max'.*allowed"),
+    (lambda: model(head="seq"), r"head='seq'.*allowed"),
+    (lambda: model(head="per_step", pooling="mean"), r"per_step.*pooling='none'"),
+    (lambda: model(head="retrieval", pooling="none"), r"retrieval.*pooling='none'"),
+    (lambda: model(dropout=1.5), r"dropout=1.5"),
+    (lambda: model(n_layers=0), r"n_layers=0"),
+    (lambda: SequenceModel(3, 5, layer_kwargs={"channels": 2}), r"channels=2.*allowed: 1"),
+    (lambda: model(encoder="embedding")(randn(2, 5, 3)), r"x must be an int64 \(or int32\) tensor.*encoder='embedding'"),
+    (lambda: model(encoder="embedding")(tokens(2, 5, vocab=4) + 3), r"tokens in.*d_input = 3"),
+    (lambda: model()(tokens(2, 5)), r"x must be a torch.float64 tensor \(B, L, d_input\)"),
+    (lambda: model()(randn(2, 5, 3).float()), r"x must be a torch.float64"),
+    (lambda: model()(randn(2, 5, 4)), r"d_input = 3"),
+    (lambda: model()(randn(2, 5, 3), torch.tensor([5, 6])), r"lengths=\[5, 6\] out of range"),
+    (lambda: model()(randn(2, 5, 3), torch.tensor([5, 0])), r"lengths=\[5, 0\] out of range"),
+    (lambda: model()(randn(2, 5, 3), torch.tensor([5.0, 2.0])), r"lengths must be an integer tensor"),
+    (lambda: model()(randn(2, 5, 3), torch.tensor([5])), r"lengths must be .* shape \(B,\) = \(2,\)"),
+    (lambda: model().step(randn(2, 3), model().default_state(2)), r"step needs pooling='none'"),
+    (lambda: model(pooling="none").step(randn(2, 3), []), r"state must be a list of 2"),
+    (lambda: model(head="retrieval")(randn(2, 5, 3)), r"forward_pair"),
+    (lambda: model().forward_pair(randn(2, 5, 3), randn(2, 5, 3)), r"head='retrieval'"),
+    (lambda: ResidualBlock(H, layer_kwargs=SMALL["s4d"]).double()(randn(2, 5, 3)), r"x must be \(B, L, H\)"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(ERRORS)))
+def test_errors(i):
+    make, match = ERRORS[i]
+    with pytest.raises(ValueError, match=match):
+        make()
