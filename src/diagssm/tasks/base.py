@@ -1,0 +1,113 @@
+"""What every task shares: the `Task` record, stored-tensor datasets, padding, split seeds.
+
+A task builder (see `registry.py`) returns a `Task`: three datasets of (x, y) or (x, y, length) items, the sizes and
+defaults the model needs (input and output width, encoder, head, pooling), the metric, and the
+`collate` function that pads a batch to its longest sequence and returns the lengths.
+Every builder takes `seed` and is deterministic in it: the same (name, params, seed) gives the
+same tensors, and the train, val and test splits come from distinct random streams.
+"""
+import functools
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+ENCODERS = ("embedding", "linear")
+METRICS = ("accuracy", "mse")
+SPLITS = ("train", "val", "test")
+
+
+class SequenceDataset(Dataset):
+    """Items (x[i], y[i]) or, with `lengths`, (x[i], y[i], lengths[i]) from stored tensors.
+
+    Shapes: x (n, L) int64 tokens or (n, L, d_input) float; y (n,) class ids, (n, d) or
+    (n, L, d) per step; lengths (n,) int64, each in [1, L] (x[i, lengths[i]:] is padding).
+    """
+
+    def __init__(self, x, y, lengths=None):
+        if len(x) != len(y) or (lengths is not None and len(lengths) != len(x)):
+            raise ValueError(f"x, y and lengths must have the same length; got {len(x)}, {len(y)}, "
+                             f"{None if lengths is None else len(lengths)}")
+        self.x, self.y, self.lengths = x, y, lengths
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if self.lengths is None:
+            return self.x[i], self.y[i]
+        return self.x[i], self.y[i], self.lengths[i]
+
+
+def pad_collate(items, per_step_targets=False):
+    """Stack a list of dataset items into (x, y, lengths), padding with zeros to the batch's
+    longest sequence. Items are (x, y) (length = len(x)) or (x, y, length).
+    `per_step_targets`: y has one entry per step and is padded (and cut) like x.
+
+    Shapes: returns x (B, L_max) or (B, L_max, d), y (B, ...) or (B, L_max, d), lengths (B,) int64
+    """
+    lengths = torch.tensor([int(it[2]) if len(it) == 3 else len(it[0]) for it in items], dtype=torch.long)
+    L = int(lengths.max())
+    xs = [it[0][:n] for it, n in zip(items, lengths.tolist())]
+    x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, L, ...)
+    if per_step_targets:
+        ys = [it[1][:n] for it, n in zip(items, lengths.tolist())]
+        y = torch.nn.utils.rnn.pad_sequence(ys, batch_first=True)  # (B, L, ...)
+    else:
+        y = torch.stack([torch.as_tensor(it[1]) for it in items])  # (B, ...)
+    assert x.shape[1] == L
+    return x, y, lengths
+
+
+@dataclass
+class Task:
+    """A task's data and the defaults a model for it needs.
+
+    encoder: "embedding" (x holds token ids < d_input) or "linear" (x holds d_input features).
+    head, pooling: the SequenceModel defaults (a config may override them).
+    metric: "accuracy" (higher is better) or "mse" (lower is better).
+    score_start: per-step tasks score (and train on) positions t >= score_start only.
+    """
+
+    name: str
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    d_input: int
+    d_output: int
+    encoder: str
+    head: str
+    pooling: str
+    metric: str
+    collate: Callable = pad_collate
+    score_start: int = 0
+    params: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, value, allowed in (("encoder", self.encoder, ENCODERS), ("metric", self.metric, METRICS)):
+            if value not in allowed:
+                raise ValueError(f"Task {self.name!r}: {name}={value!r}; allowed: {', '.join(allowed)}")
+
+    def split(self, name):
+        """The dataset of split `name` ("train", "val" or "test")."""
+        if name not in SPLITS:
+            raise ValueError(f"split={name!r}; allowed: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    @property
+    def higher_is_better(self):
+        return self.metric == "accuracy"
+
+
+def split_generator(seed, split):
+    """A torch.Generator for (seed, split): distinct splits and seeds give independent streams."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed={seed!r} must be an int >= 0")
+    state = np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def per_step_collate():
+    return functools.partial(pad_collate, per_step_targets=True)

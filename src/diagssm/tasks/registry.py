@@ -1,0 +1,40 @@
+"""Tasks by name: `TASKS` maps a name to its builder, `build_task(name, **params)` calls it.
+
+Each builder returns a `diagssm.tasks.base.Task` and is deterministic in its `seed` parameter.
+"""
+import inspect
+
+from diagssm.tasks import synthetic
+from diagssm.tasks.base import Task
+
+__all__ = ["TASKS", "Task", "build_task", "task_params", "check_params"]
+
+TASKS = {"delay": synthetic.delay_task, "recall": synthetic.recall_task}
+
+
+def task_params(name):
+    """The parameters task `name` accepts, with their defaults: {param: default}."""
+    check_name(name)
+    sig = inspect.signature(TASKS[name])
+    return {k: p.default for k, p in sig.parameters.items()}
+
+
+def check_name(name):
+    if name not in TASKS:
+        raise ValueError(f"task {name!r} is not registered; known tasks: {', '.join(sorted(TASKS))}")
+
+
+def check_params(name, params, section="task.params", exclude=()):
+    """Raise ValueError naming the first key of `params` that task `name` does not take
+    (or that is in `exclude`: keys set elsewhere, such as the config's task.seed)."""
+    allowed = [k for k in task_params(name) if k not in exclude]
+    for key in params:
+        if key not in allowed:
+            raise ValueError(f"unknown key {key!r} in section {section!r} for task {name!r}; "
+                             f"allowed: {', '.join(allowed)}")
+
+
+def build_task(name, **params):
+    """Build task `name` with `params` (see each builder's docstring; `seed` picks the data)."""
+    check_params(name, params)
+    return TASKS[name](**params)
