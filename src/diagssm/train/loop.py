@@ -1,0 +1,275 @@
+"""The training loop: `Trainer(cfg, run_dir, resume).run()`.
+
+Each step: forward, loss check, backward, gradient-norm check (and clipping), AdamW step,
+scheduler step; then, on their schedules, a train row in metrics.csv, a validation pass (and
+best.pt when it improves), a checkpoint. Decisions worth knowing:
+
+- Reproducible resume: the data order is a function of (run.seed, epoch) (`data.py`) and a
+  checkpoint holds the model, AdamW, the scheduler, every RNG state, the step and the position
+  in the epoch, so a resumed run makes the same updates as an uninterrupted one (same device,
+  same thread count): its final weights are bitwise equal.
+- A NaN or infinite loss or gradient norm stops the run before the update, with
+  `TrainingDiverged` naming the step; the bad state is not written, the last checkpoint stays.
+- SIGINT/SIGTERM finish the current step, write a checkpoint and return exit code 130/143
+  (128 + the signal number). A second signal acts at once (the previous handler is back).
+- Only the main process (`World.is_main`) logs, draws the progress bar and writes files.
+"""
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from diagssm.train.checkpoint import CheckpointError, CheckpointFolder, rng_state, set_rng_state
+from diagssm.train.config import diff, from_dict, to_dict
+from diagssm.train.config import save as save_config
+from diagssm.train.data import eval_loader, train_loader
+from diagssm.train.metrics import MetricsLog, NoLog
+from diagssm.train.objective import evaluate, forward_stats
+from diagssm.train.setup import make_model, make_optimizer, make_scheduler, make_task
+from diagssm.train.world import make_world
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm is NaN or infinite; the message names the step."""
+
+
+@dataclass
+class Outcome:
+    """How `Trainer.run` ended: status "completed", "interrupted" (a signal) or "stopped"
+    (stop_after); exit_code 0, or 128 + the signal number; the last validation result."""
+
+    status: str
+    step: int
+    exit_code: int
+    checkpoint: Optional[Path]
+    val: Optional[dict]
+
+
+def seed_everything(seed):
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Builds a run from `cfg` in `run_dir` (resuming from its newest valid checkpoint if asked)."""
+
+    def __init__(self, cfg, run_dir, resume=False):
+        torch.set_flush_denormal(True)  # decaying states hit slow denormal arithmetic on CPUs (6x)
+        self.cfg, self.run_dir, self.world = cfg, Path(run_dir), make_world(cfg.run.device)
+        self.say = print if self.world.is_main else (lambda *a, **k: None)
+        seed_everything(cfg.run.seed)
+        self.task = make_task(cfg)
+        self.model = make_model(cfg.model, self.task).to(self.world.device)
+        self.step_model = self.world.wrap_model(self.model)
+        self.optimizer = make_optimizer(self.model, cfg.optim, verbose=self.world.is_main)
+        self.scheduler = make_scheduler(self.optimizer, cfg.optim, cfg.run.max_steps)
+        self.loader = train_loader(self.task, cfg.optim.batch_size, cfg.run.seed, self.world)
+        self.sampler = self.loader.batch_sampler
+        self.val_loader = eval_loader(self.task.val, self.task, cfg.optim.batch_size)
+        self.ckpts = CheckpointFolder(self.run_dir / "checkpoints", cfg.run.keep_last)
+        self.step, self.elapsed, self.best, self.last_val = 0, 0.0, None, None
+        self.last_checkpoint, self.last_checkpoint_step, self.lr = None, None, self.main_lr()
+        self.session_start = time.perf_counter()
+        self._reset_window()
+        self.prepare_folder(resume)
+        resume_step = self.restore() if resume else None
+        self.log = MetricsLog(self.run_dir, cfg.run.tensorboard, resume_step) if self.world.is_main else NoLog()
+        self.say(self.log.backend)
+        self.signal = None
+
+    def prepare_folder(self, resume):
+        """Create the run folder and write config.yaml; a fresh run refuses a used folder."""
+        if not self.world.is_main:
+            return
+        used = [p.name for p in (self.run_dir / "config.yaml", self.run_dir / "metrics.csv", self.ckpts.folder)
+                if p.exists()]
+        if used and not resume:
+            raise FileExistsError(f"run folder {self.run_dir} is in use (has {', '.join(used)}); "
+                                  f"continue it with --resume or choose another --run-dir")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def state(self):
+        """Everything a resumed run needs to continue exactly where this one is."""
+        epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
+        return {"format": 1, "step": self.step, "epoch": epoch, "position": position,
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "sampler": self.sampler.state_dict(), "best": self.best, "elapsed": self.elapsed_now(),
+                "val": self.last_val, "window": self.window.clone(), "config": to_dict(self.cfg)}
+
+    def save(self):
+        if self.world.is_main and self.last_checkpoint_step != self.step:
+            self.last_checkpoint = self.ckpts.save(self.state())
+        self.last_checkpoint_step = self.step
+        self.world.barrier()
+
+    def restore(self):
+        """Load the newest valid checkpoint; return its step (0 if there is none)."""
+        for name in self.ckpts.remove_temporary():
+            self.say(f"removed {name}: a temporary file left by an interrupted checkpoint write")
+        found = self.ckpts.latest_valid(map_location=self.world.device)
+        if found is None:
+            self.say(f"--resume: no checkpoint in {self.ckpts.folder}; starting at step 0")
+            return 0
+        path, state = found
+        for key, (old, new) in diff(from_dict(state["config"]), self.cfg).items():
+            self.say(f"resuming with a changed setting: {key}: {old!r} -> {new!r}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: does not fit the model and optimiser of this config: {e}") from e
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.step, self.best, self.elapsed, self.last_val = state["step"], state["best"], state["elapsed"], state["val"]
+        self.last_checkpoint, self.last_checkpoint_step, self.window = path, self.step, state["window"]
+        self.say(f"resumed from {path}: step {self.step} (epoch {state['epoch']}, batch {state['position']})")
+        return self.step
+
+    # ---- one step ----------------------------------------------------------------------
+    def train_step(self, batch):
+        """One optimiser step on `batch`; TrainingDiverged (before any update) on NaN/inf."""
+        s = self.step + 1
+        loss, loss_sum, metric_sum, count = forward_stats(self.step_model, batch, self.task, self.world)
+        if self.cfg.run.inject_nan_at == s:
+            loss = loss * float("nan")
+        self.check_finite("loss", loss, s)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.optim.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        self.check_finite("gradient norm", norm, s)
+        self.lr = self.main_lr()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step = s
+        tokens = int(batch[2].sum())
+        self.window += torch.tensor([loss_sum.item(), metric_sum.item(), count.item(), tokens, 1.0],
+                                    dtype=torch.float64)
+
+    def check_finite(self, what, value, s):
+        if bool(torch.isfinite(value)):
+            return
+        epoch, position = divmod(s - 1, self.sampler.steps_per_epoch)
+        last = (f"the last good checkpoint is {self.last_checkpoint} (step {self.last_checkpoint_step})"
+                if self.last_checkpoint else "no checkpoint was written before it")
+        raise TrainingDiverged(f"{what} is {value.item()} at step {s} (epoch {epoch}, batch {position}); "
+                               f"stopped without updating or saving; {last}")
+
+    def main_lr(self):
+        groups = {g.get("name"): g for g in self.optimizer.param_groups}
+        return (groups.get("decay") or self.optimizer.param_groups[0])["lr"]
+
+    # ---- logging and evaluation ----------------------------------------------------------
+    def _reset_window(self):
+        self.window = torch.zeros(5, dtype=torch.float64)  # loss sum, metric sum, count, tokens, steps
+        self.window_start = time.perf_counter()
+
+    def window_means(self):
+        loss_sum, metric_sum, count, tokens, _ = self.window.tolist()
+        seconds = max(time.perf_counter() - self.window_start, 1e-9)
+        return loss_sum / max(count, 1), metric_sum / max(count, 1), tokens / seconds
+
+    def after_step(self, bar):
+        r, s, last = self.cfg.run, self.step, self.step == self.cfg.run.max_steps
+        epoch = (s - 1) // self.sampler.steps_per_epoch
+        loss, metric, tok_s = self.window_means()
+        bar.set_postfix({"loss": f"{loss:.4f}", self.task.metric: f"{metric:.4f}", "lr": f"{self.lr:.2e}",
+                         "tok/s": f"{tok_s:,.0f}"}, refresh=False)
+        bar.update(1)
+        if s % r.log_every == 0 or last:
+            self.log.log(s, epoch, "train", loss, metric, self.lr, self.elapsed_now())
+            self._reset_window()
+        if s % r.eval_every == 0 or last:
+            self.validate(epoch)
+        if s % r.checkpoint_every == 0 or last:
+            self.save()
+
+    def validate(self, epoch):
+        self.last_val = evaluate(self.step_model, self.val_loader, self.task, self.world)
+        m = self.last_val["metric"]
+        self.log.log(self.step, epoch, "val", self.last_val["loss"], m, self.lr, self.elapsed_now())
+        better = self.best is None or (m > self.best["metric"] if self.task.higher_is_better else m < self.best["metric"])
+        if better:
+            self.best = {"metric": m, "step": self.step}
+            if self.world.is_main:
+                self.ckpts.save_best(self.state())
+
+    def elapsed_now(self):
+        return self.elapsed + time.perf_counter() - self.session_start
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, stop_after=None):
+        """Train to run.max_steps (or to step `stop_after`, writing a checkpoint there, for
+        tests and for running in slices); return an `Outcome`. Raises TrainingDiverged."""
+        r = self.cfg.run
+        self.say(f"run folder {self.run_dir}: task {self.task.name}, {self.sampler.steps_per_epoch} steps per epoch, "
+                 f"{sum(p.numel() for p in self.model.parameters()):,} parameters, device {self.world.device}")
+        self.session_start, self._previous = time.perf_counter(), self._install_handlers()
+        bar = tqdm(total=r.max_steps, initial=self.step, disable=not (r.progress and self.world.is_main),
+                   dynamic_ncols=True, desc="train")
+        try:
+            while self.step < r.max_steps and self.signal is None and self.step != stop_after:
+                self.sampler.set_position(*divmod(self.step, self.sampler.steps_per_epoch))
+                for batch in self.loader:
+                    self.train_step(batch)
+                    self.after_step(bar)
+                    if self.step >= r.max_steps or self.signal is not None or self.step == stop_after:
+                        break
+        finally:
+            bar.close()
+            self._restore_handlers()
+            self.log.close()
+        return self.finish()
+
+    def finish(self):
+        """Write the last checkpoint (if this step has none) and the curves; say how it ended."""
+        self.save()
+        if self.signal is not None and self.step < self.cfg.run.max_steps:
+            name = signal.Signals(self.signal).name
+            self.say(f"{name} at step {self.step}: saved {self.last_checkpoint}; continue with "
+                     f"diagssm train --run-dir {self.run_dir} --resume")
+            return Outcome("interrupted", self.step, 128 + self.signal, self.last_checkpoint, self.last_val)
+        if self.step < self.cfg.run.max_steps:
+            self.say(f"stopped at step {self.step}: saved {self.last_checkpoint}")
+            return Outcome("stopped", self.step, 0, self.last_checkpoint, self.last_val)
+        if self.world.is_main:
+            from diagssm.train.curves import plot_curves
+
+            plot_curves(self.run_dir, metric_name=self.task.metric)
+        best = f"; best val {self.task.metric} {self.best['metric']:.4f} at step {self.best['step']}" if self.best else ""
+        self.say(f"done: step {self.step}, val {self.task.metric} {self.last_val['metric']:.4f}{best}, "
+                 f"{self.elapsed_now():.1f} s; run folder {self.run_dir}")
+        return Outcome("completed", self.step, 0, self.last_checkpoint, self.last_val)
+
+    def _install_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.say("signal handlers not installed (not the main thread): SIGINT/SIGTERM will not save a checkpoint")
+            return {}
+        return {sig: signal.signal(sig, self._on_signal) for sig in SIGNALS}
+
+    def _restore_handlers(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame):
+        """Finish the step, then save and stop (`run`); a second signal gets the old handler."""
+        self.signal = signum
+        signal.signal(signum, self._previous[signum])
