@@ -1,0 +1,82 @@
+"""ops.chunked: the chunked matrix-multiply evaluation of diagonal SSMs against the recurrence."""
+import pytest
+import torch
+
+from diagssm.ops.chunked import _Carry, chunk_size, diagonal_chunked, diagonal_chunked_ref
+from helpers import assert_close, randn
+
+C128 = torch.complex128
+
+
+def system(H=3, M=4, C_out=1, seed=0, growing=False):
+    g = torch.Generator().manual_seed(seed)
+    re = -torch.rand(H, M, generator=g, dtype=torch.float64) * 0.3
+    if growing:  # DSS-softmax's growing modes: |A_bar| > 1
+        re[:, ::2] = 0.01
+    w = torch.complex(re, torch.randn(H, M, generator=g, dtype=torch.float64))
+    return w, randn(H, M, dtype=C128, seed=seed + 1), randn(C_out, H, M, dtype=C128, seed=seed + 2)
+
+
+@pytest.mark.parametrize("L", [1, 3, 17, 64, 65, 1000])
+@pytest.mark.parametrize("C_out", [1, 2])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_matches_recurrence(L, C_out, with_state):
+    w, B_bar, C = system(C_out=C_out)
+    u = randn(2, L, 3, seed=5)
+    h0 = randn(2, 3, 4, dtype=C128, seed=6) if with_state else None
+    y, h = diagonal_chunked(u, w, B_bar, C, 2, h0)
+    y_ref, h_ref = diagonal_chunked_ref(u, w, B_bar, C, 2, h0)
+    assert y.shape == (2, L, C_out, 3) and h.shape == (2, 3, 4)
+    assert_close(y, y_ref, scale=100)  # sums over up to 1000 steps
+    assert_close(h, h_ref, scale=100)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])
+def test_any_chunk_size_and_growing_modes(chunk):
+    w, B_bar, C = system(growing=True, seed=1)
+    u = randn(2, 100, 3, seed=7)
+    y, h = diagonal_chunked(u, w, B_bar, C, 1, chunk=chunk)
+    y_ref, h_ref = diagonal_chunked_ref(u, w, B_bar, C, 1)
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
+def test_gradients_match_recurrence():
+    w0, B0, C0 = system(C_out=2, seed=2)
+    u0, h00 = randn(2, 150, 3, seed=8), randn(2, 3, 4, dtype=C128, seed=9)
+    wy, wh = randn(2, 150, 2, 3, seed=10), randn(2, 3, 4, dtype=C128, seed=11)
+    grads = []
+    for fn in (diagonal_chunked, diagonal_chunked_ref):
+        leaves = [t.clone().requires_grad_() for t in (u0, w0, B0, C0, h00)]
+        y, h = fn(leaves[0], leaves[1], leaves[2], leaves[3], 2, leaves[4], chunk=32)
+        grads.append(torch.autograd.grad((y * wy).sum() + (h * wh).real.sum(), leaves))
+    for got, want in zip(*grads):
+        assert_close(got, want, scale=1000)  # 150 steps of accumulated products
+
+
+def test_gradcheck():
+    w, B_bar, C = system(H=2, M=2)
+    leaves = [randn(1, 11, 2, seed=12).requires_grad_(), w.requires_grad_(), B_bar.requires_grad_(),
+              C.requires_grad_(), randn(1, 2, 2, dtype=C128, seed=13).requires_grad_()]
+    assert torch.autograd.gradcheck(lambda *a: diagonal_chunked(*a[:4], 2, a[4], chunk=4), leaves)
+    S = randn(2, 5, 3, 4, dtype=C128, seed=14).requires_grad_()
+    a = (0.5 * randn(2, 1, 4, dtype=C128, seed=15)).requires_grad_()
+    assert torch.autograd.gradcheck(_Carry.apply, (S, a, randn(2, 3, 4, dtype=C128, seed=16).requires_grad_()))
+
+
+def test_float32_close_to_float64():
+    w, B_bar, C = system(seed=3)
+    u = randn(2, 3000, 3, seed=17)
+    y64, _ = diagonal_chunked(u, w, B_bar, C)
+    y32, _ = diagonal_chunked(u.float(), w.to(torch.complex64), B_bar.to(torch.complex64), C.to(torch.complex64))
+    assert y32.dtype == torch.float32
+    assert_close(y32, y64, scale=10)
+
+
+def test_chunk_size_and_errors():
+    assert [chunk_size(L) for L in (1, 3, 64, 65, 16384)] == [1, 4, 64, 64, 64]
+    w, B_bar, C = system()
+    with pytest.raises(ValueError, match="C must be"):
+        diagonal_chunked(randn(2, 5, 3), w, B_bar, C[0])
+    with pytest.raises(ValueError, match="h0 must be"):
+        diagonal_chunked(randn(2, 5, 3), w, B_bar, C, h0=torch.zeros(2, 3, 5, dtype=C128))
