@@ -42,10 +42,14 @@ def random_state(layer, batch, seed=1):
     return randn(*layer.default_state(batch).shape, dtype=torch.complex128, seed=seed)
 
 
+BACKENDS = ["fft", "chunked"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LAYERS)
 @pytest.mark.parametrize("L", [1, 3, 17, 200])
-def test_conv_equals_step_rollout(name, L):
-    layer = make(name)
+def test_conv_equals_step_rollout(name, L, backend):
+    layer = make(name, backend=backend)
     u, h0 = randn(2, L, 4, seed=2), random_state(layer, 2)
     y, h = layer(u, state=h0, return_state=True)
     y_ref, h_ref = rollout(layer, u, h0, L=L)
@@ -54,9 +58,10 @@ def test_conv_equals_step_rollout(name, L):
     assert_close(layer(u), rollout(layer, u, layer.default_state(2), L=L)[0], scale=10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_split_sequence_with_state(name):
-    layer = make(name)
+def test_split_sequence_with_state(name, backend):
+    layer = make(name, backend=backend)
     u = randn(2, 50, 4, seed=3)
     y, h = layer(u, return_state=True)
     for t in (1, 21, 49):
@@ -66,10 +71,11 @@ def test_split_sequence_with_state(name):
         assert_close(h2, h, scale=10)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", LAYERS)
-def test_gradients_conv_equal_recurrence(name):
-    """The convolution path's parameter gradients equal those of the step-by-step twin."""
-    layer = make(name)
+def test_gradients_conv_equal_recurrence(name, backend):
+    """Each fast path's parameter gradients equal those of the step-by-step twin."""
+    layer = make(name, backend=backend)
     u, h0, w = randn(2, 30, 4, seed=4), random_state(layer, 2), randn(2, 30, 4 * layer.channels, seed=5)
     params = [p for p in layer.parameters()]
     g_conv = torch.autograd.grad((layer(u, state=h0) * w).sum(), params)
@@ -78,8 +84,10 @@ def test_gradients_conv_equal_recurrence(name):
         assert_close(got, want, scale=100)  # sums over 30 steps and 4 channels
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls,kw", [(S4D, {}), (DSS, {}), (DSS, {"variant": "softmax"})])
-def test_bidirectional_is_forward_plus_reversed(cls, kw):
+def test_bidirectional_is_forward_plus_reversed(cls, kw, backend):
+    kw = dict(kw, backend=backend)
     torch.manual_seed(0)
     bi = cls(4, 8, bidirectional=True, **kw).double()
     fwd = cls(4, 8, **kw).double()
@@ -91,6 +99,28 @@ def test_bidirectional_is_forward_plus_reversed(cls, kw):
     assert_close(bi(u), fwd(u) + bwd(u.flip(1)).flip(1), scale=10)
     with pytest.raises(ValueError, match="bidirectional"):
         bi.step(u[:, 0], bi.default_state(2))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_backends_agree_on_long_sequences(name):
+    """fft and chunked, outputs and every gradient, at a length with a partial last chunk."""
+    results = []
+    for backend in BACKENDS:
+        layer = make(name, backend=backend)
+        u = randn(2, 1000, 4, seed=11).requires_grad_()
+        y = layer(u)
+        results.append([y, *torch.autograd.grad((y * randn(*y.shape, seed=12)).sum(), [u, *layer.parameters()])])
+        assert layer.last_backend == backend
+    for got, want in zip(*results):
+        assert_close(got, want, scale=100)
+
+
+def test_auto_backend_is_chunked_on_cpu():
+    layer = S4D(4, 8)
+    layer(torch.randn(1, 10, 4))
+    assert layer.backend == "auto" and layer.last_backend == "chunked"
+    with pytest.raises(ValueError, match="backend='triton'"):
+        S4D(4, 8, backend="triton")
 
 
 @pytest.mark.parametrize("name", LAYERS)

@@ -11,13 +11,18 @@ and its convolution kernel K (C', H, L) = factor Re sum_n C B_bar exp(w l), whic
 computes with the fast op of its paper. `factor` is 2 for a conjugate-symmetric state (N/2
 stored modes stand for N) and 1 otherwise.
 """
+import logging
 import math
 
 import torch
 from torch import nn
 
 from diagssm.ops import fft_conv
+from diagssm.ops.chunked import diagonal_chunked
 from diagssm.ops.kernels import vandermonde_contract, vandermonde_sum
+
+log = logging.getLogger("diagssm")
+BACKENDS = ("auto", "fft", "chunked")
 
 
 def complex_parameter(z):
@@ -35,6 +40,12 @@ def log_uniform(shape, low, high, generator=None):
         raise ValueError(f"dt_min={low} and dt_max={high} must satisfy 0 < dt_min <= dt_max")
     r = torch.rand(shape, generator=generator, dtype=torch.float64)
     return torch.exp(r * (math.log(high) - math.log(low)) + math.log(low))
+
+
+def check_backend(backend, who):
+    if backend not in BACKENDS:
+        raise ValueError(f"{who}: backend={backend!r}; allowed: {BACKENDS}")
+    return backend
 
 
 def check_even_state(d_state, who):
@@ -100,10 +111,12 @@ class DiagonalSSM(SSMLayer):
         return self.zero_state(batch_size, self.d_model, self.n_modes)
 
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
-        """y = K * u + D u (+ the response to `state`), by FFT convolution.
+        """y = K * u + D u (+ the response to `state`), by FFT convolution or chunked matmuls.
 
         `rate` scales dt (a change of sampling rate at inference); `L` is the length the system
         is defined for, for layers whose system depends on it (DSS-softmax; default: u's length).
+        The backend is `self.backend` ("auto" picks by device and length: `pick_backend`); the
+        one used is in `self.last_backend`.
 
         Shapes:
             u: (B, L, H); state: (B, H, M) complex or None (zero)
@@ -113,21 +126,47 @@ class DiagonalSSM(SSMLayer):
         self.check_input(u)
         Bsz, L_u, H = u.shape
         L = self.system_length(L, L_u)
+        if state is not None or return_state:
+            self.check_recurrent()
+            state = self.default_state(Bsz) if state is None else state
+            self.check_state(state, Bsz)
+        backend = self.pick_backend(u)
+        if backend == "chunked":
+            y, x = self._forward_chunked(u, state, rate, L)
+        else:
+            y, x = self._forward_fft(u, state, return_state, rate, L)
+        return (y, x) if return_state else y
+
+    def pick_backend(self, u):
+        """"chunked" on the CPU (faster at every length measured, benchmarks/bench_layers.py),
+        "fft" on other devices (not yet measured there), unless `self.backend` names one."""
+        backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
+        if backend != getattr(self, "last_backend", None):
+            log.info("%s: %s backend on %s", type(self).__name__, backend, u.device)
+            self.last_backend = backend
+        return backend
+
+    def _forward_chunked(self, u, state, rate, L):
+        w, B_bar, C = self.system(L, rate)  # (H, M), (H, M), (C', H, M)
+        y, x = diagonal_chunked(u, w, B_bar, C[: self.channels], self.factor, state)  # (B, L, channels, H)
+        if self.bidirectional:  # the anti-causal half: the same system run over the reversed input
+            y = y + diagonal_chunked(u.flip(1), w, B_bar, C[self.channels:], self.factor)[0].flip(1)
+        return (y + self.D * u[:, :, None]).flatten(2), x  # (B, L, channels H)
+
+    def _forward_fft(self, u, state, return_state, rate, L):
+        Bsz, L_u, H = u.shape
         K = self.kernel(L, rate)[..., :L_u]  # (C', H, L_u)
         if self.bidirectional:
             K = K.unflatten(0, (2, -1)).transpose(0, 1)  # (channels, 2, H, L)
         y = [fft_conv(u, K[c], self.D[c], bidirectional=self.bidirectional) for c in range(self.channels)]
         y = torch.cat(y, dim=-1)  # (B, L, channels H)
-        if state is None and not return_state:
-            return y
-        self.check_recurrent()
-        state = self.default_state(Bsz) if state is None else state
-        self.check_state(state, Bsz)
+        if state is None:
+            return y, None
         w, B_bar, C = self.system(L, rate)
         z = C * torch.exp(w) * state[:, None]  # (B, C', H, M): the zero-input response
         y = y + self.factor * vandermonde_sum(z, w, L_u).permute(0, 3, 1, 2).flatten(2)  # (B, L, C' H)
         if not return_state:
-            return y
+            return y, None
         x = torch.exp(w * L_u) * state + B_bar * vandermonde_contract(u.transpose(1, 2), w)  # (B, H, M)
         return y, x
 

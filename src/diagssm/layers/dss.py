@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import DiagonalSSM, as_complex, check_even_state, complex_parameter, log_uniform
+from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, complex_parameter,
+                                 log_uniform)
 from diagssm.ops import dss_kernel
 from diagssm.ops.kernels import DSS_VARIANTS, EPS_RECIPROCAL, dss_exponent, reciprocal
 
@@ -24,7 +25,7 @@ class DSS(DiagonalSSM):
         d_state: 2x the number of complex modes (see the module docstring); Lambda has d_state/2.
         variant: "exp" (Re Lambda = -exp(log_Lambda_re) < 0) | "softmax" (Lambda free).
         sep_dt: separate step sizes for Re and Im of Lambda (the DSS code's default): log_dt (2, H).
-        dt_min, dt_max, channels, bidirectional, check_finite: as in S4D.
+        dt_min, dt_max, channels, bidirectional, check_finite, backend: as in S4D.
 
     Lambda (shared by all channels) starts at Skew-HiPPO, the spectrum of the normal part of
     HiPPO-LegS (`init.diagonal_init("legs", d_state)`); W is complex standard normal.
@@ -48,9 +49,10 @@ class DSS(DiagonalSSM):
     ssm_params = ("log_dt", "log_Lambda_re", "Lambda_re", "Lambda_im", "W")
 
     def __init__(self, d_model, d_state=128, variant="exp", sep_dt=True, dt_min=1e-3, dt_max=1e-1,
-                 channels=1, bidirectional=False, check_finite=True):
+                 channels=1, bidirectional=False, check_finite=True, backend="auto"):
         super().__init__()
         check_even_state(d_state, "DSS")
+        self.backend = check_backend(backend, "DSS")
         if variant not in DSS_VARIANTS:
             raise ValueError(f"variant={variant!r}; allowed: {DSS_VARIANTS}")
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2

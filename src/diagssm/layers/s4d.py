@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import DiagonalSSM, as_complex, check_even_state, complex_parameter, log_uniform
+from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, complex_parameter,
+                                 log_uniform)
 from diagssm.ops import discretize, s4d_kernel
 
 REAL_TRANSFORMS = ("exp", "relu", "none")
@@ -28,6 +29,8 @@ class S4D(DiagonalSSM):
         channels: number of output channels C'' (C is (C'', H, N/2)); the output is (B, L, C'' H).
         bidirectional: add an anti-causal kernel with its own C (no recurrent state then).
         check_finite: reject NaN/inf inputs (costs one pass over u).
+        backend: "fft" (kernel + FFT convolution) | "chunked" (chunked matrix multiplies,
+            `ops.chunked`) | "auto" (chunked on the CPU, fft elsewhere; see `pick_backend`).
 
     Parameters (H = d_model, N = d_state): log_dt (H,); log_A_real or neg_A_real (H, N/2);
     A_imag (H, N/2); B (H, N/2, 2); C (C', H, N/2, 2) with C' = channels (x2 bidirectional);
@@ -40,9 +43,10 @@ class S4D(DiagonalSSM):
     ssm_params = ("log_dt", "log_A_real", "neg_A_real", "A_imag", "B")
 
     def __init__(self, d_model, d_state=64, init="legs", discretization="zoh", real_transform="exp",
-                 dt_min=1e-3, dt_max=1e-1, channels=1, bidirectional=False, check_finite=True):
+                 dt_min=1e-3, dt_max=1e-1, channels=1, bidirectional=False, check_finite=True, backend="auto"):
         super().__init__()
         check_even_state(d_state, "S4D")
+        self.backend = check_backend(backend, "S4D")
         if real_transform not in REAL_TRANSFORMS:
             raise ValueError(f"real_transform={real_transform!r}; allowed: {REAL_TRANSFORMS}")
         discretize(torch.tensor(-1.0), torch.tensor(0.1), discretization)  # validates the name
