@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from diagssm import S4D
+from diagssm.cpu import fast_cpu_settings
 from diagssm.optim import param_groups
 from diagssm.tasks.memory import delayed_signal
 
@@ -27,7 +28,7 @@ class DelayModel(nn.Module):
 
 
 def main():
-    torch.set_flush_denormal(True)  # decaying states otherwise hit slow denormal arithmetic on CPUs
+    print(fast_cpu_settings())
     torch.manual_seed(0)
     model = DelayModel()
     opt = torch.optim.AdamW(param_groups(model, lr=3e-3, ssm_lr=3e-3))
