@@ -1,6 +1,8 @@
-"""The `diagssm` command. Subcommands so far: `plot convergence`, `info`.
+"""The `diagssm` command: train, eval, generate, plot, info.
 
-Training (`train`, `eval`, `generate`), `bench` and `data` come with the training tools.
+Exit codes: 0 success; 1 training diverged (NaN/inf loss or gradient); 2 a usage or config
+error (the message names the argument); 130 / 143 training stopped by SIGINT / SIGTERM after
+writing a checkpoint (128 + the signal number).
 """
 import argparse
 import sys
@@ -9,14 +11,19 @@ LAYERS = ("S4D", "DSS", "S5", "S4")
 
 
 def _plot(args):
-    if args.what == "convergence":
-        from diagssm.theory import plot_convergence
+    if args.what != "convergence":
+        from diagssm.train.commands import cmd_plot_run
 
-        errors = plot_convergence(args.out)
-        print("relative L2 error of the first four basis kernels, S4D-LegS (B/2) against S4-LegS:")
-        for N, err in errors.items():
-            print(f"  N = {N:5d}: {err:.3g}")
-        print(f"saved {args.out}")
+        return cmd_plot_run(args.what, args.out)
+    from diagssm.theory import plot_convergence
+
+    out = args.out or "docs/figures/convergence.png"
+    errors = plot_convergence(out)
+    print("relative L2 error of the first four basis kernels, S4D-LegS (B/2) against S4-LegS:")
+    for N, err in errors.items():
+        print(f"  N = {N:5d}: {err:.3g}")
+    print(f"saved {out}")
+    return 0
 
 
 def _info(args):
@@ -27,30 +34,114 @@ def _info(args):
     for name, p in layer.named_parameters():
         print(f"  {name:<16} {str(tuple(p.shape)):<20} {p.numel():>10,}")
     print(f"  {'total':<37}{sum(p.numel() for p in layer.parameters()):>10,}")
+    return 0
+
+
+def _train(args):
+    from diagssm.train.commands import cmd_train
+
+    return cmd_train(args)
+
+
+def _eval(args):
+    from diagssm.train.commands import cmd_eval
+
+    return cmd_eval(args)
+
+
+def _generate(args):
+    from diagssm.train.generate import cmd_generate
+
+    return cmd_generate(args)
+
+
+def add_train(sub):
+    p = sub.add_parser("train", help="train a model from a YAML config",
+                       description="Train a model. The run folder gets config.yaml (resolved), metrics.csv, "
+                                   "checkpoints/ and curves.png. SIGINT/SIGTERM save a checkpoint and exit "
+                                   "with 130/143; --resume continues from the newest valid checkpoint.")
+    p.add_argument("--config", help="YAML config (sections model, task, optim, run); with --resume, "
+                                    "default: the run folder's config.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one setting by dotted key, e.g. --set optim.lr=1e-3 (repeatable; "
+                        "VALUE is read as YAML)")
+    p.add_argument("--run-dir", help="run folder (default: runs/<config name>-<date>-<time>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir from its newest valid checkpoint")
+    p.set_defaults(run=_train)
+
+
+def add_eval(sub):
+    p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split",
+                       description="Load a run's config and checkpoint and print loss and metric on a split.")
+    p.add_argument("--run-dir", required=True, help="the run folder (from diagssm train)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (newest valid step checkpoint), 'best' (best val metric) or a path")
+    p.add_argument("--batch-size", type=int, help="batch size (default: the run's optim.batch_size)")
+    p.add_argument("--device", help="device (default: the run's run.device)")
+    p.set_defaults(run=_eval)
+
+
+def add_generate(sub):
+    from diagssm.train.generate import CONTINUATIONS
+
+    p = sub.add_parser("generate", help="step a per-step model through a prompt and beyond",
+                       description="Recurrent inference: feed a prompt through model.step, continue for "
+                                   "--steps steps, print the outputs and check them against model(x).")
+    p.add_argument("--run-dir", required=True, help="the run folder of a per-step model (pooling 'none')")
+    p.add_argument("--checkpoint", default="latest", help="'latest', 'best' or a path")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="where the prompt comes from")
+    p.add_argument("--index", type=int, default=0, help="which sequence of the split (default 0)")
+    p.add_argument("--prompt-len", type=int, default=100, help="prompt length in steps (default 100)")
+    p.add_argument("--steps", type=int, default=100, help="steps to run after the prompt (default 100)")
+    p.add_argument("--then", default="zeros", choices=CONTINUATIONS,
+                   help="input after the prompt: zeros, the rest of the sequence (data), or the model's "
+                        "own output (feedback)")
+    p.add_argument("--every", type=int, default=10, help="print every N-th step (default 10)")
+    p.add_argument("--out", help="also write every step's inputs and outputs to this CSV file")
+    p.set_defaults(run=_generate)
+
+
+def add_plot_info(sub):
+    plot = sub.add_parser("plot", help="draw a figure",
+                          description="Draw a figure and save it: a run's learning curves, or the convergence figure.")
+    plot.add_argument("what", help="a run folder: its learning curves from metrics.csv (to <run-dir>/curves.png); "
+                                   "or 'convergence': basis kernels of S4-LegS against S4D-LegS as N grows "
+                                   "(S4D paper)")
+    plot.add_argument("--out", help="where to save the PNG (default: <run-dir>/curves.png, or "
+                                    "docs/figures/convergence.png)")
+    plot.set_defaults(run=_plot)
+    info = sub.add_parser("info", help="a layer's parameters and their counts",
+                          description="Build one layer and print its parameters with shapes and counts.")
+    info.add_argument("layer", choices=LAYERS, help="the layer class")
+    info.add_argument("--d-model", type=int, default=64, help="H, the number of channels")
+    info.add_argument("--d-state", type=int, default=64, help="N, the state size (see the README glossary)")
+    info.set_defaults(run=_info)
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    plot = sub.add_parser("plot", help="draw a figure", description="Draw a figure and save it.")
-    plot.add_argument("what", choices=["convergence"],
-                      help="convergence: basis kernels of S4-LegS against S4D-LegS as N grows (S4D paper)")
-    plot.add_argument("--out", default="docs/figures/convergence.png", help="where to save the PNG")
-    plot.set_defaults(run=_plot)
-    info = sub.add_parser("info", help="a layer's parameters and their counts",
-                          description="Build one layer and print its parameters with shapes and counts.")
-    info.add_argument("layer", choices=LAYERS)
-    info.add_argument("--d-model", type=int, default=64, help="H, the number of channels")
-    info.add_argument("--d-state", type=int, default=64, help="N, the state size (see the README glossary)")
-    info.set_defaults(run=_info)
+    for add in (add_train, add_eval, add_generate, add_plot_info):
+        add(sub)
     return parser
 
 
 def main(argv=None):
+    """Run the command; return its exit code (module docstring). Errors print one line."""
     args = build_parser().parse_args(argv)
-    args.run(args)
-    return 0
+    from diagssm.train.checkpoint import CheckpointError
+    from diagssm.train.loop import TrainingDiverged
 
+    try:
+        return args.run(args)
+    except TrainingDiverged as e:
+        print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+        print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -71,6 +71,7 @@ class RunConfig:
     checkpoint_every: int = 250  # also at the last step and on SIGINT/SIGTERM
     keep_last: int = 3  # step checkpoints kept; best.pt (by val metric) is kept apart
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"; an unavailable device is an error
+    threads: Optional[int] = None  # torch.set_num_threads; None: torch's default (the cores)
     progress: bool = True  # tqdm progress bar
     tensorboard: str = "auto"  # "auto" (use it when importable, say which), "on" (required), "off"
     inject_nan_at: Optional[int] = None  # testing: make the loss NaN at this step
@@ -172,6 +173,8 @@ def check(cfg):
     for (sec, key), allowed in CHOICES.items():
         if getattr(getattr(cfg, sec), key) not in allowed:
             raise ValueError(f"{sec}.{key}={getattr(getattr(cfg, sec), key)!r}; allowed: {', '.join(allowed)}")
+    if cfg.run.threads is not None and cfg.run.threads < 1:
+        raise ValueError(f"run.threads={cfg.run.threads!r} must be >= 1 (or null for torch's default)")
     for keys, ok, words in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
         for sec, key in keys:
             if not ok(getattr(getattr(cfg, sec), key)):

@@ -68,6 +68,9 @@ class Trainer:
         torch.set_flush_denormal(True)  # decaying states hit slow denormal arithmetic on CPUs (6x)
         self.cfg, self.run_dir, self.world = cfg, Path(run_dir), make_world(cfg.run.device)
         self.say = print if self.world.is_main else (lambda *a, **k: None)
+        if cfg.run.threads is not None:
+            torch.set_num_threads(cfg.run.threads)
+        self.say(f"torch threads: {torch.get_num_threads()}" + ("" if cfg.run.threads else " (torch's default)"))
         seed_everything(cfg.run.seed)
         self.task = make_task(cfg)
         self.model = make_model(cfg.model, self.task).to(self.world.device)

@@ -1,0 +1,72 @@
+"""What `diagssm train`, `diagssm eval` and `diagssm plot <run-dir>` do (parsers: cli.py)."""
+import time
+from pathlib import Path
+
+import torch
+
+from diagssm.train import config as config_mod
+from diagssm.train.checkpoint import CheckpointFolder
+from diagssm.train.data import eval_loader
+from diagssm.train.loop import Trainer
+from diagssm.train.objective import evaluate
+from diagssm.train.setup import make_model, make_task
+from diagssm.train.world import make_world
+
+
+def resolve_config(config, overrides, run_dir, resume):
+    """The run's config: --config (or, resuming, the run folder's config.yaml) with --set applied."""
+    if resume:
+        if run_dir is None:
+            raise ValueError("--resume needs --run-dir: the folder of the run to continue")
+        saved = Path(run_dir) / "config.yaml"
+        if config is None and not saved.exists():
+            raise FileNotFoundError(f"{saved}: no config.yaml; is {run_dir} a run folder?")
+        return config_mod.load(config or saved, overrides)
+    if config is None:
+        raise ValueError("--config is required to start a run (e.g. --config configs/quickstart.yaml)")
+    return config_mod.load(config, overrides)
+
+
+def default_run_dir(config):
+    """runs/<config file stem>-<date>-<time>."""
+    return Path("runs") / f"{Path(config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args):
+    cfg = resolve_config(args.config, args.set, args.run_dir, args.resume)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
+    outcome = Trainer(cfg, run_dir, resume=args.resume).run()
+    return outcome.exit_code
+
+
+def load_run(run_dir, checkpoint="latest", device="cpu"):
+    """(cfg, task, model in eval mode, checkpoint path, checkpoint dict) of a run folder."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise FileNotFoundError(f"{run_dir / 'config.yaml'}: no config.yaml; is {run_dir} a run folder?")
+    cfg = config_mod.load(run_dir / "config.yaml")
+    task = make_task(cfg)
+    model = make_model(cfg.model, task)
+    path, state = CheckpointFolder(run_dir / "checkpoints", cfg.run.keep_last).resolve(checkpoint)
+    model.load_state_dict(state["model"])
+    return cfg, task, model.to(device).eval(), path, state
+
+
+def cmd_eval(args):
+    torch.set_flush_denormal(True)
+    cfg, task, model, path, state = load_run(args.run_dir, args.checkpoint)
+    world = make_world(args.device or cfg.run.device)
+    model.to(world.device)
+    loader = eval_loader(task.split(args.split), task, args.batch_size or cfg.optim.batch_size)
+    result = evaluate(model, loader, task, world)
+    print(f"{args.split}: loss {result['loss']:.6g}, {task.metric} {result['metric']:.6g} "
+          f"over {result['count']:,} scored outputs "
+          f"({path}, step {state['step']})")
+    return 0
+
+
+def cmd_plot_run(run_dir, out):
+    from diagssm.train.curves import plot_curves
+
+    print(f"saved {plot_curves(run_dir, out)}")
+    return 0
