@@ -147,7 +147,12 @@ class Trainer:
     def train_step(self, batch):
         """One optimiser step on `batch`; TrainingDiverged (before any update) on NaN/inf."""
         s = self.step + 1
-        loss, loss_sum, metric_sum, count = forward_stats(self.step_model, batch, self.task, self.world)
+        try:
+            loss, loss_sum, metric_sum, count = forward_stats(self.step_model, batch, self.task, self.world)
+        except ValueError as e:  # the layers' input check: activations overflowed inside the model
+            if "NaN or infinite" not in str(e):
+                raise
+            self.diverged(f"the forward pass failed ({e})", s)
         if self.cfg.run.inject_nan_at == s:
             loss = loss * float("nan")
         self.check_finite("loss", loss, s)
@@ -168,12 +173,15 @@ class Trainer:
                                     dtype=torch.float64)
 
     def check_finite(self, what, value, s):
-        if bool(torch.isfinite(value)):
-            return
+        if not bool(torch.isfinite(value)):
+            self.diverged(f"{what} is {value.item()}", s)
+
+    def diverged(self, what, s):
+        """Raise TrainingDiverged: what happened, at which step, and which checkpoint is good."""
         epoch, position = divmod(s - 1, self.sampler.steps_per_epoch)
         last = (f"the last good checkpoint is {self.last_checkpoint} (step {self.last_checkpoint_step})"
                 if self.last_checkpoint else "no checkpoint was written before it")
-        raise TrainingDiverged(f"{what} is {value.item()} at step {s} (epoch {epoch}, batch {position}); "
+        raise TrainingDiverged(f"{what} at step {s} (epoch {epoch}, batch {position}); "
                                f"stopped without updating or saving; {last}")
 
     def main_lr(self):

@@ -1,0 +1,97 @@
+"""The training config: checked YAML sections, dotted --set overrides, the saved round trip."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from diagssm.train.config import OptimConfig, TrainConfig, apply_overrides, from_dict, load, save, to_dict
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def test_defaults():
+    cfg = load()
+    assert cfg == TrainConfig() and cfg.optim == OptimConfig()
+    assert cfg.optim.grad_clip is None and cfg.optim.betas == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_round_trip(path, tmp_path):
+    cfg = load(path)
+    save(cfg, tmp_path / "config.yaml")
+    assert load(tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text()) == to_dict(cfg)
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "delay.yaml"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"optim": {"lr": 1e-3, "lrr": 1}}, "unknown key 'lrr' in section 'optim'; allowed: lr, ssm_lr,"),
+    ({"training": {}}, "unknown section 'training' at the top level; allowed: model, task, optim, run"),
+    ({"task": {"name": "recall", "params": {"length": 5}}},
+     "unknown key 'length' in section 'task.params' for task 'recall'; allowed: seq_len,"),
+    ({"task": {"params": {"seed": 1}}}, "task.params.seed: set the data seed with task.seed"),
+    ({"task": {"name": "imdb"}}, "task.name='imdb'; known tasks: delay, recall"),
+    ({"run": {"max_steps": "ten"}}, "run.max_steps='ten' has type str; expected int"),
+    ({"run": {"max_steps": 10.0}}, "run.max_steps=10.0 has type float; expected int"),
+    ({"run": {"progress": "yes please"}}, "run.progress='yes please' has type str; expected bool"),
+    ({"model": {"layer_kwargs": [1, 2]}}, "model.layer_kwargs=[1, 2] has type list; expected dict"),
+    ({"optim": {"betas": [0.9]}}, "optim.betas=[0.9]: expected a list of 2 (float, float)"),
+    ({"optim": {"betas": [0.9, "x"]}}, "optim.betas[1]='x' has type str; expected float"),
+    ({"optim": {"schedule": "linear"}}, "optim.schedule='linear'; allowed: cosine, constant"),
+    ({"optim": {"batch_size": 0}}, "optim.batch_size=0 must be > 0"),
+    ({"run": {"threads": 0}}, "run.threads=0 must be >= 1"),
+    ({"model": "big"}, "section 'model' must be a mapping"),
+])
+def test_bad_configs_name_the_key(data, message):
+    with pytest.raises(ValueError) as e:
+        from_dict(data)
+    assert message in str(e.value)
+
+
+def test_yaml_file_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match="a.yaml: a config must be a mapping of sections; got list"):
+        load(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("optim: {lr: 1e-3, wd: 0}\n")
+    with pytest.raises(ValueError, match="unknown key 'wd' in section 'optim'"):
+        load(tmp_path / "b.yaml")
+
+
+def test_dotted_overrides():
+    cfg = load(None, ["optim.lr=1e-3", "optim.grad_clip=1", "model.layer_kwargs.d_state=32",
+                      "model.layer_kwargs.init=lin", "task.params.seq_len=64", "optim.betas=[0.8, 0.9]",
+                      "run.inject_nan_at=null", "model.prenorm=false", "model.pooling=mean"])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # PyYAML reads 1e-3 as a string
+    assert cfg.optim.grad_clip == 1.0 and isinstance(cfg.optim.grad_clip, float)
+    assert cfg.model.layer_kwargs == {"d_state": 32, "init": "lin"}
+    assert cfg.task.params == {"seq_len": 64} and cfg.optim.betas == (0.8, 0.9)
+    assert cfg.run.inject_nan_at is None and cfg.model.prenorm is False and cfg.model.pooling == "mean"
+
+
+def test_overrides_apply_over_the_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("model: {layer_kwargs: {d_state: 16, init: inv}}\noptim:\n")
+    cfg = load(tmp_path / "c.yaml", ["model.layer_kwargs.d_state=8", "optim.lr=0.5"])
+    assert cfg.model.layer_kwargs == {"d_state": 8, "init": "inv"} and cfg.optim.lr == 0.5
+
+
+@pytest.mark.parametrize("item, message", [
+    ("optim.lr", "--set 'optim.lr': expected section.key=value"),
+    ("lr=1", "--set 'lr=1': expected section.key=value"),
+    ("optimiser.lr=1", "--set 'optimiser.lr=1': unknown section 'optimiser'; allowed: model, task, optim, run"),
+    ("optim.learning_rate=1", "unknown key 'learning_rate' in section 'optim'"),
+    ("optim.lr.warm=1", "optim.lr is a float, not a mapping; it has no key 'warm'"),
+    ("run.max_steps=1e3", "run.max_steps='1e3' has type str; expected int"),
+    ("run.seed=true", "run.seed=True has type bool; expected int"),
+])
+def test_bad_overrides(item, message):
+    with pytest.raises(ValueError) as e:
+        load(None, [item])
+    assert message in str(e.value)
+
+
+def test_apply_overrides_builds_missing_sections():
+    data = apply_overrides({"model": None}, ["model.d_model=8", "task.params.delay=3"])
+    assert data == {"model": {"d_model": 8}, "task": {"params": {"delay": 3}}}

@@ -1,0 +1,141 @@
+"""`diagssm train`, `eval`, `plot <run-dir>` and `generate` on tiny configs, through main()."""
+import argparse
+import csv
+
+import pytest
+import torch
+import yaml
+
+from diagssm.train import config as config_mod
+from diagssm.train.cli import build_parser, main
+from diagssm.train.commands import load_run
+from diagssm.train.generate import generate
+
+# A recall run that takes about a second: 16 steps per epoch, dropout on (so that RNG state matters).
+TINY = {
+    "model": {"d_model": 16, "n_layers": 2, "dropout": 0.1, "layer_kwargs": {"d_state": 16}},
+    "task": {"name": "recall", "seed": 3, "params": {"seq_len": 32, "n_train": 256, "n_val": 64, "n_test": 96}},
+    "optim": {"batch_size": 16, "warmup_steps": 5},
+    "run": {"max_steps": 40, "log_every": 5, "eval_every": 10, "checkpoint_every": 10, "keep_last": 2,
+            "progress": False, "threads": 1},
+}
+TINY_DELAY = {
+    "model": {"d_model": 8, "n_layers": 1, "layer_kwargs": {"d_state": 16}},
+    "task": {"name": "delay", "params": {"seq_len": 64, "delay": 10, "n_train": 64, "n_val": 16, "n_test": 16}},
+    "optim": {"batch_size": 16, "warmup_steps": 2},
+    "run": {"max_steps": 8, "log_every": 4, "eval_every": 4, "checkpoint_every": 4, "progress": False, "threads": 1},
+}
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """run.threads changes torch's global thread count: give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def write_config(path, base=TINY, **sections):
+    """Write `base` with sections updated from `sections` ({section: {key: value}}) to `path`."""
+    data = {name: dict(values) for name, values in base.items()}
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_writes_the_run_folder_and_eval_reads_it_back(tmp_path, capsys):
+    cfg_path, run = write_config(tmp_path / "tiny.yaml"), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run), "--set", "optim.lr=2e-3"]) == 0
+    saved = config_mod.load(run / "config.yaml")
+    assert saved == config_mod.load(cfg_path, ["optim.lr=2e-3"]) and saved.optim.lr == 0.002
+    table = rows(run)
+    assert [int(r["step"]) for r in table if r["split"] == "train"] == list(range(5, 41, 5))
+    assert [int(r["step"]) for r in table if r["split"] == "val"] == [10, 20, 30, 40]
+    assert {r["epoch"] for r in table if r["step"] == "40"} == {"2"}  # step 40 is in epoch 40 // 16 = 2
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert ckpts == ["best.pt", "step_00000030.pt", "step_00000040.pt"]  # keep_last = 2
+    assert (run / "curves.png").stat().st_size > 10_000
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    final_val = float(table[-1]["metric"])
+    assert f"accuracy {final_val:.6g} over 64 scored outputs" in out and "step 40" in out
+
+
+def test_plot_run_dir(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "t.yaml")), "--run-dir", str(run)]) == 0
+    (run / "curves.png").unlink()
+    assert main(["plot", str(run)]) == 0
+    assert (run / "curves.png").stat().st_size > 10_000
+    assert main(["plot", str(run), "--out", str(tmp_path / "c.png")]) == 0 and (tmp_path / "c.png").exists()
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+    assert "no metrics.csv" in capsys.readouterr().err
+
+
+def test_every_option_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) >= {"train", "eval", "generate", "plot", "info"}
+    for name, sub in subparsers.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            assert action.help, f"diagssm {name} {action.option_strings or action.dest} has no help text"
+
+
+def test_train_refuses_a_used_folder_and_resume_needs_a_folder(tmp_path, capsys):
+    cfg_path, run = write_config(tmp_path / "t.yaml", run={"max_steps": 2}), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 2
+    assert "is in use" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg_path), "--resume"]) == 2
+    assert "--resume needs --run-dir" in capsys.readouterr().err
+    assert main(["train", "--config", str(cfg_path), "--set", "optim.lr=fast"]) == 2
+    assert "optim.lr='fast' has type str; expected float" in capsys.readouterr().err
+
+
+def test_generate_steps_a_delay_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "d.yaml", TINY_DELAY)), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    out_csv = tmp_path / "gen.csv"
+    assert main(["generate", "--run-dir", str(run), "--prompt-len", "20", "--steps", "30", "--then", "data",
+                 "--out", str(out_csv)]) == 0
+    out = capsys.readouterr().out
+    gap = float(out.split("max |step-by-step output - model(inputs)|: ")[1].split()[0])
+    assert gap < 1e-4 and "mse against the targets on scored steps (t >= 10)" in out
+    with open(out_csv, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 50 and list(table[0]) == ["t", "input_0", "output_0"]
+    _, task, model, _, _ = load_run(run)
+    x = task.test[0][0]  # (64, 1)
+    assert [float(r["input_0"]) for r in table] == pytest.approx(x[:50, 0].tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_generate_zeros_and_feedback_agree_with_forward(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "d.yaml", TINY_DELAY)), "--run-dir", str(run)]) == 0
+    _, task, model, _, _ = load_run(run)
+    x = task.test[1][0]  # (64, 1)
+    for then in ("zeros", "feedback"):
+        inputs, outputs, gap = generate(model, x, prompt_len=16, steps=24, then=then)
+        assert inputs.shape == (40, 1) and outputs.shape == (40, 1) and gap < 1e-4
+        torch.testing.assert_close(inputs[:16], x[:16])
+        expected = torch.zeros(24, 1) if then == "zeros" else outputs[15:39]  # feedback: the previous output
+        torch.testing.assert_close(inputs[16:], expected)
+
+
+def test_generate_rejects_a_pooled_model(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(write_config(tmp_path / "t.yaml", run={"max_steps": 2})),
+                 "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run-dir", str(run)]) == 2
+    assert "generate needs a per-step model (pooling 'none'); this run's model has pooling='last'" in capsys.readouterr().err

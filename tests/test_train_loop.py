@@ -1,0 +1,75 @@
+"""The training loop's parts: lr schedule, optimiser groups, data order, and exact resume."""
+import math
+
+import pytest
+import torch
+
+from diagssm.train.checkpoint import load_checkpoint
+from diagssm.train.config import from_dict
+from diagssm.train.data import EpochBatchSampler
+from diagssm.train.loop import Trainer
+from diagssm.train.setup import lr_factor, make_model, make_optimizer, make_task
+from test_train_cli import TINY, keep_threads  # noqa: F401  (keep_threads: an autouse fixture)
+
+
+def test_lr_factor_warmup_then_cosine():
+    f = [lr_factor(s, warmup_steps=4, max_steps=12, schedule="cosine", min_lr_ratio=0.1) for s in range(13)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and f[8] == pytest.approx(0.1 + 0.9 * 0.5) and f[12] == pytest.approx(0.1)
+    assert f[6] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert lr_factor(50, 4, 12, "constant", 0.0) == 1.0
+
+
+def test_optimizer_groups():
+    cfg = from_dict(TINY)
+    model = make_model(cfg.model, make_task(cfg))
+    opt = make_optimizer(model, cfg.optim, verbose=False)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"ssm", "no_decay", "decay"}
+    assert groups["ssm"]["lr"] == cfg.optim.ssm_lr and groups["ssm"]["weight_decay"] == 0
+    assert groups["no_decay"]["weight_decay"] == 0 and groups["decay"]["weight_decay"] == cfg.optim.weight_decay
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_data_order_is_a_function_of_seed_and_epoch():
+    def batches(seed, epoch, start=0, n=50, bs=8, rank=0, world=1):
+        s = EpochBatchSampler(n, bs, seed, rank, world)
+        s.set_position(epoch, start)
+        return list(s)
+
+    assert batches(0, 3) == batches(0, 3) and batches(0, 3) != batches(0, 4) != batches(1, 3)
+    flat = sum(batches(0, 0), [])
+    assert len(batches(0, 0)) == 6 and len(set(flat)) == 48 and set(flat) < set(range(50)) and flat != sorted(flat)
+    assert batches(0, 2, start=4) == batches(0, 2)[4:]  # resume skips consumed batches without reading them
+    two = [batches(0, 1, bs=4, rank=r, world=2) for r in (0, 1)]
+    assert [a + b for a, b in zip(*two)] == batches(0, 1, bs=8)  # ranks split each global batch
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatchSampler(5, 8, 0)
+
+
+def final_state(run_dir, step):
+    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:08d}.pt")
+
+
+@pytest.mark.parametrize("stop_at", [10, 17])  # at a checkpoint step; mid-epoch between checkpoints
+def test_resume_equals_uninterrupted(tmp_path, stop_at):
+    cfg = from_dict(TINY)
+    Trainer(cfg, tmp_path / "straight").run()
+    out = Trainer(cfg, tmp_path / "split").run(stop_after=stop_at)
+    assert (out.status, out.step, out.exit_code) == ("stopped", stop_at, 0)
+    assert Trainer(cfg, tmp_path / "split", resume=True).run().status == "completed"
+    a, b = final_state(tmp_path / "straight", 40), final_state(tmp_path / "split", 40)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert all(torch.equal(a["optimizer"]["state"][i]["exp_avg_sq"], b["optimizer"]["state"][i]["exp_avg_sq"])
+               for i in a["optimizer"]["state"])
+    assert a["best"] == b["best"] and a["val"] == b["val"]
+    strip = lambda p: [line.rsplit(",", 1)[0] for line in p.read_text().splitlines()]  # noqa: E731 (drop time)
+    assert strip(tmp_path / "straight" / "metrics.csv") == strip(tmp_path / "split" / "metrics.csv")
+
+
+def test_resume_without_checkpoint_starts_at_zero(tmp_path, capsys):
+    cfg = from_dict({**TINY, "run": {**TINY["run"], "max_steps": 3}})
+    (tmp_path / "run").mkdir()
+    out = Trainer(cfg, tmp_path / "run", resume=True).run()
+    assert out.step == 3 and "--resume: no checkpoint in" in capsys.readouterr().out
