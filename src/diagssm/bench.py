@@ -1,0 +1,523 @@
+"""Speed and memory of the SSM layers against the naive vectorised formulations of public
+reference code, and step-by-step inference throughput (`diagssm bench`, benchmarks/bench_layers.py).
+
+Layers at B = 16, H = 128, d_state = 64, float32, CPU, L in {1024, 4096, 16384, 65536}:
+
+    S4D, DSS  backend="chunked" and "fft"      vs  `s4d_naive`, `dss_naive` (Vandermonde + FFT conv)
+    S5        mode="scan" and "conv"           vs  `s5_naive` (odd-even associative scan)
+    S4        as it is ("dplr")                    (no naive baseline here)
+
+Per case: fwd ms (forward under no_grad) and fwd+bwd ms (gradients of u and of every parameter,
+loss = sum(y * w), w fixed random), each the median of --repeats after one warm-up, and peak MB:
+the ru_maxrss increase over one forward+backward pass. Every (layer, impl, L) case runs in a fresh
+subprocess (`python -m diagssm.bench --one LAYER IMPL L`) so that ru_maxrss is its own high-water
+mark; the subprocess has THP_MEM_ALLOC_ENABLE=1 in its environment (libc10 reads it once, at the
+first allocation, so it must be there before torch is imported: huge pages on fresh large
+allocations) and calls torch.set_flush_denormal(True) (decaying states make denormals). Naive
+cases estimated, by extrapolation from the same case at a smaller L (time ~ L log L, memory ~ L),
+to need more than --max-gb or --max-seconds are skipped; fast paths always run.
+
+Distance from the machine's limits, per fast path at the largest L that ran: floor = max(FLOPs /
+--peak-gflops, bytes / --peak-gbs) against the measured fwd+bwd time. The estimates (`cost`) count
+the forward's dominant terms and take forward+backward = 3x forward (the usual rule for matmuls;
+an FFT's backward is two transforms per forward transform). M = d_state/2 modes, T = 64 the chunk,
+n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
+
+    chunked  FLOPs 2 B L H (T + 4M)              (in-chunk Toeplitz T, into- and out-of-state 2M each)
+             bytes 4 B L H * 8 + 8 B H M (L/T) * 4  ((B, L, H) float32 touched ~8 times; chunk states)
+    fft      FLOPs (2 B H + H) 2.5 n log2 n + 6 B H n/2 + 4 H M L   (rfft u, rfft K, irfft; product; kernel)
+             bytes 4 B L H * 14                     (u, its spectrum, product, irfft output, crop, D u)
+    scan     FLOPs 8 B L H M + 24 B L M             (B u and Re(C h) as real matmuls; 3 passes of h = a h + b)
+             bytes 4 B L H * 2 + 8 B L M * 6
+    conv     FLOPs 8 B L H M + (2 B M + M) 5 n log2 n + 6 B M n
+             bytes 4 B L H * 2 + 8 B M (3 n + 3 L)
+    dplr     the fft path's terms + Cauchy H N (L/2) (10 + 8*4) (1/(z - w), four Cauchy products)
+             + c_tilde k 8 H N^3 (A_bar^L by k = floor(log2 L) + popcount(L) - 1 complex (N, N) matmuls)
+             bytes: the fft path's + 8 H N L
+
+Throughput: a 4-layer `SequenceModel` (d_model 128, d_state 64, token embedding, per-step head)
+of each layer kind, eval mode, no_grad: tokens/s of `step` (B = 16, one token at a time) and of
+the full-sequence forward at the smallest L.
+"""
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from diagssm.layers import DSS, S4, S4D, S5
+from diagssm.ops.chunked import chunk_size
+
+B, H, N = 16, 128, 64
+M = N // 2
+LAYERS = ("s4d", "dss", "s5", "s4")
+FAST = {"s4d": ("chunked", "fft"), "dss": ("chunked", "fft"), "s5": ("scan", "conv"), "s4": ("dplr",)}
+HAS_NAIVE = ("s4d", "dss", "s5")
+LENGTHS, QUICK_LENGTHS = (1024, 4096, 16384, 65536), (1024,)
+PROBE_L, WARM_L, STEPS = 1024, 256, 200
+GB, MB = 2**30, 2**20
+
+
+# ---------------------------------------------------------------- naive baselines
+def fft_conv_naive(u, K, D):
+    """y = irfft(rfft(u, 2L) rfft(K, 2L))[:L] + D u, in the (B, H, L) layout of the reference code.
+
+    Shapes: u (B, L, H); K (H, L); D (H,) -> y (B, L, H) (a transposed view)
+    """
+    L = u.shape[1]
+    x = u.transpose(1, 2)  # (B, H, L)
+    y = torch.fft.irfft(torch.fft.rfft(x, n=2 * L) * torch.fft.rfft(K, n=2 * L), n=2 * L)[..., :L]  # (B, H, L)
+    return (y + x * D[:, None]).transpose(1, 2)  # (B, L, H)
+
+
+def _require(layer, **want):
+    for name, value in want.items():
+        if getattr(layer, name) != value:
+            raise ValueError(f"naive baseline: needs {name}={value!r}; the layer has {getattr(layer, name)!r}")
+
+
+def s4d_naive(layer, u):
+    """The minimal S4D's formulation (S4D paper, eq. (5), ZOH), the (H, N/2, L) Vandermonde tensor built:
+
+        dtA = dt A,  K = 2 Re einsum('hn,hnl->hl', C B (exp(dtA) - 1)/A, exp(dtA[..., None] l))
+
+    then `fft_conv_naive`. Uses the parameters of an S4D layer (real_transform="exp", ZOH, one
+    causal channel). Shapes: u (B, L, H) -> y (B, L, H)
+    """
+    _require(layer, real_transform="exp", discretization="zoh", channels=1, bidirectional=False)
+    L = u.shape[1]
+    dt = torch.exp(layer.log_dt)  # (H,)
+    A = torch.complex(-torch.exp(layer.log_A_real), layer.A_imag)  # (H, M)
+    CB = torch.view_as_complex(layer.C)[0] * torch.view_as_complex(layer.B)  # (H, M)
+    dtA = A * dt[:, None]  # (H, M)
+    V = torch.exp(dtA[..., None] * torch.arange(L, dtype=dt.dtype))  # (H, M, L)
+    K = 2 * torch.einsum("hn,hnl->hl", CB * (torch.exp(dtA) - 1) / A, V).real  # (H, L)
+    return fft_conv_naive(u, K, layer.D[0])
+
+
+def dss_naive(layer, u):
+    """DSS-EXP (DSS paper, Proposition 1) with P = dt Lambda l built as an (H, N/2, L) tensor:
+
+        K = Re einsum('hn,hnl->hl', W (exp(dt Lambda) - 1)/Lambda, exp(P))
+
+    (sep_dt: dt Lambda = dt_re Re Lambda + i dt_im Im Lambda), then `fft_conv_naive`.
+    Shapes: u (B, L, H) -> y (B, L, H)
+    """
+    _require(layer, variant="exp", channels=1, bidirectional=False)
+    L = u.shape[1]
+    Lambda = torch.complex(-torch.exp(layer.log_Lambda_re), layer.Lambda_im)  # (M,)
+    dt = torch.exp(layer.log_dt)  # (H,) or (2, H)
+    if layer.sep_dt:
+        dtL = torch.complex(Lambda.real * dt[0, :, None], Lambda.imag * dt[1, :, None])  # (H, M)
+    else:
+        dtL = Lambda * dt[:, None]  # (H, M)
+    P = dtL[..., None] * torch.arange(L, dtype=dt.dtype)  # (H, M, L)
+    W = torch.view_as_complex(layer.W)[0] * (torch.exp(dtL) - 1) / Lambda  # (H, M)
+    K = torch.einsum("hn,hnl->hl", W, torch.exp(P)).real  # (H, L)
+    return fft_conv_naive(u, K, layer.D[0])
+
+
+def combine(e1, e2):
+    """S5's binary operator, e1 before e2: (a1, b1) . (a2, b2) = (a1 a2, a2 b1 + b2)."""
+    a1, b1 = e1
+    a2, b2 = e2
+    return a1 * a2, a2 * b1 + b2
+
+
+def associative_scan(a, b):
+    """Inclusive prefix of `combine` along dim 1 by odd-even reduction (jax.lax.associative_scan):
+    combine neighbours, scan the half-length sequence recursively (odd positions), then fill in
+    the even positions. Returns (prod of a, h) with h_k = a_k h_(k-1) + b_k, h_(-1) = 0.
+
+    Shapes: a, b (B, L, P) -> (B, L, P), (B, L, P)
+    """
+    L = a.shape[1]
+    if L < 2:
+        return a, b
+    odd = associative_scan(*combine((a[:, 0:-1:2], b[:, 0:-1:2]), (a[:, 1::2], b[:, 1::2])))  # (B, L//2, P)
+    prev = odd if L % 2 else (odd[0][:, :-1], odd[1][:, :-1])  # prefixes ending just before 2, 4, ...
+    even = combine(prev, (a[:, 2::2], b[:, 2::2]))  # (B, (L-1)//2, P)
+    out = []
+    for x, x_odd, x_even in zip((a, b), odd, even):
+        y = x.new_empty(x.shape)  # (B, L, P)
+        y[:, :1], y[:, 2::2], y[:, 1::2] = x[:, :1], x_even, x_odd
+        out.append(y)
+    return tuple(out)
+
+
+def s5_naive(layer, u):
+    """The official JAX S5's formulation (ZOH, conj_sym) in torch, over (B, L, P) complex tensors:
+
+        Lambda_bar = exp(Lambda Delta),  B_bar = ((Lambda_bar - 1)/Lambda) B_tilde
+        (a, b)_k = (Lambda_bar, B_bar u_k)  (a materialised, as `Lambda_bar * ones((L, P))`)
+        h = associative_scan(a, b),  y = 2 Re(C_tilde h) + D u
+
+    Shapes: u (B, L, H) -> y (B, L, H)
+    """
+    _require(layer, discretization="zoh", clip_eigs=False, bidirectional=False)
+    Lambda = torch.complex(layer.Lambda_re, layer.Lambda_im)  # (M,)
+    Lambda_bar = torch.exp(Lambda * torch.exp(layer.log_dt))  # (M,)
+    B_bar = ((Lambda_bar - 1) / Lambda)[:, None] * torch.view_as_complex(layer.B)  # (M, H)
+    Bu = u.to(B_bar.dtype) @ B_bar.T  # (B, L, M)
+    _, h = associative_scan(Lambda_bar * torch.ones_like(Bu), Bu)  # (B, L, M)
+    return layer.factor * (h @ torch.view_as_complex(layer.C)[0].T).real + layer.D * u  # (B, L, H)
+
+
+NAIVE = {"s4d": s4d_naive, "dss": dss_naive, "s5": s5_naive}
+
+
+# ---------------------------------------------------------------- one case, in this process
+def make_layer(name, impl, seed=0):
+    """The benchmarked layer (float32, check_finite=False); the naive case reads its parameters."""
+    torch.manual_seed(seed)
+    kw = dict(check_finite=False)
+    if name in ("s4d", "dss"):
+        return (S4D if name == "s4d" else DSS)(H, N, backend=impl if impl != "naive" else "auto", **kw)
+    if name == "s5":
+        return S5(H, N, mode=impl if impl != "naive" else "auto", **kw)
+    return S4(H, N, **kw)
+
+
+def setup_process(threads):
+    """Threads, flush-to-zero of denormals; returns what took effect (recorded with each case)."""
+    torch.set_num_threads(threads)
+    return dict(threads=torch.get_num_threads(), flush_denormal=torch.set_flush_denormal(True),
+                thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""))
+
+
+def median_ms(fn, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def maxrss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def measure_case(name, impl, L, repeats, memory=True):
+    """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case."""
+    layer = make_layer(name, impl)
+    params = list(layer.parameters())
+    run = (lambda x: NAIVE[name](layer, x)) if impl == "naive" else layer
+    g = torch.Generator().manual_seed(1)
+
+    def fwd_bwd(x, w):
+        torch.autograd.grad((run(x) * w).sum(), [x] + params, allow_unused=True)
+
+    fwd_bwd(torch.randn(B, WARM_L, H, requires_grad=True), torch.randn(B, WARM_L, H))  # load libraries
+    u, w = torch.randn(B, L, H, generator=g, requires_grad=True), torch.randn(B, L, H, generator=g)
+    base = maxrss_mb()
+    t0 = time.perf_counter()
+    fwd_bwd(u, w)  # the memory figure, and the warm-up of the fwd+bwd timing
+    first = time.perf_counter() - t0
+    peak = maxrss_mb() - base if memory else None
+    with torch.no_grad():
+        fwd = median_ms(lambda: run(u), repeats, warmup=1)
+    fb = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=0)
+    return dict(layer=name, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first, peak_mb=peak)
+
+
+def step_ms(model, x, repeats, max_seconds=3.0):
+    """ms per `model.step` call (B tokens), median over repeats of STEPS steps (fewer past max_seconds)."""
+    times = []
+    for _ in range(repeats + 1):  # the first is the warm-up
+        state, t0, k = model.default_state(x.shape[0]), time.perf_counter(), 0
+        while k < STEPS and time.perf_counter() - t0 < max_seconds:
+            _, state = model.step(x[:, k % x.shape[1]], state)
+            k += 1
+        times.append(1e3 * (time.perf_counter() - t0) / k)
+    return statistics.median(times[1:])
+
+
+def measure_throughput(name, L, repeats):
+    """Tokens/s of a 4-layer model: `step` (B tokens per call; also on 1 thread) and the full forward
+    over (B, L)."""
+    from diagssm.models import SequenceModel
+
+    torch.manual_seed(0)
+    model = SequenceModel(256, 256, d_model=H, n_layers=4, layer=name, layer_kwargs=dict(d_state=N, check_finite=False),
+                          encoder="embedding", pooling="none", head="per_step").eval()
+    x = torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = median_ms(lambda: model(x), repeats, warmup=1)
+        step = step_ms(model, x, repeats)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        step1 = step_ms(model, x, repeats)
+        torch.set_num_threads(threads)
+    return dict(layer=name, impl="throughput", L=L, step_ms=step, step_tokens_s=1e3 * B / step,
+                step_1thread_ms=step1, step_1thread_tokens_s=1e3 * B / step1, full_ms=full,
+                full_tokens_s=1e3 * B * L / full)
+
+
+# ---------------------------------------------------------------- the driver
+def run_case(name, impl, L, args, repeats=None):
+    """One case: in a fresh subprocess (its JSON line parsed), or in this process with --inline."""
+    repeats, t0 = repeats or args.repeats, time.perf_counter()
+    print(f"  {name} {impl} L={L} ...", end="", file=sys.stderr, flush=True)
+    r = _run_case(name, impl, L, args, repeats)
+    print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return r
+
+
+def _run_case(name, impl, L, args, repeats):
+    if args.inline:
+        if impl == "throughput":
+            return dict(measure_throughput(name, L, repeats), **setup_process(args.threads))
+        return dict(measure_case(name, impl, L, repeats, memory=False), **setup_process(args.threads))
+    cmd = [sys.executable, "-m", "diagssm.bench", "--one", name, impl, str(L),
+           "--repeats", str(repeats), "--threads", str(args.threads)]
+    env = dict(os.environ)
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by libc10 at its first allocation
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        why = (p.stderr.strip().splitlines() or ["?"])[-1][:80]
+        return dict(layer=name, impl=impl, L=L, skipped=f"failed (rc {p.returncode}: {why})")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def naive_bytes(name, L):
+    """A priori peak of one naive fwd+bwd, for when no smaller L was measured: ~2 live (H, M, L)
+    complex64 Vandermonde tensors and ~4 (B, H, L) complex64-sized FFT tensors (S4D, DSS); ~12
+    (B, L, M) complex64 and 4 (B, L, H) float32 tensors (S5). Within 10% of the measured peaks at
+    L = 1024 and 4096; at L = 65536 the S4D/DSS figure is 8 GiB (2 GiB per Vandermonde copy)."""
+    if name == "s5":
+        return 12 * 8 * B * L * M + 4 * 4 * B * L * H
+    return 2 * 8 * H * M * L + 4 * 8 * B * H * L
+
+
+def naive_skip(name, L, prev, args):
+    """Why the naive case at L is skipped ('' to run it); prev: the naive case at a smaller L, from
+    which memory (~ L) and the time of all its passes (~ L log L) are extrapolated."""
+    need, secs = naive_bytes(name, L), None
+    if prev is not None:
+        s = L / prev["L"]
+        need = (prev["peak_mb"] or need / MB / s) * MB * s  # --inline measures no memory
+        fb = min(prev["fwdbwd_ms"], prev["first_fwdbwd_ms"])  # the less disturbed by other load
+        secs = s * math.log2(L) / math.log2(prev["L"]) * (prev["fwd_ms"] + fb) * (1 + args.repeats) / 1e3
+    if need <= args.max_gb * GB and (secs is None or secs <= args.max_seconds):
+        return ""
+    return f"skipped (~{need / GB:.1f} GB" + ("" if secs is None else f", ~{secs:.0f} s") + ")"
+
+
+def run_layer(name, args):
+    """All cases of one layer: at each L the fast paths, then the naive baseline unless skipped."""
+    results, prev = [], None
+    for L in sorted(args.lengths):
+        results += [run_case(name, impl, L, args) for impl in FAST[name]]
+        if name not in HAS_NAIVE:
+            continue
+        if prev is None and L > PROBE_L and not naive_skip(name, PROBE_L, None, args):
+            probe = run_case(name, "naive", PROBE_L, args, repeats=1)  # something to extrapolate from
+            prev = None if "skipped" in probe else probe
+        why = naive_skip(name, L, prev, args)
+        naive = dict(layer=name, impl="naive", L=L, skipped=why) if why else run_case(name, "naive", L, args)
+        prev = prev if "skipped" in naive else naive
+        results.append(naive)
+    return results
+
+
+# ---------------------------------------------------------------- FLOP and byte estimates
+def cost(name, impl, L):
+    """(FLOPs, bytes) of one forward at B, H, N (module docstring); fwd+bwd is 3x both."""
+    lg = math.log2
+    n = 2 * L
+    if impl == "chunked":
+        T = chunk_size(L)
+        return 2 * B * L * H * (T + 4 * M), 4 * B * L * H * 8 + 8 * B * H * M * (L / T) * 4
+    fft = ((2 * B * H + H) * 2.5 * n * lg(n) + 6 * B * H * n / 2, 4 * B * L * H * 14)
+    if impl == "fft":
+        return fft[0] + 4 * H * M * L, fft[1]
+    if impl == "scan":
+        return 8 * B * L * H * M + 24 * B * L * M, 4 * B * L * H * 2 + 8 * B * L * M * 6
+    if impl == "conv":
+        n = 2 ** math.ceil(lg(2 * L))
+        return (8 * B * L * H * M + (2 * B * M + M) * 5 * n * lg(n) + 6 * B * M * n,
+                4 * B * L * H * 2 + 8 * B * M * (3 * n + 3 * L))
+    if impl == "dplr":
+        k = L.bit_length() - 1 + bin(L).count("1") - 1  # matmuls of torch.linalg.matrix_power(A_bar, L)
+        return fft[0] + H * N * (L / 2) * (10 + 8 * 4) + k * 8 * H * N**3, fft[1] + 8 * H * N * L
+    raise ValueError(f"no cost estimate for impl={impl!r}")
+
+
+def limits(results, args):
+    """Per layer and fast path, at the largest L that ran: the roofline floor against the measurement."""
+    rows = []
+    for name in dict.fromkeys(r["layer"] for r in results):
+        ran = [r for r in results if r["layer"] == name and r["impl"] in FAST[name] and "skipped" not in r]
+        if not ran:
+            continue
+        L = max(r["L"] for r in ran)
+        for r in (r for r in ran if r["L"] == L):
+            flops, nbytes = (3 * c for c in cost(name, r["impl"], L))
+            t_flop, t_mem = 1e3 * flops / (args.peak_gflops * 1e9), 1e3 * nbytes / (args.peak_gbs * 1e9)
+            rows.append(dict(layer=name, impl=r["impl"], L=L, gflop=flops / 1e9, gb=nbytes / 1e9, flop_ms=t_flop,
+                             mem_ms=t_mem, measured_ms=r["fwdbwd_ms"], over_floor=r["fwdbwd_ms"] / max(t_flop, t_mem)))
+    return rows
+
+
+# ---------------------------------------------------------------- output
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]} ({len(names)} logical CPUs)"
+    except (OSError, IndexError):
+        return "unknown"
+
+
+def header(args, results):
+    done = [r for r in results if "skipped" not in r]
+    fz = all(r.get("flush_denormal") for r in done)
+    thp = all(r.get("thp") == "1" for r in done)
+    where = "in this process (--inline: no memory figures)" if args.inline else "each in a fresh subprocess"
+    return "\n".join([
+        "# diagssm layers: fast paths vs naive formulations (CPU, float32)", "",
+        f"torch {torch.__version__}, threads = {args.threads}, CPU: {cpu_model()}. "
+        f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; "
+        f"THP_MEM_ALLOC_ENABLE=1: {'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}.",
+        f"Sizes: B={B}, H={H}, d_state={N} ({M} complex modes; S5: P={N}, one MIMO state), check_finite=False. "
+        f"Cases {where}; median of {args.repeats} after one warm-up.",
+        "fwd: forward under no_grad; fwd+bwd: gradients of u and all parameters. Speed-up: naive fwd+bwd "
+        "time / this one's. Memory vs naive: peak MB / naive's peak MB (below 1: less memory).", ""])
+
+
+def _ratio(x):
+    return f"{x:.{1 if x >= 1 else 2}f}x"
+
+
+def layer_table(results):
+    rows = ["| layer | L | impl | fwd ms | fwd+bwd ms | peak MB | speed-up vs naive (fwd+bwd) | memory vs naive |",
+            "|---|---|---|---|---|---|---|---|"]
+    by_key = {(r["layer"], r["L"], r["impl"]): r for r in results}
+    for r in results:
+        if "skipped" in r:
+            rows.append(f"| {r['layer']} | {r['L']} | {r['impl']} | {r['skipped']} | | | | |")
+            continue
+        naive = by_key.get((r["layer"], r["L"], "naive"), {})
+        speed = mem = "" if r["impl"] == "naive" else ("no naive baseline" if r["layer"] not in HAS_NAIVE
+                                                      else naive.get("skipped", ""))
+        if r["impl"] != "naive" and "fwdbwd_ms" in naive:
+            speed = _ratio(naive["fwdbwd_ms"] / r["fwdbwd_ms"])
+            mem = _ratio(r["peak_mb"] / naive["peak_mb"]) if r["peak_mb"] and naive["peak_mb"] else "-"
+        peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
+        rows.append(f"| {r['layer']} | {r['L']} | {r['impl']} | {r['fwd_ms']:.1f} | {r['fwdbwd_ms']:.1f} "
+                    f"| {peak} | {speed} | {mem} |")
+    return "\n".join(rows)
+
+
+def limits_table(rows, args):
+    out = [f"Distance from the machine's limits (fwd+bwd, largest L that ran; floors at {args.peak_gflops:g} "
+           f"GFLOP/s and {args.peak_gbs:g} GB/s, estimates in `diagssm.bench.cost`):", "",
+           "| layer | impl | L | GFLOP | GB moved (1e9 B) | compute floor ms | memory floor ms | measured ms "
+           "| measured / floor |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    out += [f"| {r['layer']} | {r['impl']} | {r['L']} | {r['gflop']:.1f} | {r['gb']:.2f} | {r['flop_ms']:.1f} "
+            f"| {r['mem_ms']:.1f} | {r['measured_ms']:.1f} | {r['over_floor']:.1f}x |" for r in rows]
+    return "\n".join(out)
+
+
+def throughput_table(rows):
+    out = [f"Inference throughput, 4-layer SequenceModel (d_model {H}, d_state {N}), eval, no_grad, B = {B}:", "",
+           "| layer | step ms | step tokens/s | step tokens/s, 1 thread | full forward L | full forward tokens/s "
+           "| full / step |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['layer']} | {r['skipped']} | | | | | |")
+            continue
+        out.append(f"| {r['layer']} | {r['step_ms']:.2f} | {r['step_tokens_s']:,.0f} "
+                   f"| {r['step_1thread_tokens_s']:,.0f} | {r['L']} | {r['full_tokens_s']:,.0f} "
+                   f"| {r['full_tokens_s'] / r['step_tokens_s']:.0f}x |")
+    return "\n".join(out)
+
+
+def plot(results, path):
+    """fwd+bwd time against L, log-log, one line per (layer, impl). Needs matplotlib."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for key in dict.fromkeys((r["layer"], r["impl"]) for r in results):
+        pts = [(r["L"], r["fwdbwd_ms"]) for r in results if (r["layer"], r["impl"]) == key and "skipped" not in r]
+        if pts:
+            ax.loglog(*zip(*pts), "o--" if key[1] == "naive" else "o-", label=" ".join(key))
+    ax.set(xlabel="L", ylabel="forward + backward ms", title=f"diagssm layers, B={B}, H={H}, d_state={N}, CPU")
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- command line
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="diagssm bench", description="Speed and memory of the S4D, DSS, S5 and S4 "
+                                 "layers against naive formulations, and step-by-step inference throughput.")
+    ap.add_argument("--layers", nargs="+", choices=LAYERS, default=list(LAYERS))
+    ap.add_argument("--lengths", type=int, nargs="+", help="default 1024 4096 16384 65536 (1024 with --quick)")
+    ap.add_argument("--repeats", type=int, help="timed repeats per case, median (default 3; 1 with --quick)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each case")
+    ap.add_argument("--max-gb", type=float, default=16.0, help="skip naive cases estimated to need more memory")
+    ap.add_argument("--max-seconds", type=float, default=120.0, help="skip naive cases estimated to take longer")
+    ap.add_argument("--peak-gflops", type=float, default=300.0, help="the machine's compute limit, GFLOP/s")
+    ap.add_argument("--peak-gbs", type=float, default=22.0, help="the machine's memory bandwidth, GB/s")
+    ap.add_argument("--quick", action="store_true", help="L = 1024 and 1 repeat: a smoke test")
+    ap.add_argument("--inline", action="store_true", help="run the cases in this process (no memory figures)")
+    ap.add_argument("--json", metavar="PATH", help="save the raw results here")
+    ap.add_argument("--plot", metavar="PATH", help="save fwd+bwd time vs L (log-log, matplotlib) here")
+    ap.add_argument("--one", nargs=3, metavar=("LAYER", "IMPL", "L"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    for name, value in (("--lengths", min(args.lengths)), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value < 1:
+            ap.error(f"{name} must be >= 1; got {value}")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib (pip install matplotlib); leave --plot out to skip the figure")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.one:  # a subprocess case: one JSON line on stdout
+        name, impl, L = args.one
+        flags = setup_process(args.threads)
+        if impl == "throughput":
+            result = measure_throughput(name, int(L), args.repeats)
+        else:
+            result = measure_case(name, impl, int(L), args.repeats)
+        print(json.dumps(dict(result, **flags)))
+        return 0
+    setup_process(args.threads)
+    results = [r for name in args.layers for r in run_layer(name, args)]
+    steps = [run_case(name, "throughput", min(args.lengths), args) for name in args.layers]
+    rows = limits(results, args)
+    print("\n\n".join([header(args, results), layer_table(results), limits_table(rows, args),
+                       throughput_table(steps)]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(torch=torch.__version__, threads=args.threads, cpu=cpu_model(), sizes=dict(B=B, H=H, N=N),
+                           repeats=args.repeats, results=results, limits=rows, throughput=steps), f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

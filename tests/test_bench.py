@@ -1,0 +1,116 @@
+"""diagssm.bench: the naive baselines equal the layers they are timed against (outputs and
+gradients, float64), the odd-even associative scan equals the loop, and the driver runs."""
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from helpers import assert_close, randn
+
+from diagssm import bench
+from diagssm.layers import DSS, S4D, S5
+from diagssm.ops import scan_ref
+
+Bsz, H, L, N = 2, 4, 100, 8
+
+
+def _layer(cls, **kw):
+    torch.manual_seed(0)
+    return cls(H, N, **kw).double()
+
+
+CASES = [
+    ("s4d", lambda: _layer(S4D, backend="fft")),
+    ("s4d", lambda: _layer(S4D, backend="chunked")),
+    ("dss", lambda: _layer(DSS, sep_dt=True, backend="fft")),
+    ("dss", lambda: _layer(DSS, sep_dt=False, backend="chunked")),
+    ("s5", lambda: _layer(S5, mode="scan")),
+    ("s5", lambda: _layer(S5, mode="conv")),
+]
+
+
+@pytest.mark.parametrize("name, make", CASES)
+def test_naive_equals_layer_outputs_and_gradients(name, make):
+    layer = make()
+    u = randn(Bsz, L, H).requires_grad_()
+    w = randn(Bsz, L, H, seed=1)
+    y_naive, y = bench.NAIVE[name](layer, u), layer(u)
+    assert_close(y_naive, y)
+    params = [u] + list(layer.parameters())
+    g_naive = torch.autograd.grad((y_naive * w).sum(), params)
+    g = torch.autograd.grad((y * w).sum(), params)
+    for a, b in zip(g_naive, g):
+        assert_close(a, b, scale=10)  # sums over L and the batch
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 17, 64])
+def test_associative_scan_equals_loop(length):
+    a = randn(3, length, 5, dtype=torch.complex128)
+    b = randn(3, length, 5, dtype=torch.complex128, seed=1)
+    prod, h = bench.associative_scan(a, b)
+    assert prod.shape == h.shape == (3, length, 5)
+    assert_close(h, scan_ref(a, b))
+    assert_close(prod, torch.cumprod(a, dim=1))
+
+
+def test_associative_scan_on_the_s5_system_equals_scan_ref():
+    layer = _layer(S5)
+    Lambda_bar = torch.exp(torch.complex(layer.Lambda_re, layer.Lambda_im) * torch.exp(layer.log_dt))  # (M,)
+    Bu = randn(Bsz, L, layer.n_modes, dtype=torch.complex128)
+    _, h = bench.associative_scan(Lambda_bar * torch.ones_like(Bu), Bu)
+    assert_close(h, scan_ref(Lambda_bar, Bu))
+
+
+def test_naive_rejects_a_layer_it_does_not_implement():
+    with pytest.raises(ValueError, match="discretization='zoh'"):
+        bench.s4d_naive(S4D(H, N, discretization="bilinear"), torch.randn(1, 8, H))
+
+
+def test_naive_skip_extrapolates_memory_and_time():
+    args = argparse.Namespace(max_gb=16.0, max_seconds=120.0, repeats=3)
+    assert bench.naive_skip("s4d", 1024, None, args) == ""  # a priori 0.125 GB
+    # a priori at 65536: 2 Vandermonde tensors (128, 32, 65536) complex64 + 4 (16, 128, 65536) complex64
+    assert bench.naive_skip("s4d", 65536, None, argparse.Namespace(max_gb=4.0, max_seconds=1.0)) == "skipped (~8.0 GB)"
+    prev = dict(L=16384, peak_mb=5000.0, fwd_ms=2000.0, fwdbwd_ms=4000.0, first_fwdbwd_ms=5000.0)
+    # memory: 5000 MB x 4 = 19.5 GB > 16 GB
+    assert bench.naive_skip("s4d", 65536, prev, args) == "skipped (~19.5 GB, ~110 s)"
+    # time: 4 x (16/14) x (2 + 4) s x (1 + 3) passes = 110 s <= 120 s; at 2x the time it is skipped
+    assert bench.naive_skip("s4d", 65536, dict(prev, peak_mb=100.0), args) == ""
+    slow = dict(prev, peak_mb=100.0, fwd_ms=4000.0, fwdbwd_ms=8000.0, first_fwdbwd_ms=8000.0)
+    assert bench.naive_skip("s4d", 65536, slow, args) == "skipped (~0.4 GB, ~219 s)"
+
+
+def test_cost_of_the_chunked_path_is_the_documented_formula():
+    flops, nbytes = bench.cost("s4d", "chunked", 1024)
+    B, H_, M, T = 16, 128, 32, 64
+    assert flops == 2 * B * 1024 * H_ * (T + 4 * M)
+    assert nbytes == 4 * B * 1024 * H_ * 8 + 8 * B * H_ * M * (1024 / T) * 4
+    for impl in ("fft", "scan", "conv", "dplr"):
+        f, b = bench.cost("x", impl, 1024)
+        assert f > 0 and b > 0 and math.isfinite(f + b)
+
+
+def test_main_inline_runs_every_case_and_writes_numbers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--inline", "--layers", "s4d", "--lengths", "64", "--threads", "1",
+                       "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["layer"], r["impl"], r["L"]) for r in report["results"]] == [
+        ("s4d", "chunked", 64), ("s4d", "fft", 64), ("s4d", "naive", 64)]
+    for r in report["results"]:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] is None
+    assert [r["impl"] for r in report["limits"]] == ["chunked", "fft"]
+    assert all(r["gflop"] > 0 and r["over_floor"] > 0 for r in report["limits"])
+    (t,) = report["throughput"]
+    assert t["step_tokens_s"] > 0 and t["step_1thread_tokens_s"] > 0 and t["full_tokens_s"] > 0
+    text = capsys.readouterr().out
+    assert "| s4d | 64 | chunked |" in text and "| s4d | 64 | naive |" in text
+
+
+def test_a_subprocess_case_reports_memory_and_its_settings():
+    args = argparse.Namespace(inline=False, repeats=1, threads=1)
+    r = bench.run_case("s5", "scan", 64, args)
+    assert "skipped" not in r, r.get("skipped")
+    assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] >= 0
+    assert r["thp"] == "1" and r["flush_denormal"] is True and r["threads"] == 1
