@@ -199,3 +199,18 @@ def test_bad_input_errors():
         S4D(4, 8, init="legt")
     with pytest.raises(ValueError, match="L="):
         DSS(4, 8, variant="softmax").step(torch.randn(2, 4), torch.zeros(2, 4, 4, dtype=torch.complex64))
+
+
+def test_step_system_cache_follows_parameter_updates():
+    """Inference reuses the discretised system; an optimiser step (in-place update) refreshes it."""
+    layer = make("s4d-legs")
+    u_t, h = randn(2, 4, seed=13), random_state(layer, 2)
+    with torch.no_grad():
+        y1, _ = layer.step(u_t, h)
+        assert torch.equal(layer.step(u_t, h)[0], y1)  # cached
+        layer.log_dt += 0.5  # in place, as an optimiser does
+        y2, _ = layer.step(u_t, h)
+    with torch.enable_grad():
+        y_ref, _ = layer.step(u_t, h)  # computed afresh
+    assert not torch.allclose(y1, y2)
+    assert_close(y2, y_ref)

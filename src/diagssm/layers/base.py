@@ -170,6 +170,19 @@ class DiagonalSSM(SSMLayer):
         x = torch.exp(w * L_u) * state + B_bar * vandermonde_contract(u.transpose(1, 2), w)  # (B, H, M)
         return y, x
 
+    def step_system(self, L, rate):
+        """(A_bar, B_bar, C) for `step`. Without autograd (inference) it is computed once and
+        reused until a parameter changes (tracked by the parameters' version counters) or
+        rate/L/dtype/device do, so generation does not rediscretise at every step."""
+        if torch.is_grad_enabled():
+            w, B_bar, C = self.system(L, rate)
+            return torch.exp(w), B_bar, C
+        key = (rate, L, self.D.dtype, self.D.device, tuple(p._version for p in self.parameters()))
+        if getattr(self, "_step_cache", (None,))[0] != key:
+            w, B_bar, C = self.system(L, rate)
+            self._step_cache = (key, (torch.exp(w), B_bar, C))
+        return self._step_cache[1]
+
     def system_length(self, L, L_u):
         if L is None or not self.length_dependent:
             return L_u
@@ -185,7 +198,7 @@ class DiagonalSSM(SSMLayer):
         self.check_recurrent()
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
-        w, B_bar, C = self.system(L, rate)
-        x = torch.exp(w) * state + B_bar * u_t[..., None]  # (B, H, M)
+        A_bar, B_bar, C = self.step_system(L, rate)
+        x = A_bar * state + B_bar * u_t[..., None]  # (B, H, M)
         y = self.factor * (C * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
         return y.flatten(1), x
