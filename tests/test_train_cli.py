@@ -1,6 +1,9 @@
 """`diagssm train`, `eval`, `plot <run-dir>` and `generate` on tiny configs, through main()."""
 import argparse
 import csv
+import importlib.util
+import sys
+import types
 
 import pytest
 import torch
@@ -139,3 +142,49 @@ def test_generate_rejects_a_pooled_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["generate", "--run-dir", str(run)]) == 2
     assert "generate needs a per-step model (pooling 'none'); this run's model has pooling='last'" in capsys.readouterr().err
+
+
+def test_resume_reports_changed_settings_and_continues(tmp_path, capsys):
+    cfg_path, run = write_config(tmp_path / "t.yaml", run={"max_steps": 10}), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "run.max_steps=20"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with a changed setting: run.max_steps: 10 -> 20" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_00000010.pt'}: step 10 (epoch 0, batch 10)" in out
+    assert config_mod.load(run / "config.yaml").run.max_steps == 20
+    assert [int(r["step"]) for r in rows(run) if r["split"] == "val"] == [10, 20]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")
+def test_tensorboard_on_without_tensorboard_is_an_error(tmp_path, capsys):
+    cfg_path = write_config(tmp_path / "t.yaml", run={"max_steps": 2, "tensorboard": "on"})
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "run")]) == 2
+    assert "run.tensorboard=on but torch.utils.tensorboard does not import" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # checked before anything is written
+    cfg_path = write_config(tmp_path / "u.yaml", run={"max_steps": 2})
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "run2")]) == 0
+    assert "TensorBoard: not used (torch.utils.tensorboard does not import" in capsys.readouterr().out
+
+
+def test_tensorboard_gets_the_rows_when_it_imports(tmp_path, capsys, monkeypatch):
+    scalars = []
+
+    class SummaryWriter:  # stands in for torch.utils.tensorboard.SummaryWriter
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step, value))
+
+        def close(self):
+            scalars.append("closed")
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    cfg_path, run = write_config(tmp_path / "t.yaml", run={"max_steps": 10, "tensorboard": "on"}), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    assert f"TensorBoard: logging to {run / 'tensorboard'}" in capsys.readouterr().out
+    val = [r for r in rows(run) if r["split"] == "val"][0]
+    assert ("val/metric", 10, pytest.approx(float(val["metric"]), rel=1e-5)) in scalars
+    assert {t for t, *_ in scalars[:-1]} == {"train/loss", "train/metric", "lr", "val/loss", "val/metric"}
+    assert scalars[-1] == "closed"

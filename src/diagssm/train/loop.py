@@ -29,7 +29,7 @@ from diagssm.train.checkpoint import CheckpointError, CheckpointFolder, rng_stat
 from diagssm.train.config import diff, from_dict, to_dict
 from diagssm.train.config import save as save_config
 from diagssm.train.data import eval_loader, train_loader
-from diagssm.train.metrics import MetricsLog, NoLog
+from diagssm.train.metrics import MetricsLog, NoLog, find_tensorboard
 from diagssm.train.objective import evaluate, forward_stats
 from diagssm.train.setup import make_model, make_optimizer, make_scheduler, make_task
 from diagssm.train.world import make_world
@@ -85,9 +85,10 @@ class Trainer:
         self.last_checkpoint, self.last_checkpoint_step, self.lr = None, None, self.main_lr()
         self.session_start = time.perf_counter()
         self._reset_window()
+        tensorboard = find_tensorboard(cfg.run.tensorboard) if self.world.is_main else None
         self.prepare_folder(resume)
         resume_step = self.restore() if resume else None
-        self.log = MetricsLog(self.run_dir, cfg.run.tensorboard, resume_step) if self.world.is_main else NoLog()
+        self.log = MetricsLog(self.run_dir, tensorboard, resume_step) if self.world.is_main else NoLog()
         self.say(self.log.backend)
         self.signal = None
 
@@ -107,6 +108,7 @@ class Trainer:
     def state(self):
         """Everything a resumed run needs to continue exactly where this one is."""
         epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
+        self.sampler.set_position(epoch, position)  # where the next iteration starts (read at iter())
         return {"format": 1, "step": self.step, "epoch": epoch, "position": position,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),

@@ -12,8 +12,9 @@ from pathlib import Path
 FIELDS = ("step", "epoch", "split", "loss", "metric", "lr", "time")
 
 
-def open_tensorboard(mode, log_dir):
-    """(SummaryWriter or None, a sentence saying which) for run.tensorboard = auto | on | off."""
+def find_tensorboard(mode):
+    """(torch.utils.tensorboard or None, a sentence saying which) for run.tensorboard = auto | on | off.
+    Call it before writing anything: "on" without TensorBoard is an error."""
     if mode == "off":
         return None, "TensorBoard: off (run.tensorboard=off)"
     try:
@@ -23,7 +24,7 @@ def open_tensorboard(mode, log_dir):
             raise ValueError(f"run.tensorboard=on but torch.utils.tensorboard does not import ({e}); "
                              f"pip install tensorboard, or set run.tensorboard=auto or off") from e
         return None, f"TensorBoard: not used (torch.utils.tensorboard does not import: {e})"
-    return module.SummaryWriter(str(log_dir)), f"TensorBoard: logging to {log_dir}"
+    return module, "TensorBoard: logging to {log_dir}"
 
 
 def read_rows(path):
@@ -37,10 +38,11 @@ def read_rows(path):
 
 
 class MetricsLog:
-    """Appends rows to run_dir/metrics.csv (and TensorBoard scalars). `resume_step`: rows after
-    that step (logged by an interrupted run after its last checkpoint) are dropped first."""
+    """Appends rows to run_dir/metrics.csv (and TensorBoard scalars when `tensorboard`, the result
+    of find_tensorboard, holds the module). `resume_step`: rows after that step (logged by an
+    interrupted run after its last checkpoint) are dropped first."""
 
-    def __init__(self, run_dir, tensorboard="auto", resume_step=None):
+    def __init__(self, run_dir, tensorboard=(None, "TensorBoard: off"), resume_step=None):
         self.path = Path(run_dir) / "metrics.csv"
         if resume_step is not None and self.path.exists():
             self._truncate(resume_step)
@@ -49,7 +51,10 @@ class MetricsLog:
         self.writer = csv.writer(self.file)
         if is_new:
             self.writer.writerow(FIELDS)
-        self.tensorboard, self.backend = open_tensorboard(tensorboard, Path(run_dir) / "tensorboard")
+        module, message = tensorboard  # from find_tensorboard
+        log_dir = Path(run_dir) / "tensorboard"
+        self.tensorboard = None if module is None else module.SummaryWriter(str(log_dir))
+        self.backend = message.format(log_dir=log_dir)
 
     def _truncate(self, step):
         rows = [r for r in csv.reader(open(self.path, newline=""))]
