@@ -120,10 +120,25 @@ def add_plot_info(sub):
     info.set_defaults(run=_info)
 
 
+def _bench(args):
+    from diagssm.bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+def add_bench(sub):
+    p = sub.add_parser("bench", help="time the layers against the naive formulations (diagssm bench --help)",
+                       description="Forward, forward+backward and peak memory of S4D, DSS, S5 and S4 against "
+                                   "the naive formulations; all arguments go to diagssm.bench (see --help there).",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of diagssm.bench, e.g. --quick")
+    p.set_defaults(run=_bench)
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (add_train, add_eval, add_generate, add_plot_info):
+    for add in (add_train, add_eval, add_generate, add_bench, add_plot_info):
         add(sub)
     return parser
 
