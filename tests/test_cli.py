@@ -15,3 +15,9 @@ def test_unknown_layer_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["info", "S6"])
     assert "invalid choice: 'S6'" in capsys.readouterr().err
+
+
+def test_bench_help_is_the_benchmarks(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    assert "--quick" in capsys.readouterr().out

@@ -145,6 +145,11 @@ def build_parser():
 
 def main(argv=None):
     """Run the command; return its exit code (module docstring). Errors print one line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option, --help included, belongs to diagssm.bench
+        from diagssm.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     from diagssm.train.checkpoint import CheckpointError
     from diagssm.train.loop import TrainingDiverged
