@@ -8,7 +8,9 @@ install:
 	$(PY) -m pip install -q -e ".[dev]"
 
 quickstart: install
-	$(PY) examples/quickstart.py
+	rm -rf runs/quickstart
+	$(PY) -m diagssm train --config configs/quickstart.yaml --run-dir runs/quickstart
+	$(PY) -m diagssm eval --run-dir runs/quickstart --split test --checkpoint best
 
 test: install
 	$(PY) -m pytest -q -m "not slow"
@@ -18,5 +20,6 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/bench_ops.py
+	$(PY) benchmarks/bench_layers.py
 
 .PHONY: install quickstart test test-slow bench
