@@ -146,6 +146,9 @@ def build_parser():
 def main(argv=None):
     """Run the command; return its exit code (module docstring). Errors print one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    from diagssm.cpu import fast_cpu_settings
+
+    fast_cpu_settings()  # speed only: denormals flushed, huge pages for large tensors
     if argv[:1] == ["bench"]:  # every option, --help included, belongs to diagssm.bench
         from diagssm.bench import main as bench_main
 
