@@ -1,8 +1,9 @@
 """The `diagssm` command: train, eval, generate, plot, info.
 
 Exit codes: 0 success; 1 training diverged (NaN/inf loss or gradient); 2 a usage or config
-error (the message names the argument); 130 / 143 training stopped by SIGINT / SIGTERM after
-writing a checkpoint (128 + the signal number).
+error (the message names the argument), or torch.compile failing with run.compile=true;
+130 / 143 training stopped by SIGINT / SIGTERM after writing a checkpoint (128 + the signal
+number). Under torchrun every process returns the same code.
 """
 import argparse
 import sys
@@ -59,7 +60,9 @@ def add_train(sub):
     p = sub.add_parser("train", help="train a model from a YAML config",
                        description="Train a model. The run folder gets config.yaml (resolved), metrics.csv, "
                                    "checkpoints/ and curves.png. SIGINT/SIGTERM save a checkpoint and exit "
-                                   "with 130/143; --resume continues from the newest valid checkpoint.")
+                                   "with 130/143; --resume continues from the newest valid checkpoint. "
+                                   "Data-parallel: torchrun --nproc_per_node=N -m diagssm train ... "
+                                   "(optim.batch_size is then the global batch; gloo on CPU, nccl on CUDA).")
     p.add_argument("--config", help="YAML config (sections model, task, optim, run); with --resume, "
                                     "default: the run folder's config.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -156,13 +159,14 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     from diagssm.train.checkpoint import CheckpointError
     from diagssm.train.loop import TrainingDiverged
+    from diagssm.train.world import CompileError
 
     try:
         return args.run(args)
     except TrainingDiverged as e:
         print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, CompileError) as e:
         print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

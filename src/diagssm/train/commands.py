@@ -1,4 +1,8 @@
-"""What `diagssm train`, `diagssm eval` and `diagssm plot <run-dir>` do (parsers: cli.py)."""
+"""What `diagssm train`, `diagssm eval` and `diagssm plot <run-dir>` do (parsers: cli.py).
+
+`diagssm train` also runs data-parallel under torchrun (`torchrun --nproc_per_node=N -m diagssm
+train ...`, see `world.py`); eval, generate and plot are single-process commands.
+"""
 import time
 from pathlib import Path
 
@@ -35,8 +39,11 @@ def default_run_dir(config):
 def cmd_train(args):
     cfg = resolve_config(args.config, args.set, args.run_dir, args.resume)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
-    outcome = Trainer(cfg, run_dir, resume=args.resume).run()
-    return outcome.exit_code
+    trainer = Trainer(cfg, run_dir, resume=args.resume)  # under torchrun: one of WORLD_SIZE processes
+    try:
+        return trainer.run().exit_code
+    finally:
+        trainer.close()
 
 
 def load_run(run_dir, checkpoint="latest", device="cpu"):

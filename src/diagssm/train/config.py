@@ -3,7 +3,7 @@
     model:  the SequenceModel (layer, sizes, block options; encoder/head/pooling default to the task's)
     task:   which task (`diagssm.tasks.registry.TASKS`), its seed and its parameters
     optim:  AdamW, parameter groups, warm-up + cosine schedule, clipping, batch size
-    run:    length, seeds, logging, evaluation, checkpoints, device
+    run:    length, seeds, logging, evaluation, checkpoints, device, precision, torch.compile
 
 A YAML file holds any subset of the sections; what it leaves out keeps the defaults below.
 Unknown sections or keys are errors naming the key and the section. `--set key=value` takes a
@@ -62,7 +62,11 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    """Length, seed, logging, evaluation and checkpoints of a run."""
+    """Length, seed, logging, evaluation, checkpoints, device, precision and compilation of a run.
+
+    Data-parallel training needs no key here: under torchrun (WORLD_SIZE > 1) the run is split
+    over the processes and optim.batch_size is the global batch (`diagssm.train.world`).
+    """
 
     max_steps: int = 1000
     seed: int = 0  # model initialisation, data order, dropout
@@ -74,6 +78,8 @@ class RunConfig:
     threads: Optional[int] = None  # torch.set_num_threads; None: torch's default (the cores)
     progress: bool = True  # tqdm progress bar
     tensorboard: str = "auto"  # "auto" (use it when importable, say which), "on" (required), "off"
+    precision: str = "fp32"  # "fp32", or "bf16": autocast around the forward, SSM layers kept in float32
+    compile: bool = False  # torch.compile the model (an error, not a fallback, if it fails)
     inject_nan_at: Optional[int] = None  # testing: make the loss NaN at this step
 
 
@@ -88,6 +94,7 @@ class TrainConfig:
 CHOICES = {
     ("optim", "schedule"): ("cosine", "constant"),
     ("run", "tensorboard"): ("auto", "on", "off"),
+    ("run", "precision"): ("fp32", "bf16"),
 }
 POSITIVE = {("model", "d_model"), ("model", "n_layers"), ("optim", "batch_size"), ("optim", "lr"),
             ("run", "max_steps"), ("run", "log_every"), ("run", "eval_every"), ("run", "checkpoint_every"),

@@ -4,10 +4,16 @@ Epoch e's order is the permutation drawn by a generator seeded from (seed, e), c
 `steps_per_epoch` full batches (the last partial batch is dropped). Global step s (0-based)
 reads batch s % steps_per_epoch of epoch s // steps_per_epoch, so a resumed run skips the
 consumed batches by starting the epoch at that position, without reading them.
+
+Distributed runs (`world.py`): optim.batch_size is the global batch; rank r of W reads the r-th
+of W equal slices of each global batch, so the union over ranks at every step is the batch a
+single process reads (the order does not depend on W, and a run can resume with another W).
+Validation and test sets are split by index (rank r takes items r, r + W, ...); the loss and
+metric sums are then summed over ranks.
 """
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, Subset
 
 
 def epoch_seed(seed, epoch):
@@ -29,7 +35,7 @@ class EpochBatchSampler(Sampler):
         self.steps_per_epoch = n // (batch_size * world_size)
         if self.steps_per_epoch < 1:
             raise ValueError(f"the training set has {n} items, fewer than one batch of "
-                             f"optim.batch_size={batch_size} x {world_size} processes")
+                             f"{batch_size * world_size} (the global batch, optim.batch_size)")
         self.epoch, self.start = 0, 0
         self.generator = torch.Generator()
 
@@ -64,14 +70,25 @@ class EpochBatchSampler(Sampler):
 def train_loader(task, batch_size, seed, world):
     """A DataLoader over task.train in the order of EpochBatchSampler (no worker processes).
 
+    `batch_size` is the global batch; each of world.world_size ranks reads batch_size / world_size
+    of it (a ValueError when that does not divide).
+
     Each iter(DataLoader) draws a seed from its generator; with the global one, a resumed run
     (which starts an extra iteration mid-epoch) would shift the dropout masks."""
-    sampler = EpochBatchSampler(len(task.train), batch_size, seed, world.rank, world.world_size)
+    if batch_size % world.world_size:
+        raise ValueError(f"optim.batch_size={batch_size} is the global batch and must be divisible by the "
+                         f"number of processes, {world.world_size}")
+    sampler = EpochBatchSampler(len(task.train), batch_size // world.world_size, seed, world.rank,
+                                world.world_size)
     return DataLoader(task.train, batch_sampler=sampler, collate_fn=task.collate, num_workers=0,
                       generator=torch.Generator())  # own generator: iter() must not draw from the global RNG
 
 
-def eval_loader(dataset, task, batch_size):
-    """A DataLoader over `dataset` in its stored order."""
+def eval_loader(dataset, task, batch_size, world=None):
+    """A DataLoader over `dataset` in its stored order; with a distributed `world`, this rank's
+    items r, r + W, ... in batches of about batch_size / W (the module docstring)."""
+    if world is not None and world.world_size > 1:
+        dataset = Subset(dataset, range(world.rank, len(dataset), world.world_size))
+        batch_size = max(1, batch_size // world.world_size)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=task.collate, num_workers=0,
                       generator=torch.Generator())

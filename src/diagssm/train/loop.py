@@ -13,7 +13,18 @@ best.pt when it improves), a checkpoint. Decisions worth knowing:
 - SIGINT/SIGTERM finish the current step, write a checkpoint and return exit code 130/143
   (128 + the signal number). A second signal acts at once (the previous handler is back).
 - Only the main process (`World.is_main`) logs, draws the progress bar and writes files.
+- Data-parallel runs (torchrun, `world.py`): every rank trains its slice of the global batch
+  under DistributedDataParallel. Decisions that must agree across ranks are taken on summed
+  numbers: each step all-reduces (divergence flag, signal flags, loss sum, metric sum, count,
+  tokens), so a NaN or a signal on any rank stops every rank at the same step, and the logged
+  numbers are those of the global batch. Rank 0 writes checkpoints while the others wait at a
+  barrier; a checkpoint holds every rank's RNG states (dropout differs per rank: ranks draw
+  from streams seeded by (run.seed, rank)); --resume loads it on every rank.
+- run.precision=bf16: bf16 autocast around forward passes, SSM layers in float32
+  (`world.keep_ssm_float32`). run.compile: torch.compile of the training model (of the DDP
+  model when distributed); a compilation failure is a `CompileError`, never a silent fallback.
 """
+import contextlib
 import signal
 import threading
 import time
@@ -32,7 +43,7 @@ from diagssm.train.data import eval_loader, train_loader
 from diagssm.train.metrics import MetricsLog, NoLog, find_tensorboard
 from diagssm.train.objective import evaluate, forward_stats
 from diagssm.train.setup import make_model, make_optimizer, make_scheduler, make_task
-from diagssm.train.world import make_world
+from diagssm.train.world import CompileError, compile_model, keep_ssm_float32, make_world
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -61,25 +72,58 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def rank_seed(seed, rank, step=0):
+    """The seed of rank `rank`'s random streams (dropout) in a distributed run."""
+    return int(np.random.SeedSequence([0x5EED, seed, rank, step]).generate_state(1, dtype=np.uint32)[0])
+
+
+@contextlib.contextmanager
+def compile_errors(enabled):
+    """Turn torch.compile's (dynamo's, inductor's) exceptions into a CompileError naming them."""
+    try:
+        yield
+    except Exception as e:
+        if enabled and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CompileError(f"run.compile=true: torch.compile failed ({type(e).__module__}.{type(e).__name__}: "
+                               f"{first}); set run.compile=false to train without it") from e
+        raise
+
+
 class Trainer:
     """Builds a run from `cfg` in `run_dir` (resuming from its newest valid checkpoint if asked)."""
 
     def __init__(self, cfg, run_dir, resume=False):
         torch.set_flush_denormal(True)  # decaying states hit slow denormal arithmetic on CPUs (6x)
-        self.cfg, self.run_dir, self.world = cfg, Path(run_dir), make_world(cfg.run.device)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.world = make_world(cfg.run.device, cfg.run.precision, distributed=True)
         self.say = print if self.world.is_main else (lambda *a, **k: None)
+        self.run_dir = Path(self.world.broadcast_object(str(self.run_dir)))  # the default name has the time
         if cfg.run.threads is not None:
             torch.set_num_threads(cfg.run.threads)
-        self.say(f"torch threads: {torch.get_num_threads()}" + ("" if cfg.run.threads else " (torch's default)"))
+        self.say(f"torch threads: {torch.get_num_threads()}" + ("" if cfg.run.threads else " (torch's default)")
+                 + (" per process" if self.world.distributed else ""))
+        self.say(self.world.describe())
         seed_everything(cfg.run.seed)
         self.task = make_task(cfg)
-        self.model = make_model(cfg.model, self.task).to(self.world.device)
+        self.model = make_model(cfg.model, self.task).to(self.world.device)  # the same on every rank
+        if self.world.distributed:  # dropout: a stream per rank
+            seed_everything(rank_seed(cfg.run.seed, self.world.rank))
+        if cfg.run.precision == "bf16":
+            keep_ssm_float32(self.model)
         self.step_model = self.world.wrap_model(self.model)
+        self.eval_model = self.model if self.world.distributed else self.step_model  # no DDP collectives in eval
+        if cfg.run.compile:
+            self.step_model = compile_model(self.step_model)
+            self.eval_model = compile_model(self.eval_model) if self.world.distributed else self.step_model
+            self.say("torch.compile: on (run.compile=true); the first steps and the first validation compile")
+        else:
+            self.say("torch.compile: off")
         self.optimizer = make_optimizer(self.model, cfg.optim, verbose=self.world.is_main)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, cfg.run.max_steps)
         self.loader = train_loader(self.task, cfg.optim.batch_size, cfg.run.seed, self.world)
         self.sampler = self.loader.batch_sampler
-        self.val_loader = eval_loader(self.task.val, self.task, cfg.optim.batch_size)
+        self.val_loader = eval_loader(self.task.val, self.task, cfg.optim.batch_size, self.world)
         self.ckpts = CheckpointFolder(self.run_dir / "checkpoints", cfg.run.keep_last)
         self.step, self.elapsed, self.best, self.last_val = 0, 0.0, None, None
         self.last_checkpoint, self.last_checkpoint_step, self.lr = None, None, self.main_lr()
@@ -87,10 +131,15 @@ class Trainer:
         self._reset_window()
         tensorboard = find_tensorboard(cfg.run.tensorboard) if self.world.is_main else None
         self.prepare_folder(resume)
+        self.world.barrier()  # the folder exists and holds no temporary files before any rank reads it
         resume_step = self.restore() if resume else None
         self.log = MetricsLog(self.run_dir, tensorboard, resume_step) if self.world.is_main else NoLog()
         self.say(self.log.backend)
-        self.signal = None
+        self.signal = self.agreed_signal = None
+
+    def close(self):
+        """Leave the process group (distributed runs); nothing to do in one process."""
+        self.world.close()
 
     def prepare_folder(self, resume):
         """Create the run folder and write config.yaml; a fresh run refuses a used folder."""
@@ -103,28 +152,37 @@ class Trainer:
                                   f"continue it with --resume or choose another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
+        if resume:
+            for name in self.ckpts.remove_temporary():
+                self.say(f"removed {name}: a temporary file left by an interrupted checkpoint write")
 
     # ---- checkpoints -------------------------------------------------------------------
-    def state(self):
-        """Everything a resumed run needs to continue exactly where this one is."""
+    def state(self, rngs=None):
+        """Everything a resumed run needs to continue exactly where this one is. `rngs`: every
+        rank's rng_state() (`World.gather_objects`; default: this process's)."""
+        rngs = rngs or [rng_state()]
         epoch, position = divmod(self.step, self.sampler.steps_per_epoch)
         self.sampler.set_position(epoch, position)  # where the next iteration starts (read at iter())
+        extra = {"rng_ranks": rngs} if self.world.distributed else {}
         return {"format": 1, "step": self.step, "epoch": epoch, "position": position,
                 "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "scheduler": self.scheduler.state_dict(), "rng": rngs[0], **extra,
                 "sampler": self.sampler.state_dict(), "best": self.best, "elapsed": self.elapsed_now(),
                 "val": self.last_val, "window": self.window.clone(), "config": to_dict(self.cfg)}
 
     def save(self):
-        if self.world.is_main and self.last_checkpoint_step != self.step:
-            self.last_checkpoint = self.ckpts.save(self.state())
+        """Write step_<step>.pt (rank 0; every rank takes part in gathering the RNG states)."""
+        if self.last_checkpoint_step != self.step:
+            rngs = self.world.gather_objects(rng_state())
+            if self.world.is_main:
+                self.last_checkpoint = self.ckpts.save(self.state(rngs))
+            else:
+                self.last_checkpoint = self.ckpts.folder / f"step_{self.step:08d}.pt"
         self.last_checkpoint_step = self.step
         self.world.barrier()
 
     def restore(self):
         """Load the newest valid checkpoint; return its step (0 if there is none)."""
-        for name in self.ckpts.remove_temporary():
-            self.say(f"removed {name}: a temporary file left by an interrupted checkpoint write")
         found = self.ckpts.latest_valid(map_location=self.world.device)
         if found is None:
             self.say(f"--resume: no checkpoint in {self.ckpts.folder}; starting at step 0")
@@ -139,7 +197,16 @@ class Trainer:
             raise CheckpointError(f"{path}: does not fit the model and optimiser of this config: {e}") from e
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        ranks = state.get("rng_ranks")
+        if not self.world.distributed:
+            set_rng_state(state["rng"])
+        elif ranks is not None and len(ranks) == self.world.world_size:
+            set_rng_state(ranks[self.world.rank])
+        else:
+            set_rng_state(state["rng"])
+            seed_everything(rank_seed(self.cfg.run.seed, self.world.rank, state["step"]))
+            self.say(f"the checkpoint was written by {len(ranks or [0])} process(es), this run has "
+                     f"{self.world.world_size}: random streams (dropout) are re-seeded per rank")
         self.step, self.best, self.elapsed, self.last_val = state["step"], state["best"], state["elapsed"], state["val"]
         self.last_checkpoint, self.last_checkpoint_step, self.window = path, self.step, state["window"]
         self.say(f"resumed from {path}: step {self.step} (epoch {state['epoch']}, batch {state['position']})")
@@ -148,16 +215,26 @@ class Trainer:
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, batch):
         """One optimiser step on `batch`; TrainingDiverged (before any update) on NaN/inf."""
-        s = self.step + 1
+        s, bad = self.step + 1, None
         try:
             loss, loss_sum, metric_sum, count = forward_stats(self.step_model, batch, self.task, self.world)
         except ValueError as e:  # the layers' input check: activations overflowed inside the model
             if "NaN or infinite" not in str(e):
                 raise
-            self.diverged(f"the forward pass failed ({e})", s)
-        if self.cfg.run.inject_nan_at == s:
+            bad = f"the forward pass failed ({e})"
+        if bad is None and self.cfg.run.inject_nan_at == s:
             loss = loss * float("nan")
-        self.check_finite("loss", loss, s)
+        if bad is None and not bool(torch.isfinite(loss)):
+            bad = f"loss is {loss.item()}"
+        # one all-reduce per step: every rank agrees on stopping, and logs the global batch's sums
+        sums = [loss_sum.item(), metric_sum.item(), count.item()] if bad is None else [0.0, 0.0, 0.0]
+        agreed = self.world.all_reduce_sum(torch.tensor(
+            [float(bad is not None), float(self.signal == signal.SIGINT), float(self.signal == signal.SIGTERM),
+             *sums, float(batch[2].sum())], dtype=torch.float64, device=self.world.device)).cpu()
+        if agreed[0] > 0:
+            self.diverged(bad or f"the loss is not finite on {int(agreed[0])} other process(es)", s)
+        if agreed[1] > 0 or agreed[2] > 0:
+            self.agreed_signal = self.signal or (signal.SIGINT if agreed[1] > 0 else signal.SIGTERM)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -170,9 +247,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.step = s
-        tokens = int(batch[2].sum())
-        self.window += torch.tensor([loss_sum.item(), metric_sum.item(), count.item(), tokens, 1.0],
-                                    dtype=torch.float64)
+        self.window += torch.cat([agreed[3:], torch.ones(1, dtype=torch.float64)])
 
     def check_finite(self, what, value, s):
         if not bool(torch.isfinite(value)):
@@ -216,19 +291,26 @@ class Trainer:
             self.save()
 
     def validate(self, epoch):
-        self.last_val = evaluate(self.step_model, self.val_loader, self.task, self.world)
+        with compile_errors(self.cfg.run.compile):
+            self.last_val = evaluate(self.eval_model, self.val_loader, self.task, self.world)
         m = self.last_val["metric"]
         self.log.log(self.step, epoch, "val", self.last_val["loss"], m, self.lr, self.elapsed_now())
         better = self.best is None or (m > self.best["metric"] if self.task.higher_is_better else m < self.best["metric"])
         if better:
             self.best = {"metric": m, "step": self.step}
+            rngs = self.world.gather_objects(rng_state())
             if self.world.is_main:
-                self.ckpts.save_best(self.state())
+                self.ckpts.save_best(self.state(rngs))
 
     def elapsed_now(self):
         return self.elapsed + time.perf_counter() - self.session_start
 
     # ---- the loop ------------------------------------------------------------------------
+    def stop_signal(self):
+        """The signal that stops the run: this process's at once; in a distributed run the one
+        the ranks agreed on in the last step's all-reduce (so that all stop at the same step)."""
+        return self.agreed_signal if self.world.distributed else self.signal
+
     def run(self, stop_after=None):
         """Train to run.max_steps (or to step `stop_after`, writing a checkpoint there, for
         tests and for running in slices); return an `Outcome`. Raises TrainingDiverged."""
@@ -239,12 +321,13 @@ class Trainer:
         bar = tqdm(total=r.max_steps, initial=self.step, disable=not (r.progress and self.world.is_main),
                    dynamic_ncols=True, desc="train")
         try:
-            while self.step < r.max_steps and self.signal is None and self.step != stop_after:
+            while self.step < r.max_steps and self.stop_signal() is None and self.step != stop_after:
                 self.sampler.set_position(*divmod(self.step, self.sampler.steps_per_epoch))
                 for batch in self.loader:
-                    self.train_step(batch)
+                    with compile_errors(r.compile):
+                        self.train_step(batch)
                     self.after_step(bar)
-                    if self.step >= r.max_steps or self.signal is not None or self.step == stop_after:
+                    if self.step >= r.max_steps or self.stop_signal() is not None or self.step == stop_after:
                         break
         finally:
             bar.close()
@@ -255,11 +338,12 @@ class Trainer:
     def finish(self):
         """Write the last checkpoint (if this step has none) and the curves; say how it ended."""
         self.save()
-        if self.signal is not None and self.step < self.cfg.run.max_steps:
-            name = signal.Signals(self.signal).name
+        sig = self.stop_signal()
+        if sig is not None and self.step < self.cfg.run.max_steps:
+            name = signal.Signals(sig).name
             self.say(f"{name} at step {self.step}: saved {self.last_checkpoint}; continue with "
                      f"diagssm train --run-dir {self.run_dir} --resume")
-            return Outcome("interrupted", self.step, 128 + self.signal, self.last_checkpoint, self.last_val)
+            return Outcome("interrupted", self.step, 128 + sig, self.last_checkpoint, self.last_val)
         if self.step < self.cfg.run.max_steps:
             self.say(f"stopped at step {self.step}: saved {self.last_checkpoint}")
             return Outcome("stopped", self.step, 0, self.last_checkpoint, self.last_val)

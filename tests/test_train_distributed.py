@@ -1,0 +1,120 @@
+"""Data-parallel training: two CPU processes under torch.distributed.run (gloo, one thread each)
+end with the weights of one process trained on the same global batch; --resume loads a
+checkpoint on every rank; the global batch must divide; torchrun's variables are checked."""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diagssm.train.checkpoint import load_checkpoint
+from diagssm.train.config import from_dict
+from diagssm.train.data import train_loader
+from diagssm.train.setup import make_task
+from diagssm.train.world import World, make_world
+from test_train_cli import TINY, keep_threads, rows, write_config  # noqa: F401  (keep_threads: autouse)
+
+STEPS = 8  # global batch 16 (8 per rank), 16 steps per epoch
+RUN = {"max_steps": STEPS, "log_every": 2, "eval_every": 4, "checkpoint_every": 4, "keep_last": 2,
+       "threads": 1, "progress": False}
+# float32 tolerance for weights after 8 AdamW steps: the two halves' gradients are summed in
+# another order than the full batch's (measured max |difference| is reported in the README).
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def one_process(*args):
+    return subprocess.run([sys.executable, "-m", "diagssm", "train", *map(str, args)],
+                          capture_output=True, text=True, env=clean_env(), timeout=300)
+
+
+def two_processes(*args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "diagssm", "train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=clean_env(), timeout=300)
+
+
+def weights(run_dir, step=STEPS):
+    return load_checkpoint(run_dir / "checkpoints" / f"step_{step:08d}.pt")["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    cfg = write_config(tmp / "t.yaml", run=RUN, model={"dropout": 0.0})
+    one = one_process("--config", cfg, "--run-dir", tmp / "one")
+    assert one.returncode == 0, one.stderr
+    two = two_processes("--config", cfg, "--run-dir", tmp / "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    return tmp, one, two
+
+
+def test_two_processes_match_one_process(runs):
+    tmp, one, two = runs
+    a, b = weights(tmp / "one"), weights(tmp / "two")
+    assert_same_weights(b, a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"max |two processes - one process| over the weights after {STEPS} steps: {diff:.3g}")
+    # rank 0 alone logs and writes; the numbers are the global batch's (summed over ranks)
+    assert two.stdout.count("distributed: 2 processes, backend gloo (device cpu)") == 1
+    assert "single process; precision: fp32" in one.stdout
+    r1, r2 = rows(tmp / "one"), rows(tmp / "two")
+    assert [(r["step"], r["split"]) for r in r1] == [(r["step"], r["split"]) for r in r2]
+    for x, y in zip(r1, r2):
+        assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-4)
+        assert float(y["metric"]) == pytest.approx(float(x["metric"]), abs=1e-6)
+    ckpt = load_checkpoint(tmp / "two" / "checkpoints" / f"step_{STEPS:08d}.pt")
+    assert len(ckpt["rng_ranks"]) == 2 and "rng_ranks" not in load_checkpoint(
+        tmp / "one" / "checkpoints" / f"step_{STEPS:08d}.pt")
+
+
+def test_two_processes_resume_a_one_process_checkpoint(runs):
+    """--resume loads the checkpoint on every rank; the data order does not depend on the
+    number of processes, so the continued run ends where the one-process run did."""
+    tmp, _, _ = runs
+    run = tmp / "resumed"
+    shutil.copytree(tmp / "one", run)
+    (run / "checkpoints" / f"step_{STEPS:08d}.pt").unlink()
+    done = two_processes("--run-dir", run, "--resume")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {run / 'checkpoints' / 'step_00000004.pt'}: step 4" in done.stdout
+    assert_same_weights(weights(run), weights(tmp / "one"))
+
+
+def test_global_batch_must_divide():
+    cfg = from_dict(TINY)
+    world = World(device=torch.device("cpu"), rank=0, world_size=3)
+    with pytest.raises(ValueError, match="optim.batch_size=16 is the global batch and must be divisible .* 3"):
+        train_loader(make_task(cfg), 16, 0, world)
+    halves = [train_loader(make_task(cfg), 16, 0, World(torch.device("cpu"), r, 2)).batch_sampler for r in (0, 1)]
+    assert [len(b) for b in next(zip(*halves))] == [8, 8]
+
+
+def test_make_world_reads_torchrun_variables():
+    assert make_world("cpu", distributed=True, env={}).world_size == 1
+    assert make_world("cpu", distributed=True, env={"WORLD_SIZE": "1"}).world_size == 1
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_ADDR, MASTER_PORT not set; .*torchrun"):
+        make_world("cpu", distributed=True, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
+        make_world("cpu", distributed=True, env={"WORLD_SIZE": "two"})
