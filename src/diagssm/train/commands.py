@@ -11,7 +11,7 @@ import torch
 from diagssm.train import config as config_mod
 from diagssm.train.checkpoint import CheckpointFolder
 from diagssm.train.data import eval_loader
-from diagssm.train.loop import Trainer
+from diagssm.train.loop import Trainer, TrainingDiverged
 from diagssm.train.objective import evaluate
 from diagssm.train.setup import make_model, make_task
 from diagssm.train.world import make_world
@@ -41,9 +41,14 @@ def cmd_train(args):
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(args.config)
     trainer = Trainer(cfg, run_dir, resume=args.resume)  # under torchrun: one of WORLD_SIZE processes
     try:
-        return trainer.run().exit_code
-    finally:
+        code = trainer.run().exit_code
+    except TrainingDiverged:  # every rank stops at the same step (loop.py): leave the group together
         trainer.close()
+        raise
+    # Other errors skip close(): destroying the group while other ranks are in a collective hangs;
+    # torchrun ends the other processes when one fails.
+    trainer.close()
+    return code
 
 
 def load_run(run_dir, checkpoint="latest", device="cpu"):

@@ -128,11 +128,13 @@ class World:
             dist.barrier()
 
     def close(self):
-        """Destroy the process group if this World created it."""
+        """Wait for every rank, then destroy the process group if this World created it (every
+        rank must call it: a rank that leaves early can abort in gloo's threads at exit)."""
         if self.owns_group:
             import torch.distributed as dist
 
             if dist.is_initialized():
+                dist.barrier()
                 dist.destroy_process_group()
             self.owns_group = False
 
