@@ -22,11 +22,11 @@ import argparse
 import json
 import math
 import os
-import resource
-import statistics
 import subprocess
 import sys
 import time
+
+from diagssm.bench import cpu_model, maxrss_mb, median_ms  # shared with the layer benchmark
 
 import torch
 
@@ -81,21 +81,6 @@ def forward(op, impl, xs, L):
 def fwd_bwd(op, impl, xs, w, L):
     loss = (forward(op, impl, xs, L) * w).sum()
     torch.autograd.grad(loss.real if loss.is_complex() else loss, xs)
-
-
-def median_ms(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
-def maxrss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def rss_mb():
@@ -162,15 +147,6 @@ def run_op(op, args):
             prev = ref
         results += [run_case(op, "fast", L, args), ref]
     return results, probes
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} ({len(names)} logical CPUs)"
-    except (OSError, IndexError):
-        return "unknown"
 
 
 def header(args):
