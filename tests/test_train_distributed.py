@@ -118,3 +118,34 @@ def test_make_world_reads_torchrun_variables():
         make_world("cpu", distributed=True, env={"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     with pytest.raises(ValueError, match="WORLD_SIZE='two' is not an integer"):
         make_world("cpu", distributed=True, env={"WORLD_SIZE": "two"})
+
+
+@pytest.mark.slow  # about 10 s: 100 steps twice plus a one-process reference
+def test_sigterm_to_torchrun_saves_on_rank_0_and_resumes(tmp_path):
+    """torchrun forwards SIGTERM to its workers; the ranks agree on the step to stop at (the
+    per-step all-reduce), rank 0 writes the checkpoint, and --resume on two processes ends at
+    the one-process run's weights. torchrun itself exits 1 on SIGTERM (its own handler)."""
+    import signal
+    import time
+
+    run = {**RUN, "max_steps": 100, "checkpoint_every": 10, "eval_every": 50, "log_every": 10}
+    cfg = write_config(tmp_path / "t.yaml", run=run, model={"dropout": 0.0})
+    ref = one_process("--config", cfg, "--run-dir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "diagssm", "train", "--config", str(cfg),
+           "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=clean_env())
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "run" / "checkpoints" / "step_00000010.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    line = next(ln for ln in out.splitlines() if ln.startswith("SIGTERM at step "))
+    step = int(line.split()[3].rstrip(":"))
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / f"step_{step:08d}.pt")["step"] == step
+    done = two_processes("--run-dir", tmp_path / "run", "--resume")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / f'step_{step:08d}.pt'}: step {step}" in done.stdout
+    assert_same_weights(weights(tmp_path / "run", 100), weights(tmp_path / "ref", 100))
