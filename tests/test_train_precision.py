@@ -89,3 +89,21 @@ def test_compile_run_matches_eager(tmp_path, capsys):
 def test_config_checks(run, message):
     with pytest.raises(ValueError, match=message):
         from_dict({"run": run})
+
+
+def test_compile_failure_is_an_error_naming_it(tmp_path):
+    """No silent fallback: without a working C++ compiler, inductor's error ends the run (exit 2)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_train_cli import write_config
+
+    cfg = write_config(tmp_path / "t.yaml", run={**RUN, "max_steps": 2, "compile": True})
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "diagssm", "train", "--config", str(cfg), "--run-dir",
+                           str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "diagssm train: error: run.compile=true: torch.compile failed (torch._inductor" in done.stderr
+    assert "set run.compile=false" in done.stderr
