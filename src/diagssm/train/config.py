@@ -139,14 +139,19 @@ def _fields(cls):
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _check_keys(data, allowed, message):
+    """ValueError for the first key of `data` not in `allowed`; `message` is formatted with key."""
+    for key in data:
+        if key not in allowed:
+            raise ValueError(message.format(key=key) + f"; allowed: {', '.join(allowed)}")
+
+
 def _section(cls, data, name):
     """A `cls` section from the mapping `data`, every key checked."""
     if not isinstance(data, dict):
         raise ValueError(f"section {name!r} must be a mapping of keys to values; got {data!r}")
     types = _fields(cls)
-    for key in data:
-        if key not in types:
-            raise ValueError(f"unknown key {key!r} in section {name!r}; allowed: {', '.join(types)}")
+    _check_keys(data, types, f"unknown key {{key!r}} in section {name!r}")
     return cls(**{k: coerce(v, types[k], f"{name}.{k}") for k, v in data.items()})
 
 
@@ -157,9 +162,7 @@ def from_dict(data):
     if not isinstance(data, dict):
         raise ValueError(f"a config must be a mapping of sections to mappings; got {type(data).__name__}")
     sections = _fields(TrainConfig)
-    for name in data:
-        if name not in sections:
-            raise ValueError(f"unknown section {name!r} at the top level; allowed: {', '.join(sections)}")
+    _check_keys(data, sections, "unknown section {key!r} at the top level")
     cfg = TrainConfig(**{name: _section(sections[name], data[name] or {}, name) for name in data})
     check(cfg)
     return cfg
