@@ -7,7 +7,8 @@ import torch
 
 from diagssm import init as inits
 from diagssm.layers.base import as_complex
-from diagssm.layers.s5 import S5, lecun_normal, modal_conv
+from diagssm.layers.s5 import S5, lecun_normal
+from diagssm.ops import modal_conv
 from diagssm.ops import discretize_ref, scan_ref
 from helpers import assert_close, randn
 

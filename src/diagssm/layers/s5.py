@@ -15,17 +15,15 @@ M = P/2 modes with Im > 0 are stored and y_k = 2 Re(C_tilde h_k) + D u_k.
 
 The recurrence is run by `ops.scan` (the paper runs it with a parallel scan). Because the system
 is time-invariant, h is also the causal convolution of Bu with the per-mode kernel Lambda_bar^l,
-computed here by complex FFT (`modal_conv`). Variable step sizes (irregularly sampled series)
+computed by complex FFT (`ops.modal_conv`). Variable step sizes (irregularly sampled series)
 give a time-varying Lambda_bar_k and force the scan.
 """
-import math
-
 import torch
 from torch import nn
 
 from diagssm import init as inits
 from diagssm.layers.base import SSMLayer, as_complex, complex_parameter, log_uniform
-from diagssm.ops import discretize, scan
+from diagssm.ops import discretize, modal_conv, scan
 
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 MODES = ("scan", "conv", "auto")
@@ -54,27 +52,6 @@ def init_C(C_init, channels, H, V):
     fan_in = P if C_init == "trunc_standard_normal" else P * H
     C = torch.view_as_complex(lecun_normal((channels, H, P, 2), fan_in))  # (C', H, P)
     return C @ V  # (C', H, M)
-
-
-def modal_conv(A_bar, Bu, h0=None, reverse=False):
-    """The scan for a constant A_bar, as a causal convolution by complex FFT (S5 is LTI).
-
-        h_k = sum_(j<=k) A_bar^(k-j) Bu_j + A_bar^(k+1) h0     (reverse: j >= k and A_bar^(j-k))
-
-    Same contract as `ops.scan` with A_bar of shape (P,) and nonzero (its log is taken).
-
-    Shapes: A_bar (P,) complex; Bu (B, L, P) complex; h0 (B, P) or None -> h (B, L, P)
-    """
-    if reverse:
-        return modal_conv(A_bar, Bu.flip(1), h0).flip(1)
-    L = Bu.shape[1]
-    n = 2 ** math.ceil(math.log2(2 * L))  # >= 2L: no circular wrap-around
-    l = torch.arange(L, dtype=A_bar.real.dtype, device=Bu.device)  # (L,)
-    K = torch.exp(l[:, None] * torch.log(A_bar))  # (L, P) = A_bar^l
-    h = torch.fft.ifft(torch.fft.fft(Bu, n=n, dim=1) * torch.fft.fft(K, n=n, dim=0), dim=1)[:, :L]  # (B, L, P)
-    if h0 is not None:
-        h = h + (K * A_bar) * h0[:, None]  # (B, L, P): the zero-input response A_bar^(k+1) h0
-    return h
 
 
 def mix_in(u, B):

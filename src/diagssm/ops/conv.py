@@ -13,6 +13,8 @@ i.e. exactly  y = conv(u, K[0]) + flip(conv(flip(u), K[1])) + D u  with the D te
 conv is the causal convolution and flip reverses L. A layer that makes K[1] from a second SSM gets
 this directly: the reverse-time SSM's kernel also starts at lag 0.
 """
+import math
+
 import torch
 
 
@@ -114,3 +116,26 @@ def fft_conv_ref(u, K, D=None, bidirectional=False):
         M = M + _toeplitz(K[1]).transpose(1, 2)  # (H, L, L)
     y = torch.einsum("hts,bsh->bth", M, u)  # (B, L, H)
     return y if D is None else y + u * D  # (B, L, H)
+
+
+def modal_conv(A_bar, Bu, h0=None, reverse=False):
+    """The scan for a constant A_bar, as a causal convolution by complex FFT (S5 is LTI).
+
+        h_k = sum_(j<=k) A_bar^(k-j) Bu_j + A_bar^(k+1) h0     (reverse: j >= k and A_bar^(j-k))
+
+    Same contract as `ops.scan` with A_bar of shape (P,) and nonzero (its log is taken);
+    its reference twin is `ops.scan_ref` (tests/test_s5.py).
+
+    Shapes: A_bar (P,) complex; Bu (B, L, P) complex; h0 (B, P) or None -> h (B, L, P)
+    """
+    if reverse:
+        return modal_conv(A_bar, Bu.flip(1), h0).flip(1)
+    L = Bu.shape[1]
+    n = 2 ** math.ceil(math.log2(2 * L))  # >= 2L: no circular wrap-around
+    l = torch.arange(L, dtype=A_bar.real.dtype, device=Bu.device)  # (L,)
+    K = torch.exp(l[:, None] * torch.log(A_bar))  # (L, P) = A_bar^l
+    h = torch.fft.ifft(torch.fft.fft(Bu, n=n, dim=1) * torch.fft.fft(K, n=n, dim=0), dim=1)[:, :L]  # (B, L, P)
+    if h0 is not None:
+        h = h + (K * A_bar) * h0[:, None]  # (B, L, P): the zero-input response A_bar^(k+1) h0
+    return h
+
