@@ -71,10 +71,11 @@ class SSMLayer(nn.Module):
             raise ValueError(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
 
     def check_state(self, state, batch_size):
-        want = self.default_state(batch_size)
-        if not torch.is_tensor(state) or state.shape != want.shape or state.dtype != want.dtype:
+        empty = self.default_state(0)  # no allocation on the step path: only shape and dtype
+        shape = (batch_size,) + tuple(empty.shape[1:])
+        if not torch.is_tensor(state) or tuple(state.shape) != shape or state.dtype != empty.dtype:
             got = (tuple(state.shape), state.dtype) if torch.is_tensor(state) else type(state).__name__
-            raise ValueError(f"state must have shape {tuple(want.shape)} and dtype {want.dtype}; got {got}")
+            raise ValueError(f"state must have shape {shape} and dtype {empty.dtype}; got {got}")
 
     def check_recurrent(self):
         if self.bidirectional:
