@@ -52,6 +52,8 @@ def pad_collate(items, per_step_targets=False):
     L = int(lengths.max())
     xs = [it[0][:n] for it, n in zip(items, lengths.tolist())]
     x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, L, ...)
+    if not x.is_floating_point():
+        x = x.long()  # tokens may be stored compactly (uint8, int16); embeddings take int64
     if per_step_targets:
         ys = [it[1][:n] for it, n in zip(items, lengths.tolist())]
         y = torch.nn.utils.rnn.pad_sequence(ys, batch_first=True)  # (B, L, ...)
@@ -99,6 +101,38 @@ class Task:
     @property
     def higher_is_better(self):
         return self.metric == "accuracy"
+
+
+def _always_available():
+    return None
+
+
+SOURCE_KINDS = ("generated", "package", "files")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a task's data comes from, for `diagssm data list` and `diagssm data show`.
+
+    kind: "generated" (made by the library), "package" (shipped inside a Debian or PyPI package)
+        or "files" (read from standard files the user already has).
+    origin: one line naming the generator, package or file format.
+    card: the data card's path in the repository, e.g. "docs/data/listops.md".
+    available: () -> None when the task can be built on this machine, else a one-line reason
+        (e.g. "espeak-ng is not installed (apt install espeak-ng)").
+    show: (task, png_path) -> text: a few examples as text; saves a picture to png_path
+        (None: the generic display of `diagssm.tasks.show`).
+    """
+
+    kind: str
+    origin: str
+    card: str
+    available: Callable = _always_available
+    show: Callable = None
+
+    def __post_init__(self):
+        if self.kind not in SOURCE_KINDS:
+            raise ValueError(f"Source kind={self.kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
 
 
 def split_generator(seed, split):

@@ -25,3 +25,7 @@ def delayed_signal(n, L, delay, smooth=8, generator=None, dtype=torch.float32):
     u = x.unfold(1, smooth, 1).mean(-1) * math.sqrt(smooth)  # (n, L)
     y = torch.nn.functional.pad(u, (delay, 0))[:, :L]  # (n, L)
     return u[..., None].to(dtype), y[..., None].to(dtype)
+
+
+TASKS = {}
+SOURCES = {}

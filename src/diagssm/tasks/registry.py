@@ -1,15 +1,26 @@
-"""Tasks by name: `TASKS` maps a name to its builder, `build_task(name, **params)` calls it.
+"""Tasks by name: `TASKS` maps a name to its builder, `build_task(name, **params)` calls it;
+`SOURCES` maps it to its `Source` (where the data comes from, whether it is available here).
 
+Each task module exports `TASKS` and `SOURCES` for its own tasks; this module merges them.
 Each builder returns a `diagssm.tasks.base.Task` and is deterministic in its `seed` parameter.
 """
 import inspect
 
-from diagssm.tasks import synthetic
-from diagssm.tasks.base import Task
+from diagssm.tasks import images, listops, memory, pathfinder, speech, synthetic, timeseries
+from diagssm.tasks.base import Source, Task
 
-__all__ = ["TASKS", "Task", "build_task", "task_params", "check_params"]
+__all__ = ["TASKS", "SOURCES", "Source", "Task", "build_task", "task_params", "check_params"]
 
-TASKS = {"delay": synthetic.delay_task, "recall": synthetic.recall_task}
+MODULES = (synthetic, memory, listops, pathfinder, speech, images, timeseries)
+TASKS, SOURCES = {}, {}
+for _module in MODULES:
+    for _name in _module.TASKS:
+        if _name in TASKS:
+            raise RuntimeError(f"task {_name!r} is registered twice (in {_module.__name__})")
+        if _name not in _module.SOURCES:
+            raise RuntimeError(f"task {_name!r} in {_module.__name__} has no Source")
+    TASKS.update(_module.TASKS)
+    SOURCES.update(_module.SOURCES)
 
 
 def task_params(name):

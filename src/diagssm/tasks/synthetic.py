@@ -14,7 +14,7 @@ u; a per-step regression scored by mean squared error on t >= delay (predicting 
 """
 import torch
 
-from diagssm.tasks.base import SequenceDataset, Task, pad_collate, per_step_collate, split_generator
+from diagssm.tasks.base import SequenceDataset, Source, Task, pad_collate, per_step_collate, split_generator
 from diagssm.tasks.memory import delayed_signal
 
 
@@ -74,3 +74,12 @@ def delay_task(seq_len=512, delay=200, smooth=8, n_train=2048, n_val=256, n_test
                   n_test=n_test, seed=seed)
     return Task("delay", **splits, d_input=1, d_output=1, encoder="linear", head="per_step", pooling="none",
                 metric="mse", collate=per_step_collate(), score_start=delay, params=params)
+
+
+TASKS = {"recall": recall_task, "delay": delay_task}
+SOURCES = {
+    "recall": Source("generated", "diagssm.tasks.synthetic: a symbol at step 0, then noise tokens",
+                     "docs/data/memory.md"),
+    "delay": Source("generated", "diagssm.tasks.memory.delayed_signal: smooth noise and its delayed copy",
+                    "docs/data/memory.md"),
+}

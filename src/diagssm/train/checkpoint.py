@@ -6,7 +6,6 @@ and the folder fsync'ed so that the rename itself survives a crash. A reader the
 either the old file or the complete new one. Temporary files (".*.tmp") never match the
 checkpoint names; `latest_valid` skips, and names, files that do not load.
 """
-import os
 import random
 import re
 import sys
@@ -15,29 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diagssm.files import atomic_save  # noqa: F401 (re-exported: checkpoints are written with it)
+
 FORMAT = 1
 REQUIRED = ("format", "step", "epoch", "position", "model", "optimizer", "scheduler", "rng", "sampler")
 STEP_FILE = re.compile(r"^step_(\d{8})\.pt$")
-
-
-def atomic_save(obj, path):
-    """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def rng_state():

@@ -1,0 +1,30 @@
+"""Atomic file writes: a reader sees the old file or the complete new one, never half of one.
+
+`atomic_save` writes to a temporary file in the same folder, flushes and fsyncs it, renames it over the
+target with os.replace (atomic on POSIX) and fsyncs the folder so that the rename survives a crash.
+Temporary names start with "." and end in ".tmp". Checkpoints and task caches are written with it.
+"""
+import os
+from pathlib import Path
+
+import torch
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,3 @@
+"""Placeholder while the module is written (issue #6)."""
+TASKS = {}
+SOURCES = {}
