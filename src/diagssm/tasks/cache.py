@@ -10,7 +10,8 @@ cache behind. A cache file that does not load, or whose record differs from the 
 `DataError` naming the file; nothing half-built is ever used.
 
 The folder is $DIAGSSM_CACHE, default ~/.cache/diagssm. Progress bars (`progress`) are drawn
-only when `show_progress(True)` was called (`diagssm data build` does).
+only when `show_progress(True)` was called (`diagssm data build` does); `force_rebuild(True)`
+(`diagssm data build --force`) builds and overwrites even where a cache file exists.
 """
 import concurrent.futures
 import hashlib
@@ -25,6 +26,7 @@ from diagssm.files import atomic_save
 
 FORMAT = 1
 _SHOW_PROGRESS = False
+_FORCE = False
 
 
 class DataError(ValueError):
@@ -61,7 +63,7 @@ def cached(name, params, build, version):
     path = cache_path(name, params, version)
     record = {"format": FORMAT, "name": name, "version": version,
               "params": json.loads(json.dumps(params, sort_keys=True, default=str))}
-    if path.exists():
+    if path.exists() and not _FORCE:
         return _load(path, record)
     data = build()
     if not isinstance(data, dict):
@@ -83,6 +85,12 @@ def _load(path, record):
     if got != record:
         raise DataError(f"{path}: cache record {got} does not match the request {record}; delete it to rebuild")
     return stored["data"]
+
+
+def force_rebuild(on=True):
+    """Build anew (and overwrite the cache file) from now on, even where a cache exists (on=True)."""
+    global _FORCE
+    _FORCE = bool(on)
 
 
 def show_progress(on=True):

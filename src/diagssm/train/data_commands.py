@@ -1,0 +1,100 @@
+"""`diagssm data list | build | show`: the tasks, their sources, building and looking at them.
+
+    diagssm data list                     every task, where its data comes from, available here or why not
+    diagssm data build listops --param max_length=512 [--seed 0] [--force]
+    diagssm data show pathfinder --config configs/pathfinder32.yaml [--out picture.png]
+
+Parameters come from a config's task section (--config), then --param KEY=VALUE (YAML values)
+and --seed; `build` caches the task (see `diagssm.tasks.cache`) with a progress bar.
+"""
+import time
+from pathlib import Path
+
+import yaml
+
+from diagssm.tasks import cache, registry
+from diagssm.tasks.show import show, summary
+
+
+def cmd_data(args):
+    return {"list": data_list, "build": data_build, "show": data_show}[args.data_command](args)
+
+
+def data_list(args):
+    print(f"{'task':<18} {'kind':<10} {'available':<10} origin")
+    for name in sorted(registry.TASKS):
+        source = registry.SOURCES[name]
+        reason = source.available()
+        print(f"{name:<18} {source.kind:<10} {'yes' if reason is None else 'no':<10} {source.origin}")
+        if reason is not None:
+            print(f"{'':<40} ({reason})")
+    print(f"cache folder: {cache.cache_dir()} (set DIAGSSM_CACHE to move it)")
+    return 0
+
+
+def task_request(args):
+    """(name, params) from --config, --param and --seed, checked against the builder's parameters."""
+    name, params = args.task, {}
+    if args.config:
+        with open(args.config) as f:
+            section = (yaml.safe_load(f) or {}).get("task", {})
+        if section.get("name", name) != name:
+            raise ValueError(f"--config {args.config} is for task {section['name']!r}, not {name!r}")
+        params.update(section.get("params", {}))
+        if "seed" in section:
+            params["seed"] = section["seed"]
+    for item in args.param:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--param {item!r} must be KEY=VALUE")
+        params[key] = yaml.safe_load(value)
+    if args.seed is not None:
+        params["seed"] = args.seed
+    registry.check_name(name)
+    registry.check_params(name, params, section="--param")
+    reason = registry.SOURCES[name].available()
+    if reason is not None:
+        raise ValueError(f"task {name!r} cannot be built here: {reason}")
+    return name, params
+
+
+def data_build(args):
+    name, params = task_request(args)
+    cache.show_progress(True)
+    cache.force_rebuild(args.force)
+    start = time.perf_counter()
+    task = registry.build_task(name, **params)
+    print(f"built {name} in {time.perf_counter() - start:.1f} s (cache folder {cache.cache_dir()})")
+    print("\n".join(summary(task)))
+    return 0
+
+
+def data_show(args):
+    name, params = task_request(args)
+    cache.show_progress(True)
+    task = registry.build_task(name, **params)
+    out = Path(args.out or f"{name}.png")
+    print("\n".join(summary(task)))
+    print(show(task, registry.SOURCES[name], out))
+    print(f"saved {out}")
+    return 0
+
+
+def add_data(sub):
+    p = sub.add_parser("data", help="list, build (cache) and look at the tasks",
+                       description="Tasks: where their data comes from, building and caching them, examples.")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub.add_parser("list", help="every task, its source, and whether it is available here")
+    for what, text in (("build", "build the task and cache it (progress bar)"),
+                       ("show", "print a few examples and save a picture")):
+        q = data_sub.add_parser(what, help=text, description=text)
+        q.add_argument("task", help="a task name (see diagssm data list)")
+        q.add_argument("--config", help="take the task parameters from this YAML config's task section")
+        q.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                       help="a builder parameter (repeatable; VALUE is read as YAML)")
+        q.add_argument("--seed", type=int, help="the task seed (default: the config's, else 0)")
+        if what == "build":
+            q.add_argument("--force", action="store_true", help="build anew even if a cache exists")
+        else:
+            q.add_argument("--out", help="where to save the picture (default <task>.png)")
+    p.set_defaults(run=cmd_data)
