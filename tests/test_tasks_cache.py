@@ -107,7 +107,7 @@ def test_data_build_caches_and_show_saves_a_picture(tmp_path, capsys):
     assert main(["data", "build", "recall", *args, "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert "train      40 sequences, length 32..32" in out
-    assert len(list(cache.cache_dir().glob("*.pt"))) == 0  # recall is cheap and not cached
+    assert len(list(cache.cache_dir().glob("recall-v1-*.pt"))) == 1
     png = tmp_path / "recall.png"
     assert main(["data", "show", "recall", *args, "--out", str(png)]) == 0
     assert png.stat().st_size > 1000

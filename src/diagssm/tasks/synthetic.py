@@ -15,6 +15,7 @@ u; a per-step regression scored by mean squared error on t >= delay (predicting 
 import torch
 
 from diagssm.tasks.base import SequenceDataset, Source, Task, pad_collate, per_step_collate, split_generator
+from diagssm.tasks.cache import cached
 from diagssm.tasks.memory import delayed_signal
 
 
@@ -49,12 +50,16 @@ def recall_task(seq_len=256, n_symbols=10, n_noise=10, min_len=None, n_train=819
                 n_train=(n_train, 1), n_val=(n_val, 1), n_test=(n_test, 1))
     if min_len > seq_len:
         raise ValueError(f"min_len={min_len} must be <= seq_len={seq_len}")
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        x, y, lengths = recall_data(n, seq_len, n_symbols, n_noise, min_len, split_generator(seed, split))
-        splits[split] = SequenceDataset(x, y, lengths if min_len < seq_len else None)
     params = dict(seq_len=seq_len, n_symbols=n_symbols, n_noise=n_noise, min_len=min_len,
                   n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+
+    def build():
+        return {split: recall_data(n, seq_len, n_symbols, n_noise, min_len, split_generator(seed, split))
+                for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
+
+    data = cached("recall", params, build, version=1)
+    splits = {split: SequenceDataset(x, y, lengths if min_len < seq_len else None)
+              for split, (x, y, lengths) in data.items()}
     return Task("recall", **splits, d_input=n_symbols + n_noise, d_output=n_symbols, encoder="embedding",
                 head="classification", pooling="last", metric="accuracy", collate=pad_collate, params=params)
 
@@ -66,12 +71,14 @@ def delay_task(seq_len=512, delay=200, smooth=8, n_train=2048, n_val=256, n_test
     """
     _check_ints(seq_len=(seq_len, 1), delay=(delay, 0), smooth=(smooth, 1), n_train=(n_train, 1),
                 n_val=(n_val, 1), n_test=(n_test, 1))
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        u, y = delayed_signal(n, seq_len, delay, smooth=smooth, generator=split_generator(seed, split))
-        splits[split] = SequenceDataset(u, y)
     params = dict(seq_len=seq_len, delay=delay, smooth=smooth, n_train=n_train, n_val=n_val,
                   n_test=n_test, seed=seed)
+
+    def build():
+        return {split: delayed_signal(n, seq_len, delay, smooth=smooth, generator=split_generator(seed, split))
+                for split, n in (("train", n_train), ("val", n_val), ("test", n_test))}
+
+    splits = {split: SequenceDataset(u, y) for split, (u, y) in cached("delay", params, build, version=1).items()}
     return Task("delay", **splits, d_input=1, d_output=1, encoder="linear", head="per_step", pooling="none",
                 metric="mse", collate=per_step_collate(), score_start=delay, params=params)
 
