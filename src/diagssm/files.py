@@ -12,11 +12,20 @@ import torch
 
 def atomic_save(obj, path):
     """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(text, path):
+    """Write `text` (UTF-8) to `path` so that `path` is never seen half-written."""
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _atomic_write(path, write):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""The `diagssm` command: train, eval, generate, bench, plot, info, data.
+"""The `diagssm` command: train, eval, generate, bench, plot, info, data, study.
 
 Exit codes: 0 success; 1 training diverged (NaN/inf loss or gradient); 2 a usage or config
 error (the message names the argument), or torch.compile failing with run.compile=true;
@@ -142,8 +142,9 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     from diagssm.train.data_commands import add_data
+    from diagssm.train.study import add_study
 
-    for add in (add_train, add_eval, add_generate, add_bench, add_plot_info, add_data):
+    for add in (add_train, add_eval, add_generate, add_bench, add_plot_info, add_data, add_study):
         add(sub)
     return parser
 

@@ -1,0 +1,225 @@
+"""`diagssm study`: train every model of a comparison on one task, over seeds, and tabulate.
+
+A study file (configs/study/<task>.yaml) holds
+
+    study: sfashion                 # the name; runs go to <runs-dir>/<study>/<model>/seed<k>
+    seeds: [0, 1, 2]                # run.seed: model initialisation, data order, dropout
+    models: models.yaml             # the variants: a file (relative to this one) or a mapping
+    config: {model: ..., task: ..., optim: ..., run: ...}   # the training config all rows share
+
+and a variant is a name with the dotted settings it changes (`model.layer: s4d`,
+`model.layer_kwargs.init: inv`). Every row uses the same task data (task.seed of the config),
+depth, width, optimiser and number of steps; only the variant's settings and run.seed differ.
+
+    diagssm study run configs/study/sfashion.yaml [--models s4d-legs,s5] [--seeds 0] [--set K=V]
+    diagssm study table configs/study/*.yaml [--out docs/results-table.md]
+    diagssm study list configs/study/sfashion.yaml          # rows, parameter counts, commands
+
+`run` skips rows that have a result, resumes rows that have a checkpoint, and starts the others.
+A finished row writes result.json: the test metric of the best-validation checkpoint, the best
+validation metric, the parameter count, seconds of training and seconds per epoch. `--set`
+changes every row (for a quick smoke run); such rows record it and the table marks them.
+"""
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+from diagssm.train import config as config_mod
+
+RESULT = "result.json"
+
+
+class Study:
+    """A parsed study file (module docstring)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        data = _read_yaml(self.path)
+        unknown = set(data) - {"study", "seeds", "models", "config"}
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: study, seeds, models, config")
+        for key in ("study", "seeds", "models", "config"):
+            if key not in data:
+                raise ValueError(f"{path}: missing key {key!r}")
+        self.name, self.seeds, self.base = str(data["study"]), list(data["seeds"]), data["config"]
+        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
+            raise ValueError(f"{path}: seeds={self.seeds!r} must be a non-empty list of ints >= 0")
+        models = data["models"]
+        self.models = _read_yaml(self.path.parent / models) if isinstance(models, str) else models
+        if not isinstance(self.models, dict) or not self.models:
+            raise ValueError(f"{path}: models must name a mapping of variants (name: {{dotted key: value}})")
+        for name in self.models:
+            self.config(name)  # every variant must give a valid config
+
+    def overrides(self, model):
+        """The variant's settings as --set strings (JSON values are YAML)."""
+        if model not in self.models:
+            raise ValueError(f"model {model!r} is not in study {self.name!r}; known: {', '.join(self.models)}")
+        return [f"{key}={json.dumps(value)}" for key, value in (self.models[model] or {}).items()]
+
+    def config(self, model, seed=None, extra=()):
+        """The TrainConfig of row (model, seed) with `extra` --set strings applied last."""
+        data = json.loads(json.dumps(self.base))  # a deep copy
+        sets = self.overrides(model) + ([f"run.seed={seed}"] if seed is not None else []) + list(extra)
+        return config_mod.from_dict(config_mod.apply_overrides(data, sets))
+
+    def run_dir(self, runs_dir, model, seed):
+        return Path(runs_dir) / self.name / model / f"seed{seed}"
+
+    def select(self, models=None, seeds=None):
+        """The (model, seed) rows picked by comma-separated --models / --seeds (default: all)."""
+        names = self.models if not models else models.split(",")
+        picked = self.seeds if not seeds else [int(s) for s in seeds.split(",")]
+        for name in names:
+            self.overrides(name)  # unknown names are errors before any work
+        return [(m, s) for m in names for s in picked]
+
+
+def _read_yaml(path):
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such study file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
+    return data
+
+
+def count_parameters(cfg):
+    """Parameters of the model of `cfg` (builds the task for its input and output sizes)."""
+    from diagssm.train.setup import make_model, make_task
+
+    return sum(p.numel() for p in make_model(cfg.model, make_task(cfg)).parameters())
+
+
+def train_row(study, runs_dir, model, seed, extra=()):
+    """Train (or resume, or skip) row (model, seed); return the exit code (0: the row has its
+    result; 128 + n: stopped by signal n, with a checkpoint to resume from)."""
+    from diagssm.train.loop import Trainer
+
+    run_dir = study.run_dir(runs_dir, model, seed)
+    if (run_dir / RESULT).exists():
+        print(f"[{study.name}] {model} seed {seed}: done before ({run_dir / RESULT})")
+        return 0
+    resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("step_*.pt"))
+    cfg = study.config(model, seed, extra)
+    print(f"[{study.name}] {model} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
+    trainer = Trainer(cfg, run_dir, resume=resume)
+    try:
+        outcome = trainer.run()
+    finally:
+        trainer.close()
+    if outcome.status != "completed":
+        return outcome.exit_code
+    write_result(study, trainer, model, seed, extra)
+    return 0
+
+
+def write_result(study, trainer, model, seed, extra):
+    """Evaluate the best checkpoint on the test split and write result.json atomically."""
+    from diagssm.files import atomic_write_text
+    from diagssm.train.data import eval_loader
+    from diagssm.train.objective import evaluate
+
+    cfg, task = trainer.cfg, trainer.task
+    best = trainer.ckpts.resolve("best")[1]
+    trainer.model.load_state_dict(best["model"])
+    loader = eval_loader(task.test, task, cfg.optim.batch_size, trainer.world)
+    test = evaluate(trainer.model, loader, task, trainer.world)
+    steps_per_epoch = trainer.sampler.steps_per_epoch
+    result = {"study": study.name, "model": model, "seed": seed, "metric": task.metric,
+              "test": test["metric"], "val": trainer.best["metric"] if trainer.best else None,
+              "best_step": best["step"], "params": sum(p.numel() for p in trainer.model.parameters()),
+              "steps": trainer.step, "seconds": trainer.elapsed_now(),
+              "seconds_per_epoch": trainer.elapsed_now() / trainer.step * steps_per_epoch,
+              "overrides": list(extra), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    atomic_write_text(json.dumps(result, indent=1) + "\n", trainer.run_dir / RESULT)
+    print(f"[{study.name}] {model} seed {seed}: test {task.metric} {test['metric']:.4f} "
+          f"(best val {result['val']:.4f} at step {best['step']})")
+    return result
+
+
+def results(study, runs_dir):
+    """{model: [result dicts of finished seeds]} for every model of the study."""
+    found = {}
+    for model in study.models:
+        rows = []
+        for path in sorted((Path(runs_dir) / study.name / model).glob(f"seed*/{RESULT}")):
+            rows.append(json.loads(path.read_text()))
+        found[model] = rows
+    return found
+
+
+def spread(values):
+    """(mean, sample standard deviation or nan for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def table(studies, runs_dir):
+    """A markdown table: per study and model, test metric mean +- std over seeds, seeds, best
+    val, parameters, seconds per epoch. Rows trained with --set overrides are marked *."""
+    lines = ["| task | model | test (mean ± std) | seeds | val (mean) | params | s / epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for study in studies:
+        for model, rows in results(study, runs_dir).items():
+            if not rows:
+                lines.append(f"| {study.name} | {model} | not run | 0 | | | |")
+                continue
+            scale = 100.0 if rows[0]["metric"] == "accuracy" else 1.0
+            mean, std = spread([r["test"] * scale for r in rows])
+            val, _ = spread([r["val"] * scale for r in rows])
+            mark = "*" if any(r["overrides"] for r in rows) else ""
+            std_text = "" if math.isnan(std) else f" ± {std:.2f}"
+            lines.append(f"| {study.name} | {model}{mark} | {mean:.2f}{std_text} | {len(rows)} | {val:.2f} | "
+                         f"{rows[0]['params']:,} | {statistics.fmean(r['seconds_per_epoch'] for r in rows):.1f} |")
+    return "\n".join(lines)
+
+
+def cmd_study(args):
+    if args.study_command == "table":
+        text = table([Study(p) for p in args.studies], args.runs_dir)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text + "\n")
+            print(f"saved {args.out}")
+        return 0
+    study = Study(args.studies[0]) if len(args.studies) == 1 else None
+    if study is None:
+        raise ValueError(f"diagssm study {args.study_command} takes one study file, got {len(args.studies)}")
+    rows = study.select(args.models, args.seeds)
+    if args.study_command == "list":
+        for model in dict.fromkeys(m for m, _ in rows):
+            params = count_parameters(study.config(model, extra=args.set))
+            print(f"{model:<14} {params:>9,} parameters   diagssm study run {study.path} --models {model}")
+        return 0
+    for model, seed in rows:
+        code = train_row(study, args.runs_dir, model, seed, args.set)
+        if code:
+            return code
+    return 0
+
+
+def add_study(sub):
+    p = sub.add_parser("study", help="train and tabulate a model comparison (configs/study/)",
+                       description=__doc__.split("\n\n")[0])
+    q = p.add_subparsers(dest="study_command", required=True)
+    for name, text in (("run", "train every (model, seed) row; resumes and skips finished rows"),
+                       ("list", "the rows, their parameter counts and commands"),
+                       ("table", "the results table (markdown) of one or more studies")):
+        r = q.add_parser(name, help=text, description=text)
+        r.add_argument("studies", nargs="+", help="study file(s), e.g. configs/study/sfashion.yaml")
+        r.add_argument("--runs-dir", default="runs/study", help="where the runs are (default runs/study)")
+        if name != "table":
+            r.add_argument("--models", help="comma-separated variant names (default: all)")
+            r.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
+            r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                           help="change a setting of every row (marks them in the table)")
+        else:
+            r.add_argument("--out", help="also write the table to this file")
+    p.set_defaults(run=cmd_study)

@@ -1,0 +1,82 @@
+"""`diagssm study`: rows trained, skipped when finished, resumed after a stop, tabulated."""
+import json
+
+import pytest
+import yaml
+
+from diagssm.train import study as study_mod
+from diagssm.train.cli import main
+
+CONFIG = {
+    "model": {"layer": "s4d", "d_model": 8, "n_layers": 1, "layer_kwargs": {"d_state": 8}},
+    "task": {"name": "recall", "seed": 0, "params": {"seq_len": 16, "n_train": 64, "n_val": 16, "n_test": 32}},
+    "optim": {"batch_size": 16, "warmup_steps": 1},
+    "run": {"max_steps": 6, "eval_every": 3, "checkpoint_every": 3, "log_every": 3, "progress": False,
+            "threads": 1, "tensorboard": "off"},
+}
+
+
+def write_study(tmp_path, models=None):
+    models = models or {"s4d-legs": {"model.layer_kwargs.init": "legs"},
+                        "s4d-lin": {"model.layer_kwargs.init": "lin"}}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump({"study": "tiny", "seeds": [0, 1], "models": "models.yaml", "config": CONFIG}))
+    return path
+
+
+def test_variant_settings_reach_the_config(tmp_path):
+    s = study_mod.Study(write_study(tmp_path))
+    cfg = s.config("s4d-lin", seed=1)
+    assert cfg.model.layer_kwargs == {"d_state": 8, "init": "lin"} and cfg.run.seed == 1
+    assert s.config("s4d-legs").model.layer_kwargs["init"] == "legs"
+    assert s.select("s4d-lin", "1") == [("s4d-lin", 1)]
+    with pytest.raises(ValueError, match="'s9'"):
+        s.select("s9")
+
+
+def test_bad_study_files_are_rejected(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "models": {"a": {"model.nope": 1}}, "config": CONFIG}))
+    with pytest.raises(ValueError, match="nope"):
+        study_mod.Study(bad)
+    bad.write_text(yaml.safe_dump({"study": "x", "seeds": [], "models": {"a": {}}, "config": CONFIG}))
+    with pytest.raises(ValueError, match="seeds"):
+        study_mod.Study(bad)
+    bad.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "models": {"a": {}}, "config": CONFIG, "extra": 1}))
+    with pytest.raises(ValueError, match="extra"):
+        study_mod.Study(bad)
+
+
+def test_run_skip_resume_and_table(tmp_path, capsys):
+    path, runs = write_study(tmp_path), tmp_path / "runs"
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs"]) == 0
+    for seed in (0, 1):
+        result = json.loads((runs / "tiny" / "s4d-legs" / f"seed{seed}" / "result.json").read_text())
+        assert result["steps"] == 6 and 0.0 <= result["test"] <= 1.0 and result["params"] > 0
+        assert result["seed"] == seed and result["overrides"] == []
+    capsys.readouterr()
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs"]) == 0
+    assert capsys.readouterr().out.count("done before") == 2
+
+    # a row stopped half-way (a checkpoint at step 3, no result) is resumed, not restarted
+    s = study_mod.Study(path)
+    from diagssm.train.loop import Trainer
+    trainer = Trainer(s.config("s4d-lin", 0), s.run_dir(runs, "s4d-lin", 0))
+    assert trainer.run(stop_after=3).status == "stopped"
+    trainer.close()
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-lin", "--seeds", "0"]) == 0
+    assert "resuming" in capsys.readouterr().out
+
+    out = tmp_path / "table.md"
+    assert main(["study", "table", str(path), "--runs-dir", str(runs), "--out", str(out)]) == 0
+    text = out.read_text()
+    legs = json.loads((runs / "tiny" / "s4d-legs" / "seed0" / "result.json").read_text())
+    assert "| tiny | s4d-legs | " in text and "| 2 |" in text and f"{legs['params']:,}" in text
+    assert "| tiny | s4d-lin | " in text and "| 1 |" in text
+
+
+def test_list_prints_parameter_counts(tmp_path, capsys):
+    assert main(["study", "list", str(write_study(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "s4d-legs" in out and "parameters" in out and "diagssm study run" in out
