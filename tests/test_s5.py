@@ -196,6 +196,29 @@ def test_init():
     assert S5(2, 4).Lambda().dtype == torch.complex64
 
 
+@pytest.mark.parametrize("conj_sym", [True, False])
+def test_random_init(conj_sym):
+    """init="rand": per block, eigenvalues -1/2 + i omega with omega in [0, pi (P/J)/2), sorted by Im
+    (with their conjugates without conj_sym); the same B and C distribution as HiPPO-N."""
+    torch.manual_seed(1)
+    P, J = 16, 2
+    layer = S5(8, P, blocks=J, conj_sym=conj_sym, init="rand").double()
+    Lambda = layer.Lambda().detach()
+    assert Lambda.shape == (P // 2 if conj_sym else P,)
+    assert_close(Lambda.real, torch.full_like(Lambda.real, -0.5), dtype=torch.float32)
+    hippo = inits.hippo_n_blocks(P, J, conj_sym)[0]
+    assert not torch.allclose(Lambda, hippo.to(Lambda.dtype), atol=1e-2)
+    for block in Lambda.imag.reshape(J, -1):
+        assert (block.diff() >= 0).all() and block.abs().max() < math.pi * (P // J) / 2
+        if not conj_sym:
+            assert_close(block, -block.flip(0), dtype=torch.float32)  # conjugate pairs
+    torch.manual_seed(1)
+    again = S5(8, P, blocks=J, conj_sym=conj_sym, init="rand").double()
+    assert torch.equal(again.Lambda(), layer.Lambda())
+    with pytest.raises(ValueError, match="init='legs'"):
+        S5(8, P, init="legs")
+
+
 def test_state_dict_round_trip():
     layer = make(bidirectional=True, C_init="lecun_normal")
     fresh = S5(3, 8, bidirectional=True, C_init="lecun_normal").double()

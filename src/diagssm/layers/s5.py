@@ -26,6 +26,7 @@ from diagssm.layers.base import SSMLayer, as_complex, complex_parameter, log_uni
 from diagssm.ops import discretize, modal_conv, scan
 
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
+INITS = ("hippo_n", "rand")
 MODES = ("scan", "conv", "auto")
 _TRUNC_STD = 0.87962566103423978  # std of a standard normal truncated to [-2, 2] (JAX's lecun_normal)
 
@@ -34,6 +35,22 @@ def lecun_normal(shape, fan_in):
     """JAX's lecun_normal: a standard normal truncated to [-2, 2], scaled to std 1/sqrt(fan_in). float64."""
     t = nn.init.trunc_normal_(torch.empty(shape, dtype=torch.float64), 0.0, 1.0, -2.0, 2.0)
     return t * (fan_in ** -0.5 / _TRUNC_STD)
+
+
+def random_modes(P, blocks, conj_sym):
+    """Lambda for init="rand": per block of size P/J, S4D-Rand eigenvalues -1/2 + i omega with
+    omega ~ Uniform[0, pi (P/J) / 2) (`init.diagonal_init("rand")`, global RNG), sorted by Im;
+    without conj_sym each block also holds the conjugates (Im increasing, like HiPPO-N's order).
+
+    Shapes: returns Lambda (M,) complex128, M = P/2 with conj_sym else P
+    """
+    size = P // blocks
+    out = []
+    for _ in range(blocks):
+        half = inits.diagonal_init("rand", size)  # (size/2,)
+        half = half[torch.argsort(half.imag)]  # (size/2,)
+        out.append(half if conj_sym else torch.cat([half.conj().flip(0), half]))
+    return torch.cat(out)  # (M,)
 
 
 def init_C(C_init, channels, H, V):
@@ -76,6 +93,8 @@ class S5(SSMLayer):
         conj_sym: store the M = P/2 modes with Im > 0 and output 2 Re(...) (needs P/J even);
             otherwise M = P modes and Re(...).
         C_init: "trunc_standard_normal" | "lecun_normal" | "complex_normal" (see `init_C`).
+        init: "hippo_n" (the paper's block HiPPO-N) or "rand" (the ablation: the eigenvalues
+            replaced by random S4D-Rand ones, `random_modes`; V, B and C drawn as for HiPPO-N).
         discretization: "zoh" | "bilinear".
         dt_min, dt_max: Delta = exp(log_dt) is initialised log-uniform in [dt_min, dt_max], per mode.
         clip_eigs: use Re Lambda = min(Lambda_re, -1e-4) (stable for unbounded lengths; S5's clip_eigs).
@@ -111,7 +130,7 @@ class S5(SSMLayer):
 
     def __init__(self, d_model, d_state, blocks=1, conj_sym=True, C_init="trunc_standard_normal",
                  discretization="zoh", dt_min=1e-3, dt_max=1e-1, clip_eigs=False, bidirectional=False,
-                 mode="auto", check_finite=True):
+                 mode="auto", check_finite=True, init="hippo_n"):
         super().__init__()
         if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
             raise ValueError(f"d_model={d_model!r} is not allowed; expected an integer >= 1")
@@ -119,8 +138,13 @@ class S5(SSMLayer):
             raise ValueError(f"C_init={C_init!r}; allowed: {C_INITS}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {MODES}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}; allowed: {INITS}")
         discretize(torch.tensor(-1.0), torch.tensor(0.1), discretization)  # validates the name
         Lambda, V, Vinv = inits.hippo_n_blocks(d_state, blocks, conj_sym)  # (M,), (P, M), (M, P)
+        if init == "rand":
+            Lambda = random_modes(d_state, blocks, conj_sym)  # (M,)
+        self.init = init
         H, M = d_model, Lambda.shape[0]
         self.d_model, self.d_state, self.n_modes, self.blocks = d_model, d_state, M, blocks
         self.conj_sym, self.C_init, self.discretization = conj_sym, C_init, discretization
