@@ -149,6 +149,24 @@ def test_parameter_counts(H, N, channels, bidirectional):
     assert n(S4D(64, 64)) == 12416 and n(DSS(64, 64)) == 4352  # the README table: H = N = 64
 
 
+def test_s4d_fixed_B():
+    """train_B=False keeps B at its initial value as a buffer: H N fewer parameters, the same output."""
+    torch.manual_seed(0)
+    trained = S4D(4, 8).double()
+    torch.manual_seed(0)
+    fixed = S4D(4, 8, train_B=False).double()
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(trained) - n(fixed) == 4 * 8 and "B" in dict(fixed.named_buffers())
+    u = randn(2, 30, 4, seed=3)
+    assert_close(fixed(u), trained(u), dtype=torch.float64)
+    fixed(u).square().sum().backward()
+    assert fixed.C.grad is not None and fixed.B.grad is None
+    state = fixed.state_dict()
+    again = S4D(4, 8, train_B=False).double()
+    again.load_state_dict(state)
+    assert torch.equal(again(u), fixed(u))
+
+
 @pytest.mark.parametrize("name", LAYERS)
 def test_state_dict_round_trip(name):
     layer, fresh = make(name, seed=0), make(name, seed=1)

@@ -31,10 +31,13 @@ class S4D(DiagonalSSM):
         check_finite: reject NaN/inf inputs (costs one pass over u).
         backend: "fft" (kernel + FFT convolution) | "chunked" (chunked matrix multiplies,
             `ops.chunked`) | "auto" (chunked on the CPU, fft elsewhere; see `pick_backend`).
+        train_B: learn B (the S4 code's S4D) or keep it at its initial value as a buffer (the
+            minimal S4D, where B = 1 is folded into C; with "legs", B stays the HiPPO projection).
 
     Parameters (H = d_model, N = d_state): log_dt (H,); log_A_real or neg_A_real (H, N/2);
-    A_imag (H, N/2); B (H, N/2, 2); C (C', H, N/2, 2) with C' = channels (x2 bidirectional);
-    D (channels, H). Count: H (1 + N (2 + C') + channels).
+    A_imag (H, N/2); B (H, N/2, 2) (a buffer when train_B=False); C (C', H, N/2, 2) with
+    C' = channels (x2 bidirectional); D (channels, H).
+    Count: H (1 + N (1 + train_B + C') + channels).
 
     Shapes: u (B, L, H) -> y (B, L, channels H); state (B, H, N/2) complex.
     """
@@ -43,7 +46,8 @@ class S4D(DiagonalSSM):
     ssm_params = ("log_dt", "log_A_real", "neg_A_real", "A_imag", "B")
 
     def __init__(self, d_model, d_state=64, init="legs", discretization="zoh", real_transform="exp",
-                 dt_min=1e-3, dt_max=1e-1, channels=1, bidirectional=False, check_finite=True, backend="auto"):
+                 dt_min=1e-3, dt_max=1e-1, channels=1, bidirectional=False, check_finite=True, backend="auto",
+                 train_B=True):
         super().__init__()
         check_even_state(d_state, "S4D")
         self.backend = check_backend(backend, "S4D")
@@ -62,7 +66,11 @@ class S4D(DiagonalSSM):
         else:
             self.neg_A_real = nn.Parameter((-A.real).float().contiguous())  # (H, M)
         self.A_imag = nn.Parameter(A.imag.float().contiguous())  # (H, M)
-        self.B = complex_parameter(B.expand(H, M))  # (H, M, 2)
+        if train_B:
+            self.B = complex_parameter(B.expand(H, M))  # (H, M, 2)
+        else:  # fixed at its initial value, as in the minimal S4D (B folded into C)
+            self.register_buffer("B", torch.view_as_real(B.expand(H, M).to(torch.complex64)).clone())  # (H, M, 2)
+        self.train_B = train_B
         self.C = complex_parameter(torch.randn(channels * (1 + bidirectional), H, M, dtype=torch.complex64))
         self.D = nn.Parameter(torch.randn(channels, H))  # (channels, H)
 
