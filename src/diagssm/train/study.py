@@ -194,9 +194,12 @@ def cmd_study(args):
         raise ValueError(f"diagssm study {args.study_command} takes one study file, got {len(args.studies)}")
     rows = study.select(args.models, args.seeds)
     if args.study_command == "list":
+        counts = {}
         for model in dict.fromkeys(m for m, _ in rows):
-            params = count_parameters(study.config(model, extra=args.set))
-            print(f"{model:<14} {params:>9,} parameters   diagssm study run {study.path} --models {model}")
+            counts[model] = count_parameters(study.config(model, extra=args.set))
+            print(f"{model:<14} {counts[model]:>9,} parameters   diagssm study run {study.path} --models {model}")
+        low, high = min(counts.values()), max(counts.values())
+        print(f"parameter counts from {low:,} to {high:,}: the largest is {100 * (high / low - 1):.1f}% above the smallest")
         return 0
     for model, seed in rows:
         code = train_row(study, args.runs_dir, model, seed, args.set)
