@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from diagssm import hippo
+from diagssm.layers import S4D
 from diagssm.layers.base import as_complex
 from diagssm.layers.s4 import (S4, bilinear_dense, bilinear_dplr, dplr_dense, dplr_kernel_ref, doubled)
 from helpers import assert_close, randn
@@ -28,7 +29,7 @@ def layer(H=3, N=8, measure="legs", rank=1, seed=0, perturb=True, **kw):
 
 
 def params(m, rate=1.0):
-    return m.Lambda(), as_complex(m.P), as_complex(m.B), as_complex(m.C), m.dt(rate)
+    return m.Lambda(), m.low_rank(), as_complex(m.B), as_complex(m.C), m.dt(rate)
 
 
 def rel_err(a, b):
@@ -177,15 +178,79 @@ def test_rate_scales_dt():
         assert_close(a, b)
 
 
+# --- n_ssm: copies of (Lambda, P) -------------------------------------------------------------------
+
+def copy_system(m, s):
+    """Copy s of (Lambda, P) read straight from the parameters: (M,), (r, M) complex."""
+    Lambda = torch.complex(-torch.exp(m.log_Lambda_re[s]), m.Lambda_im[s])
+    return Lambda, as_complex(m.P)[:, s]
+
+
+@pytest.mark.parametrize("n_ssm", [2, 6])
+def test_n_ssm_kernel_matches_dense_per_group(n_ssm):
+    """Each channel h is the dense DPLR system of copy h mod n_ssm (the S4 code's repeat), with its own
+    B, C, dt: its kernel equals that system's dense powers."""
+    m = layer(H=6, measure="legt", rank=2, channels=2, n_ssm=n_ssm)  # perturbed: every copy differs
+    assert m.log_Lambda_re.shape == (n_ssm, 4) and m.P.shape == (2, n_ssm, 4, 2)
+    K = m.kernel(300)  # (C', H, L)
+    B, C, dt = as_complex(m.B), as_complex(m.C), m.dt()
+    for h in range(6):
+        Lambda, P = copy_system(m, h % n_ssm)
+        want = dplr_kernel_ref(Lambda, P, B[h:h + 1], C[:, h:h + 1], dt[h:h + 1], 300)  # (C', 1, L)
+        assert rel_err(K[:, h], want[:, 0]) < 1e-8, h
+
+
+def test_n_ssm_equal_H_gives_independent_channels():
+    """n_ssm = H: channel h's kernel depends on row h of Lambda and P only; n_ssm = 2: on copy h mod 2."""
+    for n_ssm, owner in ((4, lambda h: h), (2, lambda h: h % 2)):
+        m = layer(H=4, n_ssm=n_ssm)
+        K = m.kernel(50)  # (1, H, L)
+        for h in range(4):
+            grads = torch.autograd.grad(K[0, h].square().sum(), [m.log_Lambda_re, m.Lambda_im, m.P],
+                                        retain_graph=True)
+            for g in grads:
+                touched = g.abs().flatten(-2) if g.dim() == 4 else g.abs()  # (.., S, ...) per copy
+                rows = (touched.sum(-1) > 0).reshape(-1, n_ssm).any(0)  # (S,)
+                assert rows.tolist() == [s == owner(h) for s in range(n_ssm)], (n_ssm, h)
+
+
+@pytest.mark.parametrize("n_ssm", [1, 3])
+def test_n_ssm_conv_equals_step_rollout(n_ssm):
+    m = layer(H=3, n_ssm=n_ssm, channels=2)
+    u, x0 = randn(2, 17, 3, seed=2), randn(2, 3, 4, dtype=C128, seed=3)
+    y, x = m(u, state=x0, return_state=True)
+    y_step, x_step = rollout(m, u, x0)
+    assert_close(y, y_step, scale=100)
+    assert_close(x, x_step, scale=100)
+
+
+def test_readme_counts_and_parity_with_s4d():
+    """The README table's S4 row (H = N = 64: 8,448) and the docstring's parity: n_ssm = H/2, rank 1
+    has S4D's H (3N + 2) parameters."""
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(S4(64, 64)) == 8448 == s4_count(64, 64)
+    assert n(S4(64, 64, n_ssm=32)) == 64 * (3 * 64 + 2) == n(S4D(64, 64))
+
+
+def test_n_ssm_default_is_tied():
+    m = S4(4, 8)
+    assert m.n_ssm == 1 and torch.equal(m.Lambda()[0], m.Lambda()[3]) and m.low_rank().shape == (1, 4, 4)
+
+
 # --- contracts -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("H, N, rank, channels, bidirectional",
-                         [(4, 8, 1, 1, False), (3, 16, 2, 2, False), (5, 6, 1, 3, True), (2, 64, 1, 1, False)])
-def test_parameter_count(H, N, rank, channels, bidirectional):
+def s4_count(H, N, rank=1, channels=1, bidirectional=False, n_ssm=1):
+    """The class docstring's formula: H (1 + N (1 + C') + channels) + S N (1 + r)."""
+    return H * (1 + N * (1 + channels * (1 + bidirectional)) + channels) + n_ssm * N * (1 + rank)
+
+
+@pytest.mark.parametrize("H, N, rank, channels, bidirectional, n_ssm",
+                         [(4, 8, 1, 1, False, 1), (3, 16, 2, 2, False, 1), (5, 6, 1, 3, True, 1),
+                          (2, 64, 1, 1, False, 1), (4, 8, 1, 1, False, 4), (6, 16, 2, 2, True, 3)])
+def test_parameter_count(H, N, rank, channels, bidirectional, n_ssm):
     m = S4(H, N, measure="legt" if rank == 2 else "legs", rank=rank, channels=channels,
-           bidirectional=bidirectional)
-    Cp = channels * (1 + bidirectional)
-    assert sum(p.numel() for p in m.parameters()) == H * (1 + N * (1 + Cp) + channels) + N * (1 + rank)
+           bidirectional=bidirectional, n_ssm=n_ssm)
+    assert sum(p.numel() for p in m.parameters()) == s4_count(H, N, rank, channels, bidirectional, n_ssm)
     assert m.default_state(7).shape == (7, H, N // 2) and m.default_state(7).dtype == torch.complex64
     assert set(S4.ssm_params) <= {n for n, _ in m.named_parameters()}
 
@@ -245,3 +310,7 @@ def test_errors():
         S4(3, 7)
     with pytest.raises(ValueError, match="channels"):
         S4(3, 8, channels=0)
+    with pytest.raises(ValueError, match="n_ssm=2 must divide d_model=3"):
+        S4(3, 8, n_ssm=2)
+    with pytest.raises(ValueError, match="n_ssm=0 must be an int >= 1"):
+        S4(3, 8, n_ssm=0)

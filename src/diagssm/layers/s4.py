@@ -4,7 +4,8 @@ diagonal layers simplify.
 
 The system. `hippo.nplr_diagonal` writes the real HiPPO matrix in the unitary eigenbasis V of its
 normal part: A_real = V_full (diag(Lambda_full) - p p^H) V_full^H. The layer stores one member of
-each conjugate pair (M = N/2 modes): Lambda (M,), P (rank, M), B (H, M), C (C', H, M). They stand
+each conjugate pair (M = N/2 modes): Lambda (S, M), P (rank, S, M), B (H, M), C (C', H, M), with
+S = n_ssm copies of (Lambda, P); channel h uses copy h mod S (`tie`). Per channel they stand
 for the N-dimensional system on the conjugate-doubled state [x; conj x] with
 
     Lambda_full = [Lambda, conj Lambda],  p = [P, conj P],  B_full = [B, conj B],  C_full = [C, conj C]
@@ -59,10 +60,23 @@ def small_solve(A, B):
     return torch.linalg.solve(A, B)
 
 
+def tie(x, H):
+    """The per-channel tensor of n_ssm copies: channel h uses copy h mod S, as the S4 code's
+    repeat 't n -> (v t) n'. Shapes: x (..., S, M) with S dividing H -> (..., H, M)"""
+    return x.repeat(*([1] * (x.dim() - 2)), H // x.shape[-2], 1)
+
+
+def per_channel(Lambda, P, H):
+    """Shared or per-channel (Lambda, P) as per-channel tensors.
+    Shapes: Lambda (M,) or (H, M) -> (H, M); P (r, M) or (r, H, M) -> (r, H, M)"""
+    return Lambda.expand(H, Lambda.shape[-1]), (P if P.dim() == 3 else P[:, None]).expand(P.shape[0], H, -1)
+
+
 def dplr_dense(Lambda, P):
-    """A = diag(Lambda_full) - p p^H on the doubled state. Lambda (M,), P (r, M) -> (2M, 2M)."""
-    p = doubled(P)  # (r, N)
-    return torch.diag(doubled(Lambda)) - p.transpose(0, 1) @ p.conj()  # (N, N)
+    """A = diag(Lambda_full) - p p^H on the doubled state, shared or per channel.
+    Shapes: Lambda (M,), P (r, M) -> (2M, 2M); Lambda (H, M), P (r, H, M) -> (H, 2M, 2M)"""
+    p = doubled(P)  # (r, ..., N)
+    return torch.diag_embed(doubled(Lambda)) - torch.einsum("r...n,r...m->...nm", p, p.conj())  # (..., N, N)
 
 
 def bilinear_dense(A, B, dt):
@@ -84,16 +98,18 @@ def bilinear_dplr(Lambda, P, B, dt):
     inverse, Woodbury gives (I - dt/2 A)^{-1} = diag(d) - d U (2/dt I + U^H d U)^{-1} U^H d;
     then A_bar = 2 (I - dt/2 A)^{-1} - I (since I + dt/2 A = 2I - (I - dt/2 A)), B_bar = dt (.)^{-1} B.
 
-    Shapes: Lambda (M,); P (r, M); B (H, N) doubled; dt (H,) -> A_bar (H, N, N), B_bar (H, N)
+    Shapes: Lambda (M,) or (H, M); P (r, M) or (r, H, M); B (H, N) doubled; dt (H,)
+        -> A_bar (H, N, N), B_bar (H, N)
     """
-    U = doubled(P).transpose(0, 1)  # (N, r)
+    Lambda, P = per_channel(Lambda, P, dt.shape[0])  # (H, M), (r, H, M)
+    U = doubled(P).permute(1, 2, 0)  # (H, N, r)
     d = 1 / (1 - (dt / 2)[:, None] * doubled(Lambda))  # (H, N)
     dU = d[..., None] * U  # (H, N, r)
-    Uh_d = U.conj().T * d[:, None, :]  # (H, r, N) U^H d
-    eye_r = torch.eye(U.shape[1], dtype=d.dtype, device=d.device)
+    Uh_d = U.conj().transpose(-1, -2) * d[:, None, :]  # (H, r, N) U^H d
+    eye_r = torch.eye(U.shape[-1], dtype=d.dtype, device=d.device)
     core = (2 / dt)[:, None, None] * eye_r + Uh_d @ U  # (H, r, r)
     inv = torch.diag_embed(d) - dU @ small_solve(core, Uh_d)  # (H, N, N) (I - dt/2 A)^{-1}
-    eye = torch.eye(U.shape[0], dtype=d.dtype, device=d.device)
+    eye = torch.eye(U.shape[1], dtype=d.dtype, device=d.device)
     return 2 * inv - eye, dt[:, None] * (inv @ B[..., None])[..., 0]  # (H, N, N), (H, N)
 
 
@@ -130,15 +146,16 @@ def dplr_kernel(Lambda, P, B, C, dt, L):
     and at omega = -1 exactly K_hat = dt/2 C_full B_full (the resolvent there is dt/2 I).
 
     Shapes:
-        Lambda (M,) complex; P (r, M) complex; B (..., H, M) complex (batch dims allowed);
-        C (C', H, M) complex; dt (H,) real
+        Lambda (M,) or (H, M) complex; P (r, M) or (r, H, M) complex; B (..., H, M) complex
+        (batch dims allowed); C (C', H, M) complex; dt (H,) real
         returns K (..., C', H, L) real
     """
     H, M = C.shape[-2:]
     rank, batch = P.shape[0], B.shape[:-2]
+    Lambda, P = per_channel(Lambda, P, H)  # (H, M), (r, H, M)
     z, s, nyquist = _frequencies(L, C.dtype, C.device)  # (L',)
-    left = torch.cat([C, P.conj()[:, None].expand(rank, H, M)])  # (C'+r, H, M)
-    right = torch.cat([B.reshape(-1, H, M), P[:, None].expand(rank, H, M)])  # (nb+r, H, M)
+    left = torch.cat([C, P.conj()])  # (C'+r, H, M)
+    right = torch.cat([B.reshape(-1, H, M), P])  # (nb+r, H, M)
     v = left[:, None] * right[None] * dt[:, None]  # (C'+r, nb+r, H, M)
     w = dt[:, None] * Lambda  # (H, M)
     r = cauchy(doubled(v), z, doubled(w))  # (C'+r, nb+r, H, L') sums over all N modes
@@ -171,9 +188,11 @@ def dplr_kernel_ref(Lambda, P, B, C, dt, L):
 
 
 def apply_A(Lambda, P, x):
-    """A x on the stored half: Lambda x - sum_r P_r 2 Re(P_r^H x). x (..., H, M) -> (..., H, M)."""
-    q = 2 * torch.einsum("rm,...m->...r", P.conj(), x).real  # (..., H, r)
-    return Lambda * x - q.to(x.dtype) @ P  # (..., H, M)
+    """A x on the stored half: Lambda x - sum_r P_r 2 Re(P_r^H x).
+    Shapes: Lambda (M,) or (H, M); P (r, M) or (r, H, M); x (..., H, M) -> (..., H, M)"""
+    Lambda, P = per_channel(Lambda, P, x.shape[-2])  # (H, M), (r, H, M)
+    q = 2 * torch.einsum("rhm,...hm->...hr", P.conj(), x).real  # (..., H, r)
+    return Lambda * x - torch.einsum("...hr,rhm->...hm", q.to(x.dtype), P)  # (..., H, M)
 
 
 def final_state(A_bar, B_bar, u, x0_full):
@@ -204,7 +223,7 @@ class S4(SSMLayer):
     """S4 layer (DPLR): (B, L, H) -> (B, L, C'' H). The SSM and its D skip term only.
 
     Args:
-        d_model: H, the number of channels (independent SISO systems sharing Lambda and P).
+        d_model: H, the number of channels (SISO systems; they share Lambda and P by n_ssm).
         d_state: N, the size of the real HiPPO matrix; N/2 complex modes are stored.
         measure: HiPPO measure, "legs" | "legt" | "lagt" | "fout" (`hippo.nplr_diagonal`).
         rank: rank of the low-rank term; legt needs 2 (a ValueError says so), the others 1.
@@ -212,11 +231,16 @@ class S4(SSMLayer):
         channels: output channels C'' (C is (C', H, N/2)); the output is (B, L, C'' H).
         bidirectional: add an anti-causal kernel with its own C (no recurrent state then).
         check_finite: reject NaN/inf inputs.
+        n_ssm: S, the number of trained copies of (Lambda, P), dividing H: channel h uses copy
+            h mod S, as in the S4 code (`SSMKernelDPLR`, `n_ssm`). 1 (default): tied across all
+            channels; H: one per channel. Unlike the S4 code, B stays per channel for every S
+            (the S4 code's copies include B).
 
-    Parameters (H = d_model, N = d_state, r = rank, C' = channels (x2 bidirectional)):
-    log_dt (H,); log_Lambda_re (N/2,) with Re Lambda = -exp(.) < 0; Lambda_im (N/2,);
-    P (r, N/2, 2); B (H, N/2, 2); C (C', H, N/2, 2); D (channels, H).
-    Count: H (1 + N (1 + C') + channels) + N (1 + r).
+    Parameters (H = d_model, N = d_state, r = rank, S = n_ssm, C' = channels (x2 bidirectional)):
+    log_dt (H,); log_Lambda_re (S, N/2) with Re Lambda = -exp(.) < 0; Lambda_im (S, N/2);
+    P (r, S, N/2, 2); B (H, N/2, 2); C (C', H, N/2, 2); D (channels, H).
+    Count: H (1 + N (1 + C') + channels) + S N (1 + r). With S = H/2 and r = 1 that is S4D's
+    H (3N + 2).
 
     Shapes: u (B, L, H) -> y (B, L, channels H); state (B, H, N/2) complex.
     """
@@ -225,28 +249,38 @@ class S4(SSMLayer):
     ssm_params = ("log_dt", "log_Lambda_re", "Lambda_im", "P", "B")
 
     def __init__(self, d_model, d_state=64, measure="legs", rank=1, dt_min=1e-3, dt_max=1e-1,
-                 channels=1, bidirectional=False, check_finite=True):
+                 channels=1, bidirectional=False, check_finite=True, n_ssm=1):
         super().__init__()
         check_even_state(d_state, "S4")
-        for name, value in (("d_model", d_model), ("channels", channels)):
+        for name, value in (("d_model", d_model), ("channels", channels), ("n_ssm", n_ssm)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"S4: {name}={value!r} must be an int >= 1")
+        if d_model % n_ssm:
+            raise ValueError(f"S4: n_ssm={n_ssm} must divide d_model={d_model} (channel h uses copy h mod n_ssm)")
         Lambda, P, B, _ = hippo.nplr_diagonal(measure, d_state, rank)  # (M,), (r, M), (M,)
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
-        self.measure, self.rank, self.channels = measure, rank, channels
+        self.measure, self.rank, self.channels, self.n_ssm = measure, rank, channels, n_ssm
         self.bidirectional, self.check_finite = bidirectional, check_finite
-        H, M = d_model, self.n_modes
+        H, M, S = d_model, self.n_modes, n_ssm
         self.log_dt = nn.Parameter(torch.log(log_uniform(H, dt_min, dt_max)).float())  # (H,)
-        self.log_Lambda_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=MIN_NEG_REAL)).float())  # (M,)
-        self.Lambda_im = nn.Parameter(Lambda.imag.float().contiguous())  # (M,)
-        self.P = complex_parameter(P)  # (r, M, 2)
+        log_re = torch.log((-Lambda.real).clamp(min=MIN_NEG_REAL))  # (M,)
+        self.log_Lambda_re = nn.Parameter(log_re.expand(S, M).float().contiguous())  # (S, M)
+        self.Lambda_im = nn.Parameter(Lambda.imag.expand(S, M).float().contiguous())  # (S, M)
+        self.P = complex_parameter(P[:, None].expand(rank, S, M))  # (r, S, M, 2)
         self.B = complex_parameter(B.expand(H, M))  # (H, M, 2)
         self.C = complex_parameter(torch.randn(channels * (1 + bidirectional), H, M, dtype=torch.complex64))
         self.D = nn.Parameter(torch.randn(channels, H))  # (channels, H)
 
+    def extra_repr(self):
+        return f"{super().extra_repr()}, n_ssm={self.n_ssm}"
+
     def Lambda(self):
-        """The diagonal part, (N/2,) complex, Re < 0."""
-        return torch.complex(-torch.exp(self.log_Lambda_re), self.Lambda_im)
+        """The diagonal part per channel, (H, N/2) complex, Re < 0 (copy h mod n_ssm: `tie`)."""
+        return tie(torch.complex(-torch.exp(self.log_Lambda_re), self.Lambda_im), self.d_model)
+
+    def low_rank(self):
+        """The low-rank factor P per channel, (r, H, N/2) complex (copy h mod n_ssm: `tie`)."""
+        return tie(as_complex(self.P), self.d_model)
 
     def dt(self, rate=1.0):
         if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
@@ -255,7 +289,7 @@ class S4(SSMLayer):
 
     def dense(self, rate=1.0):
         """The discretised doubled system (A_bar (H, N, N), B_bar (H, N)), for the state and tests."""
-        return bilinear_dplr(self.Lambda(), as_complex(self.P), doubled(as_complex(self.B)), self.dt(rate))
+        return bilinear_dplr(self.Lambda(), self.low_rank(), doubled(as_complex(self.B)), self.dt(rate))
 
     def kernel(self, L, rate=1.0):
         """K (C', H, L) = 2 Re(C A_bar^l B_bar) on the stored half, l < L (S4 Algorithm 1)."""
@@ -263,7 +297,7 @@ class S4(SSMLayer):
             raise ValueError(f"L={L!r} must be a positive int (the kernel length)")
         A_bar, _ = self.dense(rate)
         Ct = c_tilde(as_complex(self.C), A_bar, L)  # (C', H, M)
-        return dplr_kernel(self.Lambda(), as_complex(self.P), as_complex(self.B), Ct, self.dt(rate), L)
+        return dplr_kernel(self.Lambda(), self.low_rank(), as_complex(self.B), Ct, self.dt(rate), L)
 
     def default_state(self, batch_size):
         """The zero state, (B, H, N/2) complex."""
@@ -287,7 +321,7 @@ class S4(SSMLayer):
             self.check_recurrent()
             state = self.default_state(Bsz) if state is None else state
             self.check_state(state, Bsz)
-        Lambda, P, dt = self.Lambda(), as_complex(self.P), self.dt(rate)
+        Lambda, P, dt = self.Lambda(), self.low_rank(), self.dt(rate)  # (H, M), (r, H, M), (H,)
         A_bar, B_bar = bilinear_dplr(Lambda, P, doubled(as_complex(self.B)), dt)  # (H, N, N), (H, N)
         Bs = as_complex(self.B)[None]  # (1, H, M)
         if state is not None:
@@ -322,12 +356,12 @@ class S4(SSMLayer):
         self.check_recurrent()
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
-        Lambda, P, dt = self.Lambda(), as_complex(self.P), self.dt(rate)[:, None]  # (M,), (r, M), (H, 1)
+        Lambda, P, dt = self.Lambda(), self.low_rank(), self.dt(rate)[:, None]  # (H, M), (r, H, M), (H, 1)
         rhs = state + dt / 2 * apply_A(Lambda, P, state) + dt * as_complex(self.B) * u_t[..., None]  # (B, H, M)
         d = 1 / (1 - dt / 2 * Lambda)  # (H, M)
-        G = torch.einsum("sm,hm,tm->hst", P.conj(), d, P).real  # (H, r, r)
+        G = torch.einsum("shm,hm,thm->hst", P.conj(), d, P).real  # (H, r, r)
         lhs = torch.eye(self.rank, dtype=G.dtype, device=G.device) + dt[..., None] * G  # (H, r, r)
-        q = small_solve(lhs, 2 * torch.einsum("sm,hm,bhm->bhs", P.conj(), d, rhs).real[..., None])[..., 0]  # (B, H, r)
-        x = d * (rhs - dt / 2 * (q.to(rhs.dtype) @ P))  # (B, H, M)
+        q = small_solve(lhs, 2 * torch.einsum("shm,hm,bhm->bhs", P.conj(), d, rhs).real[..., None])[..., 0]  # (B, H, r)
+        x = d * (rhs - dt / 2 * torch.einsum("bhr,rhm->bhm", q.to(rhs.dtype), P))  # (B, H, M)
         y = 2 * (as_complex(self.C) * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
         return y.flatten(1), x
