@@ -1,4 +1,6 @@
-"""Models: residual block, sequence model, pooling, heads, padding, stepping, dropout, contracts."""
+"""Models: residual block, sequence model, pooling, heads, padding, stepping, rate, dropout, contracts."""
+import math
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -125,6 +127,10 @@ def test_padding_does_not_change_causal_outputs(layer):
         assert_close(y[b, :n], y_nolen[b, :n], scale=100)
 
 
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
 def randomise_norms(m, seed=5):
     """Random affine maps and running statistics (at initialisation a norm maps 0 to 0)."""
     g = torch.Generator().manual_seed(seed)
@@ -173,6 +179,86 @@ def test_step_in_train_mode_uses_running_stats():
     m.eval()
     assert_close(y_step, m(x), scale=100)
     assert int(m.blocks[0].norm.num_batches_tracked) == 0
+
+
+def rollout_kw(m, x, **kw):
+    state, outs = m.default_state(x.shape[0]), []
+    for x_t in x.unbind(1):
+        out_t, state = m.step(x_t, state, **kw)
+        outs.append(out_t)
+    return torch.stack(outs, 1)  # (B, L, d_output)
+
+
+def test_dss_softmax_model_steps_with_L():
+    """DSS-softmax's system depends on the length: stepped with L = the sequence's length it equals
+    forward; without L the layer says what to pass."""
+    torch.manual_seed(0)
+    lk = {"d_state": N, "variant": "softmax"}
+    m = SequenceModel(3, 5, d_model=H, n_layers=2, layer="dss", layer_kwargs=lk, pooling="none").double().eval()
+    randomise_norms(m)
+    x = randn(2, 9, 3)
+    assert_close(rollout_kw(m, x, L=9), m(x), scale=100)
+    assert_close(rollout_kw(m, x, L=9, rate=2.0), m(x, rate=2.0), scale=100)
+    assert not torch.allclose(rollout_kw(m, x, L=20), m(x))  # another length is another system
+    with pytest.raises(ValueError, match="pass L="):
+        m.step(x[:, 0], m.default_state(2))
+
+
+# --- sampling rate -------------------------------------------------------------------------------
+
+def spy_on_steps(m):
+    """Record the keyword arguments of every SSM layer's step."""
+    calls = []
+    for block in m.blocks:
+        step = block.layer.step
+        block.layer.step = lambda *a, _step=step, **kw: calls.append(kw) or _step(*a, **kw)
+    return calls
+
+
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+def test_rate_reaches_every_layer(layer):
+    """forward(rate=r) and step(rate=r) hand r to each layer, and equal the model whose every dt is
+    multiplied by r (log_dt + log r) at rate 1."""
+    m = model(layer=layer, pooling="none").eval()
+    seen = []
+    for block in m.blocks:
+        block.layer.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["rate"]), with_kwargs=True)
+    x = randn(2, 7, 3)
+    y = m(x, rate=2.5)
+    assert seen == [2.5, 2.5]
+    calls = spy_on_steps(m)
+    m.step(x[:, 0], m.default_state(2), rate=2.5)
+    assert [kw["rate"] for kw in calls] == [2.5, 2.5]
+    scaled = model(layer=layer, pooling="none").eval()
+    with torch.no_grad():
+        for block in scaled.blocks:
+            block.layer.log_dt.add_(math.log(2.5))
+    assert_close(y, scaled(x))
+    assert_close(rollout_kw(m, x, rate=2.5), scaled(x), scale=100)
+
+
+def smooth(L, stride=1):
+    """Three slow waves (periods 170 to 900 steps at the full rate), sampled at steps 1, 1 + stride, ..."""
+    k = torch.arange(stride - 1, L, stride, dtype=F64)  # (L / stride,)
+    w = 2 * math.pi * k  # (L / stride,)
+    waves = [torch.sin(w / 400), torch.cos(w / 170 + 1), torch.sin(w / 900) ** 2]
+    return torch.stack(waves, -1)[None]  # (1, L / stride, 3)
+
+
+# measured relative errors at rate 2 (rate 1): s4d 0.010 (0.66), dss 0.011 (0.71), s5 0.0013 (0.14), s4 0.0049 (0.39)
+@pytest.mark.parametrize("layer", LAYER_NAMES)
+def test_rate_two_reads_half_rate_signal(layer):
+    """Zero-shot rate change (S5 paper, Sec. 6.3): on a smooth signal sampled at half the rate, the
+    model at rate = 2 gives what it gives at rate = 1 on the full-rate signal at the same times, to
+    first order in the step (< 2% relative); at rate = 1 it is off by > 10%."""
+    torch.manual_seed(0)
+    m = SequenceModel(3, 2, d_model=8, n_layers=2, layer=layer, layer_kwargs={"d_state": 16}, pooling="none",
+                      head="regression").double().eval()
+    with torch.no_grad():
+        y_full = m(smooth(2000))[:, 1::2]  # (1, 1000, 2) at full-rate steps 1, 3, 5, ...
+        y_rate2, y_rate1 = m(smooth(2000, 2), rate=2.0), m(smooth(2000, 2))
+    assert rel(y_rate2, y_full) < 0.02
+    assert rel(y_rate1, y_full) > 0.1
 
 
 @pytest.mark.parametrize("activation", ["gelu", "glu", "half_glu1", "half_glu2"])
@@ -259,6 +345,8 @@ ERRORS = [
     (lambda: model()(randn(2, 5, 3), torch.tensor([5])), r"lengths must be .* shape \(B,\) = \(2,\)"),
     (lambda: model().step(randn(2, 3), model().default_state(2)), r"step needs pooling='none'"),
     (lambda: model(pooling="none").step(randn(2, 3), []), r"state must be a list of 2"),
+    (lambda: model()(randn(2, 5, 3), rate=0), r"rate=0 is not allowed"),
+    (lambda: model(pooling="none").step(randn(2, 3), model().default_state(2), rate=-1.0), r"rate=-1.0"),
     (lambda: model(head="retrieval")(randn(2, 5, 3)), r"forward_pair"),
     (lambda: model().forward_pair(randn(2, 5, 3), randn(2, 5, 3)), r"head='retrieval'"),
     (lambda: ResidualBlock(H, layer_kwargs=SMALL["s4d"]).double()(randn(2, 5, 3)), r"x must be \(B, L, H\)"),

@@ -86,6 +86,12 @@ def check_lengths(lengths, B, L):
         raise ValueError(f"lengths={lengths.tolist()} out of range; allowed: 1 <= lengths[b] <= L = {L}")
 
 
+def check_rate(rate):
+    """rate scales every layer's dt (a change of sampling rate); it must be a positive number."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise ValueError(f"rate={rate!r} is not allowed; expected a positive number (it multiplies dt)")
+
+
 def make_norm(norm, d_model):
     check_choice("norm", norm, NORMS)
     return nn.LayerNorm(d_model) if norm == "layer" else nn.BatchNorm1d(d_model)
@@ -158,8 +164,12 @@ class ResidualBlock(nn.Module):
     and BatchNorm normalises with its running statistics (in eval mode BatchNorm is a fixed
     per-channel affine map, so step equals forward; in train mode forward uses batch statistics
     and step does not, and step never updates the running statistics). LayerNorm is per step, so
-    step equals forward. The state is the SSM layer's state alone. DSS-softmax cannot be stepped
-    here (its step needs the length L); bidirectional layers cannot be stepped at all.
+    step equals forward. The state is the SSM layer's state alone. A layer whose system depends
+    on the sequence length (DSS-softmax: `layer.length_dependent`) is stepped with `L=`, the
+    length of the sequence it serves; bidirectional layers cannot be stepped at all.
+
+    `rate` (forward and step) multiplies the layer's dt: a change of sampling rate at inference
+    (rate = 2 reads a signal sampled at half the training rate).
 
     Shapes: x (B, L, H) -> (B, L, H); lengths (B,) int; x_t (B, H); state: the layer's.
     """
@@ -192,8 +202,9 @@ class ResidualBlock(nn.Module):
             v = y * torch.sigmoid(self.out(z))
         return drop(v)  # (..., H)
 
-    def forward(self, x, lengths=None):
+    def forward(self, x, lengths=None, rate=1.0):
         """Shapes: x (B, L, H); lengths (B,) int or None -> (B, L, H)"""
+        check_rate(rate)
         if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != self.d_model:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"x must be (B, L, H) with H = d_model = {self.d_model}; got {got}")
@@ -208,19 +219,22 @@ class ResidualBlock(nn.Module):
         x = zero_padding(x, mask)  # (B, L, H)
         z = norm_sequence(self.norm, x, mask) if self.prenorm else x  # (B, L, H)
         z = zero_padding(z, mask)  # the norm maps a zero step to its bias: zero it again
-        x = x + self.output(self.layer(z))  # (B, L, H)
+        x = x + self.output(self.layer(z, rate=rate))  # (B, L, H)
         return x if self.prenorm else norm_sequence(self.norm, x, mask)
 
     def default_state(self, batch_size):
         """The SSM layer's zero state (see the layer's `default_state`)."""
         return self.layer.default_state(batch_size)
 
-    def step(self, x_t, state):
-        """One step of recurrent inference (class docstring: eval-mode semantics).
+    def step(self, x_t, state, rate=1.0, L=None):
+        """One step of recurrent inference (class docstring: eval-mode semantics). `L` goes to a
+        length-dependent layer (DSS-softmax, which needs it) and is unused by the others.
 
         Shapes: x_t (B, H); state: the layer's -> x_t (B, H), state
         """
+        check_rate(rate)
         z = norm_step(self.norm, x_t) if self.prenorm else x_t  # (B, H)
-        y, state = self.layer.step(z, state)  # (B, H)
+        length = {"L": L} if getattr(self.layer, "length_dependent", False) else {}
+        y, state = self.layer.step(z, state, rate=rate, **length)  # (B, H)
         x_t = x_t + self.output(y, drop=False)  # (B, H)
         return (x_t if self.prenorm else norm_step(self.norm, x_t)), state

@@ -13,8 +13,8 @@ S5 code (`models/block.py`); the retrieval head from the LRA benchmark (Tay et a
 import torch
 from torch import nn
 
-from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_positive_int, make_norm,
-                                  norm_sequence, norm_step, step_mask)
+from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_positive_int, check_rate,
+                                  make_norm, norm_sequence, norm_step, step_mask)
 from diagssm.models.heads import HEADS, POOLINGS, RetrievalHead, pool
 
 ENCODERS = ("embedding", "linear")
@@ -41,7 +41,12 @@ class SequenceModel(nn.Module):
 
     Recurrent inference (`default_state`, `step`; pooling="none" only) runs every block's `step`
     with eval-mode semantics (no dropout, BatchNorm on running statistics: `ResidualBlock`); in
-    eval mode stepping over a sequence equals `forward`.
+    eval mode stepping over a sequence equals `forward`. A DSS-softmax model is stepped with
+    `L=` the length of the sequence (its system depends on it); other layers ignore L.
+
+    Sampling rate: `rate` (forward, forward_pair, step) multiplies every SSM layer's dt, so a model
+    trained on a signal reads the same signal sampled at 1/rate of that rate (S5 paper, Sec. 6.3;
+    S4D: the same dt scaling). Every layer gets the same rate.
 
     Shapes:
         forward: x (B, L) int or (B, L, d_input); lengths (B,) int or None
@@ -92,32 +97,34 @@ class SequenceModel(nn.Module):
         if not step and x.shape[1] < 1:
             raise ValueError(f"{name} has length L = 0; need L >= 1")
 
-    def encode(self, x, lengths=None, name="x"):
+    def encode(self, x, lengths=None, name="x", rate=1.0):
         """The features before pooling. Shapes: x as in forward -> h (B, L, H)"""
         self.check_input(x, name)
         check_lengths(lengths, x.shape[0], x.shape[1])
+        check_rate(rate)
         h = self.encoder(x)  # (B, L, H)
         for block in self.blocks:
-            h = block(h, lengths)  # (B, L, H); each block zeroes its input's padded steps
+            h = block(h, lengths, rate)  # (B, L, H); each block zeroes its input's padded steps
         if self.norm is None:
             return h
         mask = None if lengths is None else step_mask(lengths, x.shape[1])  # (B, L)
         return norm_sequence(self.norm, h, mask)  # (B, L, H)
 
-    def forward(self, x, lengths=None):
-        """out = head(pool(encode(x))). Shapes: see the class docstring."""
+    def forward(self, x, lengths=None, rate=1.0):
+        """out = head(pool(encode(x))); `rate` multiplies every layer's dt. Shapes: the class docstring."""
         if self.head_name == "retrieval":
             raise ValueError("head='retrieval' scores a pair of sequences: "
                              "call forward_pair(x1, x2, lengths1, lengths2)")
-        return self.head(pool(self.encode(x, lengths), lengths, self.pooling))  # (B, d_output) or (B, L, d_output)
+        h = self.encode(x, lengths, rate=rate)  # (B, L, H)
+        return self.head(pool(h, lengths, self.pooling))  # (B, d_output) or (B, L, d_output)
 
-    def forward_pair(self, x1, x2, lengths1=None, lengths2=None):
+    def forward_pair(self, x1, x2, lengths1=None, lengths2=None, rate=1.0):
         """LRA retrieval: both sequences through the same encoder and blocks, pooled, then the
         retrieval head on [o1, o2, o1 - o2, o1 * o2]. Shapes: x1, x2 as x -> (B, d_output)"""
         if self.head_name != "retrieval":
             raise ValueError(f"forward_pair needs head='retrieval'; this model has head={self.head_name!r}")
-        o1 = pool(self.encode(x1, lengths1, "x1"), lengths1, self.pooling)  # (B, H)
-        o2 = pool(self.encode(x2, lengths2, "x2"), lengths2, self.pooling)  # (B, H)
+        o1 = pool(self.encode(x1, lengths1, "x1", rate), lengths1, self.pooling)  # (B, H)
+        o2 = pool(self.encode(x2, lengths2, "x2", rate), lengths2, self.pooling)  # (B, H)
         if o1.shape[0] != o2.shape[0]:
             raise ValueError(f"x1 and x2 must have the same batch size; got {o1.shape[0]} and {o2.shape[0]}")
         return self.head(o1, o2)  # (B, d_output)
@@ -126,8 +133,10 @@ class SequenceModel(nn.Module):
         """One zero layer state per block (a list of n_layers tensors)."""
         return [block.default_state(batch_size) for block in self.blocks]
 
-    def step(self, x_t, state):
+    def step(self, x_t, state, rate=1.0, L=None):
         """One step of recurrent inference through the whole model (pooling="none" only).
+        `rate` as in forward; `L`: the length of the sequence being stepped, needed by DSS-softmax
+        layers (their system depends on it) and unused by the others.
 
         Shapes: x_t (B,) int or (B, d_input); state: list of n_layers layer states
             -> out_t (B, d_output), the new list of states
@@ -143,7 +152,7 @@ class SequenceModel(nn.Module):
         h = self.encoder(x_t)  # (B, H)
         new_state = []
         for block, s in zip(self.blocks, state):
-            h, s = block.step(h, s)  # (B, H)
+            h, s = block.step(h, s, rate, L)  # (B, H)
             new_state.append(s)
         if self.norm is not None:
             h = norm_step(self.norm, h)  # (B, H)
