@@ -71,6 +71,26 @@ def test_train_writes_the_run_folder_and_eval_reads_it_back(tmp_path, capsys):
     assert f"accuracy {final_val:.6g} over 64 scored outputs" in out and "step 40" in out
 
 
+def test_eval_at_another_rate(tmp_path, capsys):
+    """--rate r evaluates model(x, lengths, rate=r): every SSM step size scaled by r."""
+    from diagssm.train.data import eval_loader
+    from diagssm.train.objective import evaluate
+    from diagssm.train.world import make_world
+
+    cfg_path, run = write_config(tmp_path / "d.yaml", TINY_DELAY), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--split", "test", "--rate", "2"]) == 0
+    out = capsys.readouterr().out
+    cfg, task, model, _, _ = load_run(run)
+    loader = eval_loader(task.test, task, cfg.optim.batch_size)
+    at = {r: evaluate(model, loader, task, make_world("cpu"), rate=r)["metric"] for r in (1.0, 2.0)}
+    assert abs(at[2.0] - at[1.0]) > 1e-4 * at[1.0]  # the rate changes the outputs
+    assert out.startswith(f"test at rate 2: loss {at[2.0]:.6g}, mse {at[2.0]:.6g}")
+    assert main(["eval", "--run-dir", str(run), "--rate", "0"]) == 2
+    assert "--rate=0.0 must be > 0" in capsys.readouterr().err
+
+
 def test_plot_run_dir(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(write_config(tmp_path / "t.yaml")), "--run-dir", str(run)]) == 0

@@ -83,6 +83,9 @@ def add_eval(sub):
                    help="'latest' (newest valid step checkpoint), 'best' (best val metric) or a path")
     p.add_argument("--batch-size", type=int, help="batch size (default: the run's optim.batch_size)")
     p.add_argument("--device", help="device (default: the run's run.device)")
+    p.add_argument("--rate", type=float, default=1.0,
+                   help="scale every SSM step size by this factor: 2 evaluates a model trained at 16 kHz on "
+                        "8 kHz data (the zero-shot sampling-rate test; default 1)")
     p.set_defaults(run=_eval)
 
 

@@ -70,8 +70,11 @@ def cmd_eval(args):
     world = make_world(args.device or cfg.run.device)
     model.to(world.device)
     loader = eval_loader(task.split(args.split), task, args.batch_size or cfg.optim.batch_size)
-    result = evaluate(model, loader, task, world)
-    print(f"{args.split}: loss {result['loss']:.6g}, {task.metric} {result['metric']:.6g} "
+    if args.rate <= 0:
+        raise ValueError(f"--rate={args.rate} must be > 0")
+    result = evaluate(model, loader, task, world, rate=args.rate)
+    at_rate = "" if args.rate == 1.0 else f" at rate {args.rate:g}"
+    print(f"{args.split}{at_rate}: loss {result['loss']:.6g}, {task.metric} {result['metric']:.6g} "
           f"over {result['count']:,} scored outputs "
           f"({path}, step {state['step']})")
     return 0

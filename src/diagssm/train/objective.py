@@ -37,24 +37,26 @@ def batch_stats(out, y, lengths, task):
     return squares.mean(), sq_sum.detach(), sq_sum.detach(), torch.tensor(squares.numel(), device=out.device)
 
 
-def forward_stats(model, batch, task, world):
-    """Move `batch` = (x, y, lengths) to the device, run the model and return batch_stats."""
+def forward_stats(model, batch, task, world, rate=1.0):
+    """Move `batch` = (x, y, lengths) to the device, run the model and return batch_stats.
+    `rate` scales every SSM step size (a test at another sampling rate, `SequenceModel.forward`)."""
     x, y, lengths = (t.to(world.device) for t in batch)
     with world.autocast():
-        out = model(x, lengths)
+        out = model(x, lengths) if rate == 1.0 else model(x, lengths, rate=rate)
     return batch_stats(out.float(), y, lengths, task)
 
 
 @torch.no_grad()
-def evaluate(model, loader, task, world, max_batches=None):
-    """{"loss", "metric", "count"} over `loader` in eval mode (the mode is restored after)."""
+def evaluate(model, loader, task, world, max_batches=None, rate=1.0):
+    """{"loss", "metric", "count"} over `loader` in eval mode (the mode is restored after),
+    with every SSM step size scaled by `rate`."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=world.device)
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
-        _, loss_sum, metric_sum, count = forward_stats(model, batch, task, world)
+        _, loss_sum, metric_sum, count = forward_stats(model, batch, task, world, rate)
         totals += torch.stack([loss_sum.double(), metric_sum.double(), count.double()])
     model.train(was_training)
     loss_sum, metric_sum, count = world.all_reduce_sum(totals).tolist()
