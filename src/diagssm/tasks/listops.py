@@ -13,8 +13,8 @@ listops_lra: the LRA release files basic_train.tsv, basic_val.tsv, basic_test.ts
     The parentheses are dropped, as in the LRA and S4 pipelines.
 
 Tokens: `listops_gen.VOCAB` (16 ids: 0 padding, 1-10 digits, 11-14 operators, 15 "]"), stored as
-uint8 and padded with 0; items are (x, label, length). The model pools over the sequence (mean,
-as LRA does) and classifies into 10 classes.
+uint8 and padded with 0; items are (x, label, length). The model mean-pools over the sequence
+(the S4 repository's ListOps setting) and classifies into 10 classes.
 """
 from pathlib import Path
 
