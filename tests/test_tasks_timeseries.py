@@ -93,7 +93,7 @@ def test_no_data_line_and_missing_file(tmp_path):
 
 def test_ucr_task_splits_labels_and_normalisation(tmp_path):
     toy_pair(tmp_path, n_train=10, n_test=3)
-    task = timeseries.ucr_task("Toy", path=str(tmp_path), val_fraction=0.2, seed=0)
+    task = timeseries.ucr_task(dataset="Toy", path=str(tmp_path), val_fraction=0.2, seed=0)
     assert (task.d_input, task.d_output, task.encoder, task.pooling) == (1, 2, "linear", "mean")
     # per class: round(0.2 * 10) = 2 to validation, 8 stay in train; the published test untouched
     for split, per_class in (("train", 8), ("val", 2), ("test", 3)):
@@ -110,7 +110,7 @@ def test_ucr_validation_rule_small_classes(tmp_path):
     rng = np.random.default_rng(1)
     write(tmp_path / "S_TRAIN.ts", HEADER, toy_cases(1, rng, labels=("a",)) + toy_cases(3, rng, labels=("b",)))
     write(tmp_path / "S_TEST.ts", HEADER, toy_cases(1, rng))
-    task = timeseries.ucr_task("S", path=str(tmp_path), val_fraction=0.1)
+    task = timeseries.ucr_task(dataset="S", path=str(tmp_path), val_fraction=0.1)
     # class 'a' has one training case: it stays in train; class 'b' (3 cases) gives max(1, round(0.3)) = 1
     assert sorted(task.train.y.tolist()) == [0, 0, 1] and task.val.y.tolist() == [0]
 
@@ -120,7 +120,7 @@ def test_ucr_variable_length_multivariate_padding(tmp_path):
     cases = [f"{','.join(['1'] * n)}:{','.join(['2'] * n)}:{'ab'[n % 2]}" for n in (3, 5, 4, 6, 2, 7)]
     write(tmp_path / "V_TRAIN.ts", header, cases + ["1,3:2,4:a", "5,1,2:1,1,1:b"])
     write(tmp_path / "V_TEST.ts", header, ["1,2,3,4,5,6,7,8:1,1,1,1,1,1,1,1:a"])
-    task = timeseries.ucr_task("V", path=str(tmp_path), val_fraction=0.25)
+    task = timeseries.ucr_task(dataset="V", path=str(tmp_path), val_fraction=0.25)
     assert task.d_input == 2 and task.test.lengths.tolist() == [8]
     data = task.train
     for i in range(len(data)):
@@ -135,8 +135,8 @@ def test_ucr_missing_values(tmp_path):
     write(tmp_path / "M_TRAIN.ts", header, ["1,2,?,4:a", "3,4,5,6:b", "1,1,2,2:a", "4,4,6,6:b"])
     write(tmp_path / "M_TEST.ts", header, ["?,2,3,4:a"])
     with pytest.raises(DataError, match=r"M_TRAIN.ts, line 10: missing value"):
-        timeseries.ucr_task("M", path=str(tmp_path))
-    task = timeseries.ucr_task("M", path=str(tmp_path), missing="mean", val_fraction=0.5)
+        timeseries.ucr_task(dataset="M", path=str(tmp_path))
+    task = timeseries.ucr_task(dataset="M", path=str(tmp_path), missing="mean", val_fraction=0.5)
     assert float(task.test.x[0, 0, 0]) == 0.0  # the training mean, after normalisation
     assert not torch.isnan(task.train.x).any() and not torch.isnan(task.val.x).any()
 
@@ -145,13 +145,13 @@ def test_ucr_test_file_must_match_train(tmp_path):
     toy_pair(tmp_path)
     write(tmp_path / "Toy_TEST.ts", HEADER[:-1] + ["@classLabel true a c"], ["1,2,3,4:c"])
     with pytest.raises(DataError, match="Toy_TEST.ts: @classLabel a c differs"):
-        timeseries.ucr_task("Toy", path=str(tmp_path))
+        timeseries.ucr_task(dataset="Toy", path=str(tmp_path))
 
 
 def test_ucr_deterministic_in_seed(tmp_path):
     toy_pair(tmp_path, n_train=20)
-    a, b = (timeseries.ucr_task("Toy", path=str(tmp_path), seed=3) for _ in range(2))
-    c = timeseries.ucr_task("Toy", path=str(tmp_path), seed=4)
+    a, b = (timeseries.ucr_task(dataset="Toy", path=str(tmp_path), seed=3) for _ in range(2))
+    c = timeseries.ucr_task(dataset="Toy", path=str(tmp_path), seed=4)
     for split in ("train", "val", "test"):
         assert torch.equal(a.split(split).x, b.split(split).x) and torch.equal(a.split(split).y, b.split(split).y)
     assert not torch.equal(a.val.x, c.val.x)
@@ -159,10 +159,10 @@ def test_ucr_deterministic_in_seed(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
-    (dict(name="../etc"), "name='../etc'"), (dict(name=3), "name=3"), (dict(path=5), "path=5"),
+    (dict(dataset="../etc"), "dataset='../etc'"), (dict(dataset=3), "dataset=3"), (dict(path=5), "path=5"),
     (dict(val_fraction=0), "val_fraction=0"), (dict(val_fraction=0.6), "val_fraction=0.6"),
     (dict(val_fraction=True), "val_fraction=True"), (dict(missing="drop"), "missing='drop'"),
-    (dict(seed=-1), "seed=-1"), (dict(name="NoSuchSet"), "name='NoSuchSet' is not a set shipped"),
+    (dict(seed=-1), "seed=-1"), (dict(dataset="NoSuchSet"), "dataset='NoSuchSet' is not a set shipped"),
 ])
 def test_ucr_rejects_bad_params(kwargs, pattern):
     with pytest.raises(ValueError, match=re.escape(pattern)):
@@ -177,19 +177,19 @@ def test_ucr_missing_pair_lists_what_is_there(tmp_path):
 
 def test_ucr_second_build_reads_the_cache(tmp_path, monkeypatch):
     toy_pair(tmp_path)
-    first = timeseries.ucr_task("Toy", path=str(tmp_path))
+    first = timeseries.ucr_task(dataset="Toy", path=str(tmp_path))
 
     def fail(*args, **kwargs):
         raise AssertionError("the .ts files were read again")
 
     monkeypatch.setattr(timeseries, "read_ts", fail)
-    second = timeseries.ucr_task("Toy", path=str(tmp_path))
+    second = timeseries.ucr_task(dataset="Toy", path=str(tmp_path))
     assert torch.equal(first.train.x, second.train.x)
 
 
 def test_show_series_text_and_picture(tmp_path):
     toy_pair(tmp_path)
-    task = timeseries.ucr_task("Toy", path=str(tmp_path))
+    task = timeseries.ucr_task(dataset="Toy", path=str(tmp_path))
     text = timeseries.show_series(task, tmp_path / "ucr.png")
     assert len(text.splitlines()) == 3 and "class" in text and "length 4" in text
     assert (tmp_path / "ucr.png").stat().st_size > 1000
@@ -201,7 +201,7 @@ needs_aeon = pytest.mark.skipif(not {"GunPoint", "BasicMotions"} <= set(timeseri
 
 @needs_aeon
 def test_gunpoint_from_aeon():
-    task = timeseries.ucr_task("GunPoint")
+    task = timeseries.ucr_task(dataset="GunPoint")
     assert (len(task.train) + len(task.val), len(task.test)) == (50, 150)
     assert task.train.x.shape[1:] == (150, 1) and task.test.x.shape[1:] == (150, 1)
     assert (task.d_input, task.d_output) == (1, 2) and task.train.classes == ["1", "2"]
@@ -210,7 +210,7 @@ def test_gunpoint_from_aeon():
 
 @needs_aeon
 def test_basicmotions_from_aeon():
-    task = timeseries.ucr_task("BasicMotions")
+    task = timeseries.ucr_task(dataset="BasicMotions")
     assert (len(task.train) + len(task.val), len(task.test)) == (40, 40)
     assert task.test.x.shape[1:] == (100, 6) and (task.d_input, task.d_output) == (6, 4)
     assert torch.bincount(task.test.y).tolist() == [10, 10, 10, 10]

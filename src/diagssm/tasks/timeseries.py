@@ -5,8 +5,9 @@ Univariate sets come from the UCR archive (Dau et al. 2019, "The UCR time series
 IEEE/CAA J. Autom. Sinica 6(6)), multivariate ones from the UEA archive (Bagnall et al. 2018,
 "The UEA multivariate time series classification archive, 2018", arXiv:1811.00075). The aeon
 wheel ships a few of them (aeon/datasets/data/<Name>/<Name>_{TRAIN,TEST}.ts: GunPoint,
-ItalyPowerDemand, ArrowHead, OSULeaf, ACSF1, BasicMotions, JapaneseVowels, ...); `path` reads
-the user's own <Name>_TRAIN.ts and <Name>_TEST.ts instead.
+ItalyPowerDemand, ArrowHead, OSULeaf, ACSF1, BasicMotions, JapaneseVowels, ...); `dataset` names
+the set; `path` reads the user's own <dataset>_TRAIN.ts and <dataset>_TEST.ts instead. (The
+parameter is `dataset`, not `name`: `build_task(name, **params)` takes the task's name.)
 
 What the task does with a file pair:
 - labels: mapped to 0..C-1 in the order of the TRAIN file's @classLabel line (the TEST file
@@ -36,7 +37,7 @@ from diagssm.tasks.timeseries_files import read_ts
 
 VERSION = 1
 MISSING = ("error", "mean")
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DATASET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SeriesDataset(SequenceDataset):
@@ -66,28 +67,28 @@ def shipped_sets():
                   if p.name == f"{p.parent.name}_TRAIN.ts" and (p.parent / f"{p.parent.name}_TEST.ts").is_file())
 
 
-def ts_pair(name, path):
-    """(train file, test file) of set `name` in folder `path`, or in aeon's folder if path is None."""
+def ts_pair(dataset, path):
+    """(train file, test file) of set `dataset` in folder `path`, or in aeon's folder if path is None."""
     if path is None:
-        if name not in shipped_sets():
-            raise ValueError(f"name={name!r} is not a set shipped in the aeon wheel "
+        if dataset not in shipped_sets():
+            raise ValueError(f"dataset={dataset!r} is not a set shipped in the aeon wheel "
                              f"({', '.join(shipped_sets()) or 'aeon is not installed'}); "
-                             f"for your own files give path=<folder with {name}_TRAIN.ts, {name}_TEST.ts>")
-        folder = aeon_data_dir() / name
+                             f"for your own files give path=<folder with {dataset}_TRAIN.ts, {dataset}_TEST.ts>")
+        folder = aeon_data_dir() / dataset
     else:
         folder = Path(path).expanduser()
-    pair = folder / f"{name}_TRAIN.ts", folder / f"{name}_TEST.ts"
+    pair = folder / f"{dataset}_TRAIN.ts", folder / f"{dataset}_TEST.ts"
     for p in pair:
         if not p.is_file():
             found = sorted(q.name for q in folder.glob("*_TRAIN.ts")) if folder.is_dir() else []
-            raise cache.DataError(f"{p}: no such file (name={name!r} reads <name>_TRAIN.ts and <name>_TEST.ts "
-                                  f"in {folder}; TRAIN files there: {', '.join(found) or 'none'})")
+            raise cache.DataError(f"{p}: no such file (dataset={dataset!r} reads <dataset>_TRAIN.ts and "
+                                  f"<dataset>_TEST.ts in {folder}; TRAIN files there: {', '.join(found) or 'none'})")
     return pair
 
 
-def _check_params(name, path, val_fraction, missing, seed):
-    if not isinstance(name, str) or not NAME.match(name):
-        raise ValueError(f"name={name!r} must be a data set name such as 'GunPoint' (letters, digits, _ . -)")
+def _check_params(dataset, path, val_fraction, missing, seed):
+    if not isinstance(dataset, str) or not DATASET.match(dataset):
+        raise ValueError(f"dataset={dataset!r} must be a data set name such as 'GunPoint' (letters, digits, _ . -)")
     if path is not None and not isinstance(path, (str, Path)):
         raise ValueError(f"path={path!r} must be None (aeon's files) or a folder (string)")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction <= 0.5:
@@ -152,15 +153,15 @@ def normalise(x, lengths, train_x, train_len):
     return z
 
 
-def ucr_task(name="GunPoint", path=None, val_fraction=0.1, missing="error", seed=0):
-    """A UCR/UEA classification set (module docstring): <name>_TRAIN.ts / <name>_TEST.ts from
+def ucr_task(dataset="GunPoint", path=None, val_fraction=0.1, missing="error", seed=0):
+    """A UCR/UEA classification set (module docstring): <dataset>_TRAIN.ts / <dataset>_TEST.ts from
     aeon's shipped data (path=None) or from folder `path`.
 
     Shapes: items x (L, n_dims) float32 (z-normalised), y () int64 in [0, C), and the length
     when the set has cases of different lengths
     """
-    _check_params(name, path, val_fraction, missing, seed)
-    train_path, test_path = ts_pair(name, path)
+    _check_params(dataset, path, val_fraction, missing, seed)
+    train_path, test_path = ts_pair(dataset, path)
     stamps = {"train": cache.file_stamp(train_path), "test": cache.file_stamp(test_path), "missing": missing}
     data = cache.cached("ucr", stamps, lambda: read_pair(train_path, test_path, missing), VERSION)
     train_idx, val_idx = carve_per_class(data["train_y"], val_fraction, seed)
@@ -171,7 +172,7 @@ def ucr_task(name="GunPoint", path=None, val_fraction=0.1, missing="error", seed
     variable = len(torch.unique(torch.cat([data["train_len"], data["test_len"]]))) > 1  # give lengths
     splits = {split: SeriesDataset(normalise(x, ln, tx, tl), y, ln if variable else None, data["classes"])
               for split, (x, ln, y) in parts.items()}
-    params = dict(name=name, path=None if path is None else str(path), val_fraction=val_fraction,
+    params = dict(dataset=dataset, path=None if path is None else str(path), val_fraction=val_fraction,
                   missing=missing, seed=seed)
     return Task("ucr", **splits, d_input=data["train_x"].shape[-1], d_output=len(data["classes"]),
                 encoder="linear", head="classification", pooling="mean", metric="accuracy",
@@ -210,7 +211,7 @@ def show_series(task, png, n=3, per_class=3, max_classes=6):
         axes[row, 0].set_title(f"class {c} ({data.classes[c]}): {len(rows)} of its {int((data.y == c).sum())} "
                                f"training cases" + (", one line per dimension" if task.d_input > 1 else ""),
                                fontsize=8)
-    fig.suptitle(f"ucr {task.params['name']}: z-normalised training series", fontsize=9)
+    fig.suptitle(f"ucr {task.params['dataset']}: z-normalised training series", fontsize=9)
     fig.tight_layout()
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
