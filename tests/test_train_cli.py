@@ -102,6 +102,32 @@ def test_plot_run_dir(tmp_path, capsys):
     assert "no metrics.csv" in capsys.readouterr().err
 
 
+def test_plot_figures_of_trained_runs(tmp_path, capsys):
+    """kernels, step-sizes and curves of runs in a study layout (label = the model folder)."""
+    from diagssm import figures
+
+    runs = []
+    for model, seed in (("s4d", 0), ("s4d", 1), ("s5", 0)):
+        run = tmp_path / "study" / model / f"seed{seed}"
+        cfg = write_config(tmp_path / f"{model}{seed}.yaml", TINY_DELAY, model={"layer": model},
+                           run={"seed": seed, "max_steps": 4, "eval_every": 2})
+        assert main(["train", "--config", str(cfg), "--run-dir", str(run)]) == 0
+        runs.append(str(run))
+    for what in ("kernels", "step-sizes", "curves"):
+        out = tmp_path / f"{what}.png"
+        assert main(["plot", what, *runs, "--out", str(out)]) == 0
+        assert out.stat().st_size > 5000
+    model = load_run(runs[0], "best")[2]
+    expected = [torch.exp(m.log_dt.detach()).double().numpy() for m in model.modules() if hasattr(m, "log_dt")]
+    drawn = figures.plot_step_sizes(tmp_path / "again.png", {"s4d": model})["s4d"]
+    assert len(drawn) == len(expected) == 1 and (drawn[0] == expected[0]).all()
+    capsys.readouterr()
+    assert main(["plot", "eigenvalues", "--d-state", "8", "--out", str(tmp_path / "eig.png")]) == 0
+    assert (tmp_path / "eig.png").stat().st_size > 5000
+    assert main(["plot", "kernels"]) == 2
+    assert "takes one or more run folders" in capsys.readouterr().err
+
+
 def test_every_option_has_help():
     parser = build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -227,12 +227,12 @@ def plot_learning_curves(path, runs, split="val", metric_name=None):
     the first run's task metric, as `plot_curves` finds it); not "accuracy": log scales.
     Returns {label: [run_curves(run) for each run]}.
     """
-    from diagssm.train.curves import _metric_name
+    from diagssm.train.curves import metric_name_of
 
     plt = _pyplot()
     dirs = {label: [d] if isinstance(d, (str, Path)) else list(d) for label, d in runs.items()}
     curves = {label: [run_curves(d, split) for d in ds] for label, ds in dirs.items()}
-    metric_name = metric_name or _metric_name(next(iter(dirs.values()))[0])
+    metric_name = metric_name or metric_name_of(next(iter(dirs.values()))[0])
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for color, (label, per_run) in enumerate(curves.items()):
         for i, c in enumerate(per_run):

@@ -11,22 +11,6 @@ import sys
 LAYERS = ("S4D", "DSS", "S5", "S4")
 
 
-def _plot(args):
-    if args.what != "convergence":
-        from diagssm.train.commands import cmd_plot_run
-
-        return cmd_plot_run(args.what, args.out)
-    from diagssm.theory import plot_convergence
-
-    out = args.out or "docs/figures/convergence.png"
-    errors = plot_convergence(out)
-    print("relative L2 error of the first four basis kernels, S4D-LegS (B/2) against S4-LegS:")
-    for N, err in errors.items():
-        print(f"  N = {N:5d}: {err:.3g}")
-    print(f"saved {out}")
-    return 0
-
-
 def _info(args):
     import diagssm
 
@@ -109,15 +93,7 @@ def add_generate(sub):
     p.set_defaults(run=_generate)
 
 
-def add_plot_info(sub):
-    plot = sub.add_parser("plot", help="draw a figure",
-                          description="Draw a figure and save it: a run's learning curves, or the convergence figure.")
-    plot.add_argument("what", help="a run folder: its learning curves from metrics.csv (to <run-dir>/curves.png); "
-                                   "or 'convergence': basis kernels of S4-LegS against S4D-LegS as N grows "
-                                   "(S4D paper)")
-    plot.add_argument("--out", help="where to save the PNG (default: <run-dir>/curves.png, or "
-                                    "docs/figures/convergence.png)")
-    plot.set_defaults(run=_plot)
+def add_info(sub):
     info = sub.add_parser("info", help="a layer's parameters and their counts",
                           description="Build one layer and print its parameters with shapes and counts.")
     info.add_argument("layer", choices=LAYERS, help="the layer class")
@@ -145,9 +121,10 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     from diagssm.train.data_commands import add_data
+    from diagssm.train.plot_commands import add_plot
     from diagssm.train.study import add_study
 
-    for add in (add_train, add_eval, add_generate, add_bench, add_plot_info, add_data, add_study):
+    for add in (add_train, add_eval, add_generate, add_bench, add_plot, add_info, add_data, add_study):
         add(sub)
     return parser
 

@@ -19,7 +19,7 @@ def plot_curves(run_dir, out=None, metric_name=None):
     rows = read_rows(path)
     if not rows:
         raise ValueError(f"{path} has no rows yet")
-    metric_name = metric_name or _metric_name(run_dir)
+    metric_name = metric_name or metric_name_of(run_dir)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "metric", metric_name)):
         for split, style in (("train", "-"), ("val", "o-")):
@@ -41,7 +41,7 @@ def plot_curves(run_dir, out=None, metric_name=None):
     return out
 
 
-def _metric_name(run_dir):
+def metric_name_of(run_dir):
     """The task's metric, from the run's config.yaml ("metric" if the folder has none)."""
     config = Path(run_dir) / "config.yaml"
     if not config.exists():

@@ -60,7 +60,7 @@ def generate(model, x, prompt_len, steps, then="zeros"):
     inputs, outputs, out_t = [], [], None
     for t in range(prompt_len + steps):
         x_t = x[t:t + 1] if t < prompt_len else next_input(then, x, t, out_t)  # (1, ...)
-        out_t, state = model.step(x_t, state)  # (1, d_output)
+        out_t, state = model.step(x_t, state, L=prompt_len + steps)  # (1, d_output); L for DSS-softmax
         inputs.append(x_t)
         outputs.append(out_t)
     inputs, outputs = torch.cat(inputs), torch.cat(outputs)  # (T, ...), (T, d_output)
