@@ -21,7 +21,8 @@ def lengths(data):
 def row(task, dataset):
     train_y = torch.cat([task.train.y, task.val.y])  # the published training set
     l_train, l_test = torch.cat([lengths(task.train), lengths(task.val)]), lengths(task.test)
-    return (f"| {dataset} | {task.d_input} | {task.d_output} | {len(train_y)} ({len(task.train)} + {len(task.val)}) "
+    return (f"| {dataset} | {task.d_input} | {task.d_output} "
+            f"| {len(train_y)} ({len(task.train)} + {len(task.val)}) "
             f"| {len(task.test)} | {int(l_train.min())}..{int(l_train.max())} / {int(l_test.min())}..{int(l_test.max())} "
             f"| {torch.bincount(train_y, minlength=task.d_output).tolist()} "
             f"| {torch.bincount(task.test.y, minlength=task.d_output).tolist()} |")
