@@ -313,3 +313,15 @@ def test_reader_cache_is_reused_until_a_file_changes(tmp_path, monkeypatch):
     monkeypatch.setattr(listops, "read_tsv", real)
     changed = listops.listops_lra_task(path=folder)
     assert [y for _, y, _ in items(changed.val)] == [3, 7, 2]
+
+
+def test_the_cpu_config_names_valid_parameters():
+    from pathlib import Path
+
+    from diagssm.train import config
+
+    cfg = config.load(Path(__file__).parents[1] / "configs" / "listops.yaml")
+    assert cfg.task.name == "listops"
+    assert cfg.task.params == dict(min_length=100, max_length=512, n_train=20000, n_val=1000, n_test=1000)
+    listops._check_generator(**{**dict(n_train=1, n_val=1, n_test=1, max_depth=10, max_args=10, seed=0,
+                                       workers=None), **cfg.task.params})
