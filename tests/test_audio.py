@@ -97,7 +97,8 @@ def test_espeak_speaks_and_names_the_failing_command():
 
 def test_espeak_missing_program_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(audio, "ESPEAK", "espeak-ng-not-here")
-    with pytest.raises(audio.SynthesisError, match=r"espeak-ng-not-here is not installed \(apt-get install espeak-ng\)"):
+    with pytest.raises(audio.SynthesisError,
+                       match=r"espeak-ng-not-here is not installed \(apt-get install espeak-ng\)"):
         audio.espeak("yes", "en-us", 150, 50)
 
 
@@ -146,7 +147,8 @@ def test_quantize_and_audio_dataset_round_trip():
     q, scale = audio.quantize(x)
     assert q.dtype == np.int16 and scale.dtype == np.float32
     assert (np.abs(q).max(axis=1) == 32767).all()
-    assert (np.abs(q * scale[:, None].astype(np.float64) - x).max(axis=1) <= scale * 0.5 + 1e-6 * np.abs(x).max(1)).all()
+    error = np.abs(q * scale[:, None].astype(np.float64) - x).max(axis=1)  # (4,)
+    assert (error <= scale * 0.5 + 1e-6 * np.abs(x).max(1)).all()
     ds = audio.AudioDataset(q, scale, np.arange(4), ["a", "b", "c", "d"], 16000)
     item, label = ds[2]
     assert item.shape == (300, 1) and item.dtype == torch.float32 and int(label) == 2

@@ -228,9 +228,12 @@ def test_reader_reads_the_cache_the_second_time_and_shows_clips(tmp_path, monkey
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda r: (r / "testing_list.txt").unlink(), r"testing_list.txt: missing \(expected the Speech Commands v2 list file\)"),
-    (lambda r: shutil.rmtree(r / "stop"), r"stop: missing \(expected the Speech Commands v2 folder of the word's clips\)"),
-    (lambda r: (r / "up" / "02ab0_nohash_0.wav").write_text("RIFF but not really"), r"up/02ab0_nohash_0.wav: not a readable WAV"),
+    (lambda r: (r / "testing_list.txt").unlink(),
+     r"testing_list.txt: missing \(expected the Speech Commands v2 list file\)"),
+    (lambda r: shutil.rmtree(r / "stop"),
+     r"stop: missing \(expected the Speech Commands v2 folder of the word's clips\)"),
+    (lambda r: (r / "up" / "02ab0_nohash_0.wav").write_text("RIFF but not really"),
+     r"up/02ab0_nohash_0.wav: not a readable WAV"),
     (lambda r: (r / "up" / "02ab1_nohash_1.wav").write_bytes((r / "up" / "02ab1_nohash_1.wav").read_bytes()[:-100]),
      r"up/02ab1_nohash_1.wav: truncated WAV: the header says 17000 samples, the file holds 16950"),
     (lambda r: write_wav(r / "left" / "04ab0_nohash_0.wav", clip(0, 8000), rate=8000),

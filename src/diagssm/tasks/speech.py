@@ -155,7 +155,8 @@ def build_split(specs, voices, workers, desc):
     voice_id = [voices.index(s["voice"]) for s in specs]
     return {"q": torch.from_numpy(q), "scale": torch.from_numpy(scale),
             "y": torch.tensor([s["label"] for s in specs], dtype=torch.int64),
-            "offset": torch.from_numpy(offset), "n_word": torch.from_numpy(n_word), "voice": torch.tensor(voice_id, dtype=torch.int16),
+            "offset": torch.from_numpy(offset), "n_word": torch.from_numpy(n_word),
+            "voice": torch.tensor(voice_id, dtype=torch.int16),
             "speed": torch.tensor([s["speed"] for s in specs], dtype=torch.int16),
             "pitch": torch.tensor([s["pitch"] for s in specs], dtype=torch.int16),
             "snr_db": torch.tensor([s["snr_db"] for s in specs], dtype=torch.float32),
@@ -178,7 +179,7 @@ def sc_synthetic_task(words=10, n_train=300, n_val=50, n_test=50, accents=None, 
         [min, max] ranges drawn uniformly per clip. test_rate: see the module docstring.
         workers: processes for the build (default: CPU count, at most 8; not part of the data).
 
-    Shapes: items x (L, 1) float32 (L = 16000, or 16000 * test_rate / 16000 in test), y () int64
+    Shapes: items x (L, 1) float32 (L = 16000; in test, L = test_rate), y () int64
     """
     words = check_words(words)
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
@@ -245,7 +246,7 @@ def speech_commands_task(path=None, words=10, test_rate=16000, seed=0):
     """The Speech Commands v2 folder at `path` (module docstring); words=10 or 35 (or a list);
     test_rate as for sc_synthetic. `seed` is unused (the splits are the published lists).
 
-    Shapes: items x (L, 1) float32, L = 16000 (test: 16000 * test_rate / 16000), y () int64
+    Shapes: items x (L, 1) float32 (L = 16000; in test, L = test_rate), y () int64
     """
     words = check_words(words)
     check_rate(test_rate)
