@@ -221,8 +221,7 @@ def test_cifar_grey_and_colour(tmp_path):
     assert x.shape == (1024, 3) and int(y) == raw[b"labels"][1]
     assert np.allclose(x.numpy(), np.stack([r, g, b], 1), atol=1e-6)
     assert np.allclose(grey.test[1][0][:, 0].numpy(), 0.299 * r + 0.587 * g + 0.114 * b, atol=1e-6)
-    for task in (grey, colour):
-        assert "mean" in images.show_images(task, tmp_path / "c.png") and (tmp_path / "c.png").is_file()
+    assert "mean" in images.show_images(colour, tmp_path / "c.png") and (tmp_path / "c.png").is_file()
 
 
 @pytest.mark.parametrize("content, pattern", [
