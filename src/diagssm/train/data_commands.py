@@ -21,13 +21,16 @@ def cmd_data(args):
 
 
 def data_list(args):
+    """Every task; "files" tasks read the user's files (task parameter path=) and are marked so."""
     print(f"{'task':<18} {'kind':<10} {'available':<10} origin")
     for name in sorted(registry.TASKS):
         source = registry.SOURCES[name]
-        reason = source.available()
-        print(f"{name:<18} {source.kind:<10} {'yes' if reason is None else 'no':<10} {source.origin}")
+        reason = None if source.kind == "files" else source.available()
+        status = "path=" if source.kind == "files" else "yes" if reason is None else "no"
+        print(f"{name:<18} {source.kind:<10} {status:<10} {source.origin}")
         if reason is not None:
             print(f"{'':<40} ({reason})")
+    print("available: yes = builds here; path= = reads files you have (--param path=<folder>)")
     print(f"cache folder: {cache.cache_dir()} (set DIAGSSM_CACHE to move it)")
     return 0
 
@@ -52,7 +55,8 @@ def task_request(args):
         params["seed"] = args.seed
     registry.check_name(name)
     registry.check_params(name, params, section="--param")
-    reason = registry.SOURCES[name].available()
+    source = registry.SOURCES[name]
+    reason = None if source.kind == "files" else source.available()  # readers check their path= themselves
     if reason is not None:
         raise ValueError(f"task {name!r} cannot be built here: {reason}")
     return name, params
