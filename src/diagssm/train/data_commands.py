@@ -87,7 +87,7 @@ def data_show(args):
 def add_data(sub):
     p = sub.add_parser("data", help="list, build (cache) and look at the tasks",
                        description="Tasks: where their data comes from, building and caching them, examples.")
-    data_sub = p.add_subparsers(dest="data_command", required=True)
+    data_sub = p.add_subparsers(dest="data_command", required=True, help="list, build or show")
     data_sub.add_parser("list", help="every task, its source, and whether it is available here")
     for what, text in (("build", "build the task and cache it (progress bar)"),
                        ("show", "print a few examples and save a picture")):

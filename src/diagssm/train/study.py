@@ -211,7 +211,7 @@ def cmd_study(args):
 def add_study(sub):
     p = sub.add_parser("study", help="train and tabulate a model comparison (configs/study/)",
                        description=__doc__.split("\n\n")[0])
-    q = p.add_subparsers(dest="study_command", required=True)
+    q = p.add_subparsers(dest="study_command", required=True, help="run, list or table")
     for name, text in (("run", "train every (model, seed) row; resumes and skips finished rows"),
                        ("list", "the rows, their parameter counts and commands"),
                        ("table", "the results table (markdown) of one or more studies")):
