@@ -89,11 +89,11 @@ def test_flood_fill_from_marker_1(pf32):
     positives: on the image's pixels (image > 20% grey) plus every contour's centre line (which
     bridges the dash gaps), the fill reaches marker 2 in every positive;
     negatives: on marker 1's own contour (its ink alone > 20% of its peak, plus its centre line)
-    the fill does not reach marker 2 in at least 80% of negatives. Not all: the original lets the
-    two targets' last paddles overlap, so marker 2 may sit on marker 1's contour (about 5% at
-    32x32, length 14). On the image's pixels negatives are mostly joined at 32x32 (92% at length
-    14): LRA's settings let contours run within a pixel of each other, so at this size only the
-    contours' continuity, not a gap, separates them (docs/data/pathfinder.md)."""
+    the fill does not reach marker 2 in at least 85% of negatives. Not all: the original lets the
+    two targets' newest paddles overlap, so marker 2 may touch marker 1's contour (2% of 200
+    negatives at 32x32, length 14). On the image's pixels negatives are mostly joined at 32x32
+    (92% at length 14): LRA's settings let contours run within a pixel of each other, so at this
+    size the contours' continuity, not a gap, separates them (docs/data/pathfinder.md)."""
     apart = []
     for s, exs in pf32:
         for e in exs:
@@ -106,7 +106,7 @@ def test_flood_fill_from_marker_1(pf32):
                 ink = snakes.contour_ink(a, s, shape)
                 own = (ink > 0.2 * ink.max()) | lines[e["contours"][0] - 1]
                 apart.append(not same_region(own, *e["ends"]))
-    assert len(apart) == 20 and np.mean(apart) >= 0.8
+    assert len(apart) == 20 and np.mean(apart) >= 0.85
 
 
 def test_images_are_uint8_scaled_to_their_maximum(pf32):

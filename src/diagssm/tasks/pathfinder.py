@@ -329,14 +329,15 @@ def show(task, png, n=8):
         lines.append(f"  image {i}: label {int(labels[i])} ({'connected' if labels[i] else 'not connected'}), "
                      f"{side}x{side}, mean grey {img.mean():.1f}, ink (> 0) {(img > 0).float().mean():.1%}, "
                      f"max {int(img.max())}")
-    fig, axes = plt.subplots(2, (len(picks) + 1) // 2, figsize=(2.2 * ((len(picks) + 1) // 2), 4.8), squeeze=False)
+    cols = (len(picks) + 1) // 2
+    fig, axes = plt.subplots(2, cols, figsize=(2.2 * cols, 5.0), squeeze=False)
     for ax, i in zip(axes.flat, picks):
         ax.imshow(data.images[i].reshape(side, side).numpy(), cmap="gray", vmin=0, vmax=255)
         ax.set_title(f"#{i}: {'positive' if labels[i] else 'negative'}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(f"{task.name} ({side}x{side}): 1 = the two dots are on one contour")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=0.86, wspace=0.08, hspace=0.25)
     Path(png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -346,7 +347,7 @@ def show(task, png, n=8):
 TASKS = {"pathfinder": pathfinder_task, "pathx": pathx_task, "pathfinder_lra": pathfinder_lra_task}
 _CARD = "docs/data/pathfinder.md"
 SOURCES = {
-    "pathfinder": Source("generated", "diagssm.tasks.pathfinder_draw: the snakes2 generator (Linsley et al. "
+    "pathfinder": Source("generated", "diagssm.tasks.pathfinder_snakes: the snakes2 generator (Linsley et al. "
                          "2018) with LRA's settings", _CARD, available, show),
     "pathx": Source("generated", "pathfinder at 128x128 (Path-X, L = 16384)", _CARD, available, show),
     "pathfinder_lra": Source("files", "the LRA release's pathfinder folders (PNG images + metadata)", _CARD,
