@@ -33,7 +33,7 @@ def test_shipped_configs_exist():
     ({"task": {"name": "recall", "params": {"length": 5}}},
      "unknown key 'length' in section 'task.params' for task 'recall'; allowed: seq_len,"),
     ({"task": {"params": {"seed": 1}}}, "task.params.seed: set the data seed with task.seed"),
-    ({"task": {"name": "imdb"}}, "task.name='imdb'; known tasks: delay, recall"),
+    ({"task": {"name": "imdb"}}, "task.name='imdb'; known tasks: adding, assoc_recall, cifar10, copy"),
     ({"run": {"max_steps": "ten"}}, "run.max_steps='ten' has type str; expected int"),
     ({"run": {"max_steps": 10.0}}, "run.max_steps=10.0 has type float; expected int"),
     ({"run": {"progress": "yes please"}}, "run.progress='yes please' has type str; expected bool"),
