@@ -93,7 +93,7 @@ def _make_task(name, images, labels, tokenize, params):
 # ---------------------------------------------------------------- generated
 
 def draw_chunk(job):
-    """Images start .. start+count-1 of chunk `chunk` of a split (module docstring).
+    """The first `count` images of chunk `chunk` of a split (module docstring).
     Shapes: returns images (count, res*res) uint8, labels (count,) int64"""
     resolution, contour_length, seed, split, chunk, count = job
     settings = lra_settings(resolution, contour_length)
@@ -119,7 +119,7 @@ def generated_split(resolution, contour_length, split, n, seed, workers=None):
 
 
 def pathfinder_task(resolution=32, contour_length=14, n_train=None, n_val=None, n_test=None, seed=0,
-                    workers=None, tokenize=False, name="pathfinder"):
+                    workers=None, tokenize=False):
     """Pathfinder images drawn by the snakes2 reimplementation with LRA's settings (module docstring).
 
     resolution: 32, 64 or 128 (L = resolution**2); contour_length: 6, 9 or 14 paddles per target.
@@ -128,26 +128,31 @@ def pathfinder_task(resolution=32, contour_length=14, n_train=None, n_val=None, 
     count, at most 8); the images do not depend on it. tokenize: grey levels as tokens.
     """
     _check_choice("resolution", resolution, RESOLUTIONS)
-    _check_choice("contour_length", contour_length, CONTOUR_LENGTHS)
-    sizes = dict(zip(SPLITS, DEFAULT_SIZES[resolution]))
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        if n is not None:
-            _check_int(f"n_{split}", n, 1)
-            sizes[split] = n
-    _check_common(seed, workers, tokenize)
-    _available_or_raise()
-    images, labels = {}, {}
-    for split in SPLITS:
-        images[split], labels[split] = generated_split(resolution, contour_length, split, sizes[split], seed,
-                                                       workers)
-    params = dict(resolution=resolution, contour_length=contour_length, n_train=sizes["train"],
-                  n_val=sizes["val"], n_test=sizes["test"], seed=seed, tokenize=tokenize)
-    return _make_task(name, images, labels, tokenize, params)
+    return _generated_task("pathfinder", resolution, contour_length, (n_train, n_val, n_test), seed, workers,
+                           tokenize)
 
 
 def pathx_task(contour_length=14, n_train=None, n_val=None, n_test=None, seed=0, workers=None, tokenize=False):
     """Path-X: `pathfinder` at resolution 128 (L = 16,384); sizes default to DEFAULT_SIZES[128]."""
-    return pathfinder_task(128, contour_length, n_train, n_val, n_test, seed, workers, tokenize, name="pathx")
+    return _generated_task("pathx", 128, contour_length, (n_train, n_val, n_test), seed, workers, tokenize)
+
+
+def _generated_task(name, resolution, contour_length, sizes, seed, workers, tokenize):
+    """Check the parameters, then build (or read from the cache) the three splits."""
+    _check_choice("contour_length", contour_length, CONTOUR_LENGTHS)
+    n = dict(zip(SPLITS, DEFAULT_SIZES[resolution]))
+    for split, size in zip(SPLITS, sizes):
+        if size is not None:
+            _check_int(f"n_{split}", size, 1)
+            n[split] = size
+    _check_common(seed, workers, tokenize)
+    _available_or_raise()
+    images, labels = {}, {}
+    for split in SPLITS:
+        images[split], labels[split] = generated_split(resolution, contour_length, split, n[split], seed, workers)
+    params = dict(resolution=resolution, contour_length=contour_length, n_train=n["train"], n_val=n["val"],
+                  n_test=n["test"], seed=seed, tokenize=tokenize)
+    return _make_task(name, images, labels, tokenize, params)
 
 
 # ---------------------------------------------------------------- LRA release reader
@@ -254,17 +259,18 @@ def lra_images(folder, resolution, workers=None):
     def build():
         parts = cache.parallel_map(read_metadata_images, [(str(folder), str(f), resolution) for f in files],
                                    workers, desc=f"reading {folder.name}")
-        skipped = [s for p in parts for s in p[2]]
-        if skipped:
-            import warnings
-
-            warnings.warn(f"skipped {len(skipped)} empty image file(s), as LRA does: {', '.join(skipped[:5])}")
         if not sum(len(p[1]) for p in parts):
             raise cache.DataError(f"{folder}: the metadata lists no readable image")
         return {"images": torch.from_numpy(np.concatenate([p[0] for p in parts])),
-                "labels": torch.from_numpy(np.concatenate([p[1] for p in parts])), "skipped": skipped}
+                "labels": torch.from_numpy(np.concatenate([p[1] for p in parts])),
+                "skipped": [s for p in parts for s in p[2]]}
 
     data = cache.cached("pathfinder_lra", params, build, VERSION)
+    if data["skipped"]:  # on every build, also from the cache
+        import warnings
+
+        warnings.warn(f"skipped {len(data['skipped'])} empty image file(s), as LRA does: "
+                      f"{', '.join(data['skipped'][:5])}")
     return data["images"], data["labels"]
 
 

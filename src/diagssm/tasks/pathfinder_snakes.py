@@ -42,8 +42,8 @@ MAX_PAIR_ATTEMPTS = 100_000  # the original retries the target pair forever
 
 @dataclass
 class Snake:
-    """A contour being grown: its paddles, the newest one (not yet in the collision mask), the
-    pivot and angle the next paddle grows from, and its two ends (row, col)."""
+    """A contour being grown: its paddles in path order (the newest is not yet in the collision
+    mask), the pivot and angle the next paddle grows from, and its two ends (row, col)."""
 
     paddles: list
     pivot: list
