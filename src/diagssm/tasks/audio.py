@@ -124,6 +124,8 @@ def espeak(text, voice, speed, pitch):
     except FileNotFoundError as err:
         raise SynthesisError(f"{ESPEAK} is not installed (apt-get install espeak-ng); needed to run "
                              f"{' '.join(cmd)}") from err
+    except subprocess.TimeoutExpired as err:
+        raise SynthesisError(f"`{' '.join(cmd)}` did not finish in {err.timeout} s") from err
     if done.returncode != 0:
         raise SynthesisError(f"`{' '.join(cmd)}` failed with exit status {done.returncode}: "
                              f"{done.stderr.decode(errors='replace').strip()}")
