@@ -10,10 +10,10 @@ SMALL = dict(n_train=64, n_val=16, n_test=32)
 
 
 def test_registry():
-    assert set(TASKS) == {"recall", "delay"}
+    assert {"recall", "delay", "listops", "pathfinder", "sc_synthetic", "copy", "fashion_mnist", "ucr"} <= set(TASKS)
     assert task_params("recall")["seq_len"] == 256 and task_params("delay")["delay"] == 200
-    with pytest.raises(ValueError, match="task 'copy' is not registered; known tasks: delay, recall"):
-        build_task("copy")
+    with pytest.raises(ValueError, match="task 'imdb' is not registered; known tasks: adding, assoc_recall"):
+        build_task("imdb")
     with pytest.raises(ValueError, match="unknown key 'L' in section 'task.params' for task 'delay'"):
         build_task("delay", L=5)
 
