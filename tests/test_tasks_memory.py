@@ -210,3 +210,17 @@ def test_token_runs():
     assert token_runs([5, 0, 0, 0, 0, 9, 9]) == "5 0*4 9 9"
     long = token_runs(list(range(100)))
     assert long.startswith("0 1 2") and "(60 items)" in long and long.endswith("98 99")
+
+
+def test_configs_load_and_one_runs_at_length_4096():
+    from diagssm.train import config
+    from diagssm.tasks.registry import check_params
+
+    root = Path(__file__).parents[1] / "configs"
+    names = ("copy", "copy_4096", "delayed_copy", "selective_copy", "assoc_recall", "induction_heads", "adding")
+    cfgs = {name: config.load(root / f"{name}.yaml") for name in names}
+    for cfg in cfgs.values():
+        assert cfg.task.name in MEMORY
+        check_params(cfg.task.name, cfg.task.params, exclude=("seed",))
+    p = cfgs["copy_4096"].task.params
+    assert p["delay"] + 2 * p["n_copy"] >= 4096

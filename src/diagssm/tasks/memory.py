@@ -16,8 +16,8 @@ data of synthetic.py's "delay" task.
     adding          Hochreiter & Schmidhuber 1997, in Arjovsky et al. 2016's form: values uniform
                     in [0, 1] and a marker channel with one 1 in each half; y = sum of the 2 marked values.
 
-Generation is vectorised over sequences and steps (L = 16384 with thousands of sequences builds
-in about a second); tokens and per-step targets are stored as uint8 (int16 above 256 ids).
+Generation is vectorised over sequences and steps (L = 16384 with 4400 sequences builds and is
+cached in about 2 s); tokens and per-step targets are stored as uint8 (int16 above 256 ids).
 Per-step tasks are scored on t >= score_start (the answer steps) by `train.objective`.
 """
 import math
