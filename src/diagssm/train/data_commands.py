@@ -56,7 +56,8 @@ def task_request(args):
     registry.check_name(name)
     registry.check_params(name, params, section="--param")
     source = registry.SOURCES[name]
-    reason = None if source.kind == "files" else source.available()  # readers check their path= themselves
+    user_files = source.kind == "files" or params.get("path") is not None
+    reason = None if user_files else source.available()  # readers check their path= themselves
     if reason is not None:
         raise ValueError(f"task {name!r} cannot be built here: {reason}")
     return name, params
