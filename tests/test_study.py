@@ -35,6 +35,17 @@ def test_variant_settings_reach_the_config(tmp_path):
         s.select("s9")
 
 
+def test_config_from_a_file_with_common_settings(tmp_path):
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(CONFIG))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"study": "s", "seeds": [2], "config": "train.yaml",
+                                    "set": {"model.d_model": 12, "model.layer_kwargs.d_state": 4},
+                                    "models": {"a": {"model.layer_kwargs.init": "inv"}}}))
+    cfg = study_mod.Study(path).config("a", seed=2)
+    assert cfg.model.d_model == 12 and cfg.model.layer_kwargs == {"d_state": 4, "init": "inv"}
+    assert cfg.task.params == CONFIG["task"]["params"] and cfg.run.seed == 2
+
+
 def test_bad_study_files_are_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "models": {"a": {"model.nope": 1}}, "config": CONFIG}))

@@ -5,7 +5,8 @@ A study file (configs/study/<task>.yaml) holds
     study: sfashion                 # the name; runs go to <runs-dir>/<study>/<model>/seed<k>
     seeds: [0, 1, 2]                # run.seed: model initialisation, data order, dropout
     models: models.yaml             # the variants: a file (relative to this one) or a mapping
-    config: {model: ..., task: ..., optim: ..., run: ...}   # the training config all rows share
+    config: ../sfashion.yaml        # the training config all rows share: a file or a mapping
+    set: {model.d_model: 64}        # optional: settings changed in it for every row
 
 and a variant is a name with the dotted settings it changes (`model.layer: s4d`,
 `model.layer_kwargs.init: inv`). Every row uses the same task data (task.seed of the config),
@@ -39,13 +40,16 @@ class Study:
     def __init__(self, path):
         self.path = Path(path)
         data = _read_yaml(self.path)
-        unknown = set(data) - {"study", "seeds", "models", "config"}
+        unknown = set(data) - {"study", "seeds", "models", "config", "set"}
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: study, seeds, models, config")
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: study, seeds, models, config, set")
         for key in ("study", "seeds", "models", "config"):
             if key not in data:
                 raise ValueError(f"{path}: missing key {key!r}")
-        self.name, self.seeds, self.base = str(data["study"]), list(data["seeds"]), data["config"]
+        self.name, self.seeds = str(data["study"]), list(data["seeds"])
+        base = data["config"]
+        self.base = _read_yaml(self.path.parent / base) if isinstance(base, str) else base
+        self.common = [f"{key}={json.dumps(value)}" for key, value in (data.get("set") or {}).items()]
         if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
             raise ValueError(f"{path}: seeds={self.seeds!r} must be a non-empty list of ints >= 0")
         models = data["models"]
@@ -64,7 +68,7 @@ class Study:
     def config(self, model, seed=None, extra=()):
         """The TrainConfig of row (model, seed) with `extra` --set strings applied last."""
         data = json.loads(json.dumps(self.base))  # a deep copy
-        sets = self.overrides(model) + ([f"run.seed={seed}"] if seed is not None else []) + list(extra)
+        sets = self.common + self.overrides(model) + ([f"run.seed={seed}"] if seed is not None else []) + list(extra)
         return config_mod.from_dict(config_mod.apply_overrides(data, sets))
 
     def run_dir(self, runs_dir, model, seed):
