@@ -89,6 +89,10 @@ def test_eval_at_another_rate(tmp_path, capsys):
     assert out.startswith(f"test at rate 2: loss {at[2.0]:.6g}, mse {at[2.0]:.6g}")
     assert main(["eval", "--run-dir", str(run), "--rate", "0"]) == 2
     assert "--rate=0.0 must be > 0" in capsys.readouterr().err
+    # --set changes the run's config for the evaluation only (here: a smaller test set)
+    assert main(["eval", "--run-dir", str(run), "--set", "task.params.n_test=8"]) == 0
+    assert f"over {8 * (64 - 10):,} scored outputs" in capsys.readouterr().out
+    assert config_mod.load(run / "config.yaml").task.params["n_test"] == 16
 
 
 def test_plot_run_dir(tmp_path, capsys):

@@ -70,6 +70,9 @@ def add_eval(sub):
     p.add_argument("--rate", type=float, default=1.0,
                    help="scale every SSM step size by this factor: 2 evaluates a model trained at 16 kHz on "
                         "8 kHz data (the zero-shot sampling-rate test; default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the run's config for this evaluation, e.g. --set task.params.test_rate=8000 "
+                        "(repeatable; the model must still fit the checkpoint)")
     p.set_defaults(run=_eval)
 
 

@@ -51,12 +51,13 @@ def cmd_train(args):
     return code
 
 
-def load_run(run_dir, checkpoint="latest", device="cpu"):
-    """(cfg, task, model in eval mode, checkpoint path, checkpoint dict) of a run folder."""
+def load_run(run_dir, checkpoint="latest", device="cpu", overrides=()):
+    """(cfg, task, model in eval mode, checkpoint path, checkpoint dict) of a run folder;
+    `overrides` (--set strings) change its config, e.g. the task's test data."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise FileNotFoundError(f"{run_dir / 'config.yaml'}: no config.yaml; is {run_dir} a run folder?")
-    cfg = config_mod.load(run_dir / "config.yaml")
+    cfg = config_mod.load(run_dir / "config.yaml", overrides)
     task = make_task(cfg)
     model = make_model(cfg.model, task)
     path, state = CheckpointFolder(run_dir / "checkpoints", cfg.run.keep_last).resolve(checkpoint)
@@ -66,7 +67,7 @@ def load_run(run_dir, checkpoint="latest", device="cpu"):
 
 def cmd_eval(args):
     torch.set_flush_denormal(True)
-    cfg, task, model, path, state = load_run(args.run_dir, args.checkpoint)
+    cfg, task, model, path, state = load_run(args.run_dir, args.checkpoint, overrides=args.set)
     world = make_world(args.device or cfg.run.device)
     model.to(world.device)
     loader = eval_loader(task.split(args.split), task, args.batch_size or cfg.optim.batch_size)
