@@ -59,7 +59,7 @@ def test_gradcheck():
     leaves = [randn(1, 11, 2, seed=12).requires_grad_(), w.requires_grad_(), B_bar.requires_grad_(),
               C.requires_grad_(), randn(1, 2, 2, dtype=C128, seed=13).requires_grad_()]
     assert torch.autograd.gradcheck(lambda *a: diagonal_chunked(*a[:4], 2, a[4], chunk=4), leaves)
-    S = randn(2, 5, 3, 4, dtype=C128, seed=14).requires_grad_()
+    S = randn(5, 2, 3, 4, dtype=C128, seed=14).requires_grad_()  # (nc, H, B, M)
     a = (0.5 * randn(2, 1, 4, dtype=C128, seed=15)).requires_grad_()
     assert torch.autograd.gradcheck(_Carry.apply, (S, a, randn(2, 3, 4, dtype=C128, seed=16).requires_grad_()))
 

@@ -83,32 +83,36 @@ def _chunks(u, T):
 class _Carry(torch.autograd.Function):
     """States entering each chunk, x_prev[c] = x_(c-1), with x_c = a x_(c-1) + S_c; and the last x.
 
-    A loop over the nc <= L/T chunk boundaries, outside autograd (which would clone every step);
-    the backward is the same recurrence run in reverse with conj(a) (PyTorch's convention for
-    complex gradients): lam_(c-1) = conj(a) lam_c + g_prev[c], grad S_c = lam_c,
+    A loop over the nc <= L/T chunk boundaries, outside autograd (which would clone every step),
+    chunk-major so that every step is one fused multiply-add on contiguous memory; the backward
+    is the same recurrence run in reverse with conj(a) (PyTorch's convention for complex
+    gradients): lam_(c-1) = conj(a) lam_c + g_prev[c], grad S_c = lam_c,
     grad a = sum_c lam_c conj(x_(c-1)), grad x_(-1) = lam_(-1).
-    Shapes: S (H, nc, B, M) complex; a (H, 1, M); x0 (H, B, M) -> (H, nc, B, M), (H, B, M)
+    Shapes: S (nc, H, B, M) complex; a (H, 1, M); x0 (H, B, M) -> (nc, H, B, M), (H, B, M)
     """
 
     @staticmethod
     def forward(ctx, S, a, x0):
-        entering, x = torch.empty_like(S), x0
-        for c in range(S.shape[1]):
-            entering[:, c] = x
-            x = a * x + S[:, c]  # (H, B, M)
+        entering = torch.empty_like(S)  # (nc, H, B, M)
+        entering[0] = x0
+        for c in range(1, S.shape[0]):
+            torch.addcmul(S[c - 1], a, entering[c - 1], out=entering[c])  # x_(c-1) = a x_(c-2) + S_(c-1)
         ctx.save_for_backward(a, entering)
-        return entering, x
+        return entering, torch.addcmul(S[-1], a, entering[-1])
 
     @staticmethod
     def backward(ctx, g_prev, g_last):
         a, entering = ctx.saved_tensors
-        lam = torch.zeros_like(entering[:, 0]) if g_last is None else g_last  # (H, B, M)
-        g_prev = torch.zeros_like(entering) if g_prev is None else g_prev
-        grad_S, a_conj = torch.empty_like(entering), a.conj()
-        for c in reversed(range(entering.shape[1])):
-            grad_S[:, c] = lam
-            lam = a_conj * lam + g_prev[:, c]  # (H, B, M)
-        grad_a = (grad_S * entering.conj()).sum((1, 2))[:, None]  # (H, 1, M)
+        a_conj = a.conj()
+        grad_S = torch.empty_like(entering)  # (nc, H, B, M): grad_S[c] = lam_c
+        grad_S[-1] = 0 if g_last is None else g_last
+        for c in range(entering.shape[0] - 1, 0, -1):
+            if g_prev is None:
+                torch.mul(a_conj, grad_S[c], out=grad_S[c - 1])
+            else:
+                torch.addcmul(g_prev[c], a_conj, grad_S[c], out=grad_S[c - 1])
+        lam = a_conj * grad_S[0] + (0 if g_prev is None else g_prev[0])  # (H, B, M)
+        grad_a = (grad_S * entering.conj()).sum((0, 2))[:, None]  # (H, 1, M)
         return grad_S, grad_a, lam
 
 
@@ -127,12 +131,12 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None):
     powers = torch.exp(w[..., None] * torch.arange(T, device=u.device, dtype=u.dtype))  # (H, M, T) A^j
     K = factor * ((C * B_bar)[..., None] * powers).sum(-2).real  # (C', H, T) first T taps
     into_state = _pairs(B_bar[..., None] * powers.flip(-1)).transpose(-1, -2)  # (H, T, 2M) B A^(T-1-j)
-    S = torch.view_as_complex((uc @ into_state).view(H, nc, Bsz, M, 2))  # (H, nc, B, M) chunk sums
+    S = (uc @ into_state).view(H, nc, Bsz, M, 2).transpose(0, 1).contiguous()  # (nc, H, B, M, 2) chunk sums
     x0 = u.new_zeros(H, Bsz, M, dtype=w.dtype) if h0 is None else h0.transpose(0, 1)  # (H, B, M)
-    x_prev, x_last = _Carry.apply(S, torch.exp(w * T)[:, None], x0)  # (H, nc, B, M), (H, B, M)
+    x_prev, x_last = _Carry.apply(torch.view_as_complex(S), torch.exp(w * T)[:, None], x0)  # (nc, H, B, M)
     out_of_state = _pairs(factor * C[..., None] * powers * torch.exp(w)[..., None])  # (C', H, 2M, T)
     out_of_state = out_of_state * torch.tensor([1.0, -1.0], dtype=u.dtype).repeat(M)[:, None]  # Re(x G)
-    x_pairs = torch.view_as_real(x_prev).view(H, nc * Bsz, 2 * M)  # (H, nc B, 2M)
+    x_pairs = torch.view_as_real(x_prev).transpose(0, 1).reshape(H, nc * Bsz, 2 * M)  # (H, nc B, 2M)
     toeplitz = _toeplitz(K, T).transpose(-1, -2)  # (C', H, T, T)
     if C.shape[0] == 1:  # accumulate in place: one pass over the output less
         y = torch.baddbmm(uc @ toeplitz[0], x_pairs, out_of_state[0])[None]  # (1, H, nc B, T)
@@ -142,7 +146,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None):
     y = y.reshape(Bsz, nc * T, -1, H)[:, :L]  # (B, L, C', H)
     if nc * T == L:
         return y, x_last.transpose(0, 1)
-    return y, _final_state(x_prev[:, -1], uc.view(H, nc, Bsz, T)[:, -1], w, B_bar, L - (nc - 1) * T)
+    return y, _final_state(x_prev[-1], uc.view(H, nc, Bsz, T)[:, -1], w, B_bar, L - (nc - 1) * T)
 
 
 def _final_state(x_in, last, w, B_bar, r):
