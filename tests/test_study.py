@@ -91,3 +91,29 @@ def test_list_prints_parameter_counts(tmp_path, capsys):
     assert main(["study", "list", str(write_study(tmp_path))]) == 0
     out = capsys.readouterr().out
     assert "s4d-legs" in out and "parameters" in out and "diagssm study run" in out
+
+
+def test_extra_tests_are_evaluated_and_tabulated(tmp_path, capsys):
+    """extra_tests: the best model on the task rebuilt with other settings, at another rate."""
+    from diagssm.train.commands import load_run
+    from diagssm.train.data import eval_loader
+    from diagssm.train.objective import evaluate
+    from diagssm.train.world import make_world
+
+    path, runs = tmp_path / "x.yaml", tmp_path / "runs"
+    path.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "config": CONFIG,
+                                    "models": {"s4d-lin": {"model.layer_kwargs.init": "lin"}},
+                                    "extra_tests": {"half": {"rate": 2, "set": {"task.params.n_test": 8}}}}))
+    assert main(["study", "run", str(path), "--runs-dir", str(runs)]) == 0
+    run = runs / "x" / "s4d-lin" / "seed0"
+    got = json.loads((run / "result.json").read_text())["extra_tests"]["half"]
+    cfg, task, model, _, _ = load_run(run, "best", overrides=["task.params.n_test=8"])
+    expected = evaluate(model, eval_loader(task.test, task, 16), task, make_world("cpu"), rate=2.0)
+    assert expected["count"] == 8 and abs(got - expected["metric"]) < 1e-12
+    assert main(["study", "table", str(path), "--runs-dir", str(runs)]) == 0
+    assert f"| x | s4d-lin, test half | {100 * got:.2f} | 1 |" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "config": CONFIG, "models": {"a": {}},
+                                   "extra_tests": {"t": {"rate": 0}}}))
+    with pytest.raises(ValueError, match="extra_tests.t"):
+        study_mod.Study(bad)

@@ -7,6 +7,8 @@ A study file (configs/study/<task>.yaml) holds
     models: models.yaml             # the variants: a file (relative to this one) or a mapping
     config: ../sfashion.yaml        # the training config all rows share: a file or a mapping
     set: {model.d_model: 64}        # optional: settings changed in it for every row
+    extra_tests:                    # optional: more test sets for each finished row, e.g.
+      8kHz: {rate: 2, set: {task.params.test_rate: 8000}}   # the zero-shot sampling-rate test
 
 and a variant is a name with the dotted settings it changes (`model.layer: s4d`,
 `model.layer_kwargs.init: inv`). Every row uses the same task data (task.seed of the config),
@@ -40,9 +42,10 @@ class Study:
     def __init__(self, path):
         self.path = Path(path)
         data = _read_yaml(self.path)
-        unknown = set(data) - {"study", "seeds", "models", "config", "set"}
+        allowed = ("study", "seeds", "models", "config", "set", "extra_tests")
+        unknown = set(data) - set(allowed)
         if unknown:
-            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: study, seeds, models, config, set")
+            raise ValueError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
         for key in ("study", "seeds", "models", "config"):
             if key not in data:
                 raise ValueError(f"{path}: missing key {key!r}")
@@ -50,6 +53,10 @@ class Study:
         base = data["config"]
         self.base = _read_yaml(self.path.parent / base) if isinstance(base, str) else base
         self.common = [f"{key}={json.dumps(value)}" for key, value in (data.get("set") or {}).items()]
+        self.extra_tests = data.get("extra_tests") or {}
+        for name, spec in self.extra_tests.items():
+            if not isinstance(spec, dict) or set(spec) - {"rate", "set"} or float(spec.get("rate", 1.0)) <= 0:
+                raise ValueError(f"{path}: extra_tests.{name} must be {{rate: r > 0, set: {{dotted key: value}}}}")
         if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
             raise ValueError(f"{path}: seeds={self.seeds!r} must be a non-empty list of ints >= 0")
         models = data["models"]
@@ -141,11 +148,31 @@ def write_result(study, trainer, model, seed, extra):
               "best_step": best["step"], "params": sum(p.numel() for p in trainer.model.parameters()),
               "steps": trainer.step, "seconds": trainer.elapsed_now(),
               "seconds_per_epoch": trainer.elapsed_now() / trainer.step * steps_per_epoch,
-              "overrides": list(extra), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "overrides": list(extra), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "extra_tests": extra_tests(study, trainer, model, seed, extra)}
     atomic_write_text(json.dumps(result, indent=1) + "\n", trainer.run_dir / RESULT)
     print(f"[{study.name}] {model} seed {seed}: test {task.metric} {test['metric']:.4f} "
           f"(best val {result['val']:.4f} at step {best['step']})")
     return result
+
+
+def extra_tests(study, trainer, model, seed, extra):
+    """{name: test metric} of the (best) model on each of the study's extra test sets: the task
+    rebuilt with that test's settings, every SSM step size scaled by its rate."""
+    from diagssm.train.data import eval_loader
+    from diagssm.train.objective import evaluate
+    from diagssm.train.setup import make_task
+
+    out = {}
+    for name, spec in study.extra_tests.items():
+        sets = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
+        cfg = study.config(model, seed, list(extra) + sets)
+        task = make_task(cfg)
+        loader = eval_loader(task.test, task, cfg.optim.batch_size, trainer.world)
+        rate = float(spec.get("rate", 1.0))
+        out[name] = evaluate(trainer.model, loader, task, trainer.world, rate=rate)["metric"]
+        print(f"[{study.name}] {model} seed {seed}: {name} (rate {rate:g}) test {task.metric} {out[name]:.4f}")
+    return out
 
 
 def results(study, runs_dir):
@@ -182,6 +209,12 @@ def table(studies, runs_dir):
             std_text = "" if math.isnan(std) else f" ± {std:.2f}"
             lines.append(f"| {study.name} | {model}{mark} | {mean:.2f}{std_text} | {len(rows)} | {val:.2f} | "
                          f"{rows[0]['params']:,} | {statistics.fmean(r['seconds_per_epoch'] for r in rows):.1f} |")
+            for name in study.extra_tests:
+                values = [r["extra_tests"][name] * scale for r in rows if name in r.get("extra_tests", {})]
+                if values:
+                    m, sd = spread(values)
+                    sd_text = "" if math.isnan(sd) else f" ± {sd:.2f}"
+                    lines.append(f"| {study.name} | {model}{mark}, test {name} | {m:.2f}{sd_text} | {len(values)} | | | |")
     return "\n".join(lines)
 
 
