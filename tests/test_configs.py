@@ -29,3 +29,44 @@ def test_study_file_parses_with_ten_models(path):
 def test_every_study_task_is_present():
     names = {Study(p).name for p in STUDIES}
     assert {"listops", "pathfinder32", "sfashion", "ucr", "sc_synthetic", "copy_4096"} <= names
+
+
+def _write_cifar(folder):
+    from test_tasks_images import write_cifar
+    return write_cifar(folder, per_batch=4)
+
+
+def _write_mnist(folder):
+    from test_tasks_images import write_idx_folder
+    write_idx_folder(folder, n_train=40, n_test=12)
+    return folder
+
+
+def _write_listops(folder):
+    from test_tasks_listops import release
+    release(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name,write,extra", [
+    ("scifar", _write_cifar, ["task.params.n_val=4"]),
+    ("smnist", _write_mnist, ["task.params.n_val=8"]),
+    ("listops_lra", _write_listops, []),
+])
+def test_reader_configs_train_through_the_cli(name, write, extra, tmp_path):
+    """The configs of tasks that read users' files train on small files written here."""
+    import torch
+
+    from diagssm.train.cli import main
+
+    threads = torch.get_num_threads()
+    folder = write(tmp_path / "data")
+    sets = [f"task.params.path={folder}", "model.d_model=8", "model.n_layers=1", "optim.batch_size=2",
+            "run.max_steps=2", "run.eval_every=2", "run.checkpoint_every=2", "run.progress=false",
+            "run.threads=1", "run.tensorboard='off'", *extra]
+    args = ["train", "--config", str(ROOT / f"{name}.yaml"), "--run-dir", str(tmp_path / "run")]
+    try:
+        assert main(args + [arg for s in sets for arg in ("--set", s)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002.pt").exists()
