@@ -48,7 +48,23 @@ def _write_listops(folder):
     return folder
 
 
+def _write_pathfinder(folder):
+    from test_tasks_pathfinder import write_release
+    folder.mkdir()
+    write_release(folder, n=24)
+    return folder
+
+
+def _write_speech(folder):
+    from test_tasks_speech import write_folder
+    write_folder(folder)
+    return folder
+
+
+@pytest.mark.filterwarnings("ignore:skipped 1 empty image")  # the fixture has one, as the release does
 @pytest.mark.parametrize("name,write,extra", [
+    ("pathfinder_lra", _write_pathfinder, []),
+    ("speech_commands", _write_speech, []),
     ("scifar", _write_cifar, ["task.params.n_val=4"]),
     ("smnist", _write_mnist, ["task.params.n_val=8"]),
     ("listops_lra", _write_listops, []),
