@@ -29,22 +29,12 @@ from scipy import ndimage
 from diagssm.tasks import pathfinder_snakes as snakes
 from diagssm.tasks.pathfinder_draw import disk, lra_settings
 
+# the same independent checks as the tests: polylines drawn pixel by pixel, 8-connected fills
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_tasks_pathfinder import rasterise as centre_line  # noqa: E402
+from test_tasks_pathfinder import same_region as joined  # noqa: E402
+
 EIGHT = np.ones((3, 3), dtype=bool)
-
-
-def centre_line(points, shape):
-    out = np.zeros(shape, dtype=bool)
-    for p, q in zip(points[:-1], points[1:]):
-        n = int(4 * np.abs(q - p).max()) + 1
-        rows, cols = (np.rint(np.linspace(p[i], q[i], n)).astype(int) for i in (0, 1))
-        keep = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
-        out[rows[keep], cols[keep]] = True
-    return out
-
-
-def joined(mask, a, b):
-    labels = ndimage.label(mask, EIGHT)[0]
-    return bool(labels[tuple(a)] > 0 and labels[tuple(a)] == labels[tuple(b)])
 
 
 def measure(e, s):
