@@ -95,3 +95,11 @@ def test_bad_overrides(item, message):
 def test_apply_overrides_builds_missing_sections():
     data = apply_overrides({"model": None}, ["model.d_model=8", "task.params.delay=3"])
     assert data == {"model": {"d_model": 8}, "task": {"params": {"delay": 3}}}
+
+
+def test_unquoted_on_off_mean_the_words():
+    """YAML 1.1 reads on/off as booleans; run.tensorboard takes the words, so they are given back."""
+    assert load(None, ["run.tensorboard=off"]).run.tensorboard == "off"
+    assert load(None, ["run.tensorboard=on"]).run.tensorboard == "on"
+    with pytest.raises(ValueError, match="run.progress='off' has type str"):
+        load(None, ["run.progress='off'"])  # a real bool setting keeps its type check

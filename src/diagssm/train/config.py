@@ -152,7 +152,14 @@ def _section(cls, data, name):
         raise ValueError(f"section {name!r} must be a mapping of keys to values; got {data!r}")
     types = _fields(cls)
     _check_keys(data, types, f"unknown key {{key!r}} in section {name!r}")
-    return cls(**{k: coerce(v, types[k], f"{name}.{k}") for k, v in data.items()})
+    return cls(**{k: coerce(_on_off(name, k, v), types[k], f"{name}.{k}") for k, v in data.items()})
+
+
+def _on_off(section, key, value):
+    """YAML reads an unquoted on/off as true/false: give a setting whose choices are "on"/"off" its word back."""
+    if isinstance(value, bool) and {"on", "off"} <= set(CHOICES.get((section, key), ())):
+        return "on" if value else "off"
+    return value
 
 
 def from_dict(data):
