@@ -41,6 +41,11 @@ class SequenceDataset(Dataset):
         return self.x[i], self.y[i], self.lengths[i]
 
 
+def item_length(item):
+    """The unpadded length of a dataset item (x, y) or (x, y, length)."""
+    return int(item[2]) if len(item) == 3 else len(item[0])
+
+
 def pad_collate(items, per_step_targets=False):
     """Stack a list of dataset items into (x, y, lengths), padding with zeros to the batch's
     longest sequence. Items are (x, y) (length = len(x)) or (x, y, length).
@@ -48,7 +53,7 @@ def pad_collate(items, per_step_targets=False):
 
     Shapes: returns x (B, L_max) or (B, L_max, d), y (B, ...) or (B, L_max, d), lengths (B,) int64
     """
-    lengths = torch.tensor([int(it[2]) if len(it) == 3 else len(it[0]) for it in items], dtype=torch.long)
+    lengths = torch.tensor([item_length(it) for it in items], dtype=torch.long)
     L = int(lengths.max())
     xs = [it[0][:n] for it, n in zip(items, lengths.tolist())]
     x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, L, ...)
@@ -133,6 +138,18 @@ class Source:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"Source kind={self.kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
+
+
+def check_int(name, value, low):
+    """ValueError naming `name` unless `value` is an int (not a bool) >= low."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name}={value!r} must be an int >= {low}")
+
+
+def check_ints(**values):
+    """check_int for each name=(value, lowest allowed); the first bad one is named."""
+    for name, (value, low) in values.items():
+        check_int(name, value, low)
 
 
 def split_generator(seed, split):

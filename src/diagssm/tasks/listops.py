@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from diagssm.tasks import cache, listops_gen
-from diagssm.tasks.base import SequenceDataset, Source, Task, pad_collate
+from diagssm.tasks.base import SequenceDataset, Source, Task, check_int, pad_collate
 from diagssm.tasks.listops_gen import TOKEN_ID, VOCAB
 
 VERSION = 1
@@ -31,18 +31,13 @@ LRA_FILES = {"train": "basic_train.tsv", "val": "basic_val.tsv", "test": "basic_
 TOO_LONG = ("cut", "drop", "error")
 
 
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
-
-
 def _check_generator(n_train, n_val, n_test, min_length, max_length, max_depth, max_args, seed, workers):
     for name, value, low in (("n_train", n_train, 1), ("n_val", n_val, 1), ("n_test", n_test, 1),
                              ("min_length", min_length, 1), ("max_length", max_length, 1),
                              ("max_depth", max_depth, 2), ("max_args", max_args, 2), ("seed", seed, 0)):
-        _check_int(name, value, low)
+        check_int(name, value, low)
     if workers is not None:
-        _check_int("workers", workers, 1)
+        check_int("workers", workers, 1)
     if max_length <= min_length + 1:
         raise ValueError(f"min_length={min_length}, max_length={max_length}: no length lies strictly "
                          f"between them; need max_length >= min_length + 2")
@@ -180,12 +175,12 @@ def listops_lra_task(path=None, max_length=None, too_long="cut", check_labels=Tr
         raise ValueError("path=None: give the folder holding basic_train.tsv, basic_val.tsv and basic_test.tsv "
                          "(LRA release, lra_release/listops-1000)")
     if max_length is not None:
-        _check_int("max_length", max_length, 1)
+        check_int("max_length", max_length, 1)
     if too_long not in TOO_LONG:
         raise ValueError(f"too_long={too_long!r}; allowed: {', '.join(TOO_LONG)}")
     if not isinstance(check_labels, bool):
         raise ValueError(f"check_labels={check_labels!r} must be true or false")
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     files = {split: Path(path).expanduser() / name for split, name in LRA_FILES.items()}
     stamps = {split: cache.file_stamp(f) for split, f in files.items()}  # DataError if missing
     params = dict(files=stamps, max_length=max_length, too_long=too_long, check_labels=check_labels)

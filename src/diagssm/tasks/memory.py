@@ -25,7 +25,7 @@ import math
 import torch
 
 from diagssm.tasks import cache
-from diagssm.tasks.base import SPLITS, SequenceDataset, Source, Task, pad_collate, split_generator
+from diagssm.tasks.base import SPLITS, SequenceDataset, Source, Task, check_ints, pad_collate, split_generator
 from diagssm.tasks.memory_show import show_adding, show_tokens
 
 VERSION = 1
@@ -54,15 +54,8 @@ def delayed_signal(n, L, delay, smooth=8, generator=None, dtype=torch.float32):
 
 # ---- helpers ----------------------------------------------------------------------------
 
-def _check_ints(**values):
-    """values: name -> (value, lowest allowed). ValueError naming the first bad one."""
-    for name, (value, low) in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}")
-
-
 def _check_sizes(n_train, n_val, n_test, seed):
-    _check_ints(n_train=(n_train, 1), n_val=(n_val, 1), n_test=(n_test, 1), seed=(seed, 0))
+    check_ints(n_train=(n_train, 1), n_val=(n_val, 1), n_test=(n_test, 1), seed=(seed, 0))
 
 
 def token_dtype(n_ids):
@@ -126,7 +119,7 @@ def copy_task(delay=500, n_copy=10, n_symbols=8, n_train=SIZES["n_train"], n_val
 
     Shapes: x (L,) token ids < n_symbols + 2; y (L,) ids < n_symbols + 1 (0 = blank), L = delay + 2 n_copy
     """
-    _check_ints(delay=(delay, 1), n_copy=(n_copy, 1), n_symbols=(n_symbols, 2))
+    check_ints(delay=(delay, 1), n_copy=(n_copy, 1), n_symbols=(n_symbols, 2))
     _check_sizes(n_train, n_val, n_test, seed)
     params = dict(delay=delay, n_copy=n_copy, n_symbols=n_symbols, n_train=n_train, n_val=n_val,
                   n_test=n_test, seed=seed)
@@ -155,7 +148,7 @@ def delayed_copy_task(seq_len=1024, delay=256, n_symbols=8, n_train=SIZES["n_tra
 
     Shapes: x (L,) token ids < n_symbols; y (L,) ids < n_symbols
     """
-    _check_ints(seq_len=(seq_len, 1), delay=(delay, 0), n_symbols=(n_symbols, 2))
+    check_ints(seq_len=(seq_len, 1), delay=(delay, 0), n_symbols=(n_symbols, 2))
     _check_sizes(n_train, n_val, n_test, seed)
     if delay >= seq_len:
         raise ValueError(f"delay={delay} must be < seq_len={seq_len} (some step t >= delay must be scored)")
@@ -193,7 +186,7 @@ def selective_copy_task(seq_len=4096, n_copy=16, n_symbols=14, n_train=SIZES["n_
 
     Shapes: x (L,) ids < n_symbols + 2; y (L,) ids < n_symbols + 1
     """
-    _check_ints(seq_len=(seq_len, 2), n_copy=(n_copy, 1), n_symbols=(n_symbols, 2))
+    check_ints(seq_len=(seq_len, 2), n_copy=(n_copy, 1), n_symbols=(n_symbols, 2))
     _check_sizes(n_train, n_val, n_test, seed)
     if 2 * n_copy > seq_len:
         raise ValueError(f"n_copy={n_copy} is too large for seq_len={seq_len}: the n_copy data tokens and "
@@ -237,7 +230,7 @@ def assoc_recall_task(seq_len=256, n_keys=16, n_values=16, n_train=SIZES["n_trai
 
     Shapes: x (L,) ids < n_keys + n_values + 1; y () int64 < n_values
     """
-    _check_ints(seq_len=(seq_len, 4), n_keys=(n_keys, 1), n_values=(n_values, 2))
+    check_ints(seq_len=(seq_len, 4), n_keys=(n_keys, 1), n_values=(n_values, 2))
     _check_sizes(n_train, n_val, n_test, seed)
     if seq_len % 2:
         raise ValueError(f"seq_len={seq_len} must be even: (seq_len - 2) / 2 key-value pairs, the query marker "
@@ -273,7 +266,7 @@ def induction_heads_task(seq_len=256, n_symbols=16, n_train=SIZES["n_train"], n_
 
     Shapes: x (L,) ids < n_symbols + 1; y () int64 < n_symbols
     """
-    _check_ints(seq_len=(seq_len, 3), n_symbols=(n_symbols, 2))
+    check_ints(seq_len=(seq_len, 3), n_symbols=(n_symbols, 2))
     _check_sizes(n_train, n_val, n_test, seed)
     params = dict(seq_len=seq_len, n_symbols=n_symbols, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
     make = lambda n, g: induction_data(n, seq_len, n_symbols, g)  # noqa: E731
@@ -324,7 +317,7 @@ def adding_task(seq_len=1000, n_train=SIZES["n_train"], n_val=SIZES["n_val"], n_
 
     Shapes: x (L, 2) float32 (value, marker); y (1,) float32 in [0, 2)
     """
-    _check_ints(seq_len=(seq_len, 2))
+    check_ints(seq_len=(seq_len, 2))
     _check_sizes(n_train, n_val, n_test, seed)
     params = dict(seq_len=seq_len, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
     data = _cached_splits("adding", params, lambda n, g: adding_data(n, seq_len, g), seq_len)

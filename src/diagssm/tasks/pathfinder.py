@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diagssm.tasks import cache
-from diagssm.tasks.base import SPLITS, Source, Task
+from diagssm.tasks.base import SPLITS, Source, Task, check_int
 from diagssm.tasks.pathfinder_draw import CONTOUR_LENGTHS, RESOLUTIONS, lra_settings
 from diagssm.tasks.pathfinder_snakes import draw_example
 
@@ -64,20 +64,15 @@ class PixelDataset(Dataset):
         return (self.images[i].float() / 127.5 - 1).unsqueeze(-1), self.labels[i]  # (L, 1)
 
 
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
-
-
 def _check_choice(name, value, allowed):
     if isinstance(value, bool) or value not in allowed:
         raise ValueError(f"{name}={value!r}; allowed: {', '.join(map(str, allowed))}")
 
 
 def _check_common(seed, workers, tokenize):
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if workers is not None:
-        _check_int("workers", workers, 1)
+        check_int("workers", workers, 1)
     if not isinstance(tokenize, bool):
         raise ValueError(f"tokenize={tokenize!r} must be true or false")
 
@@ -143,7 +138,7 @@ def _generated_task(name, resolution, contour_length, sizes, seed, workers, toke
     n = dict(zip(SPLITS, DEFAULT_SIZES[resolution]))
     for split, size in zip(SPLITS, sizes):
         if size is not None:
-            _check_int(f"n_{split}", size, 1)
+            check_int(f"n_{split}", size, 1)
             n[split] = size
     _check_common(seed, workers, tokenize)
     _available_or_raise()
@@ -286,7 +281,7 @@ def pathfinder_lra_task(path, resolution=32, contour_length=14, split="random", 
     """
     if not isinstance(path, (str, Path)):
         raise ValueError(f"path={path!r} must be the folder of the LRA release, e.g. lra_release/pathfinder32")
-    _check_int("resolution", resolution, 1)
+    check_int("resolution", resolution, 1)
     _check_choice("contour_length", contour_length, CONTOUR_LENGTHS)
     _check_choice("split", split, LRA_SPLITS)
     _check_common(seed, workers, tokenize)

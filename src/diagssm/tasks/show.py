@@ -8,10 +8,7 @@ from pathlib import Path
 
 import torch
 
-
-def item_length(item):
-    """The unpadded length of a dataset item (x, y) or (x, y, length)."""
-    return int(item[2]) if len(item) == 3 else len(item[0])
+from diagssm.tasks.base import item_length
 
 
 def summary(task):

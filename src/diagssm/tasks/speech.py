@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from diagssm.tasks import audio, cache
-from diagssm.tasks.base import SPLITS, Source, Task, pad_collate
+from diagssm.tasks.base import SPLITS, Source, Task, check_int, pad_collate
 
 RATE, L = 16000, 16000
 VERSION = 1
@@ -47,11 +47,6 @@ VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f
 VOICE_FRACTIONS = {"val": 0.15, "test": 0.15}
 RANGES = {"speed": (80, 450), "pitch": (0, 99), "snr_db": (-20, 80), "gain_db": (-60, 20), "rt60": (0.01, 2.0)}
 NOISE_EXPONENTS = (0.0, 1.0, 2.0)  # white, pink, brown
-
-
-def _check_int(name, value, low):
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 def check_words(words):
@@ -183,7 +178,7 @@ def sc_synthetic_task(words=10, n_train=300, n_val=50, n_test=50, accents=None, 
     """
     words = check_words(words)
     for name, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-        _check_int(name, value, 1)
+        check_int(name, value, 1)
     accents, variants = _check_names("accents", accents, ACCENTS), _check_names("variants", variants, VARIANTS)
     if len(accents) * len(variants) < 3:
         raise ValueError(f"accents={accents} x variants={variants} make {len(accents) * len(variants)} voices; "
@@ -192,8 +187,8 @@ def sc_synthetic_task(words=10, n_train=300, n_val=50, n_test=50, accents=None, 
                                                     ("gain_db", gain_db), ("rt60", rt60))}
     check_rate(test_rate)
     if workers is not None:
-        _check_int("workers", workers, 1)
-    _check_int("seed", seed, 0)
+        check_int("workers", workers, 1)
+    check_int("seed", seed, 0)
     params = dict(words=words, n_train=n_train, n_val=n_val, n_test=n_test, accents=accents, variants=variants,
                   **ranges, seed=seed)
     data = cache.cached("sc_synthetic", params, lambda: _build(params, workers), VERSION)
@@ -250,7 +245,7 @@ def speech_commands_task(path=None, words=10, test_rate=16000, seed=0):
     """
     words = check_words(words)
     check_rate(test_rate)
-    _check_int("seed", seed, 0)
+    check_int("seed", seed, 0)
     if path is None:
         raise ValueError("path=None: give the Speech Commands v2 folder (the one holding validation_list.txt)")
     root = Path(path).expanduser()

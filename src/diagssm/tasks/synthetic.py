@@ -14,16 +14,10 @@ u; a per-step regression scored by mean squared error on t >= delay (predicting 
 """
 import torch
 
-from diagssm.tasks.base import SequenceDataset, Source, Task, pad_collate, per_step_collate, split_generator
+from diagssm.tasks.base import (SequenceDataset, Source, Task, check_ints, pad_collate, per_step_collate,
+                                 split_generator)
 from diagssm.tasks.cache import cached
 from diagssm.tasks.memory import delayed_signal
-
-
-def _check_ints(**values):
-    """values: name -> (value, lowest allowed)."""
-    for name, (value, low) in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 def recall_data(n, seq_len, n_symbols, n_noise, min_len, generator):
@@ -46,7 +40,7 @@ def recall_task(seq_len=256, n_symbols=10, n_noise=10, min_len=None, n_train=819
     min_len: shortest sequence (default seq_len: all sequences are seq_len long).
     """
     min_len = seq_len if min_len is None else min_len
-    _check_ints(seq_len=(seq_len, 1), n_symbols=(n_symbols, 2), n_noise=(n_noise, 1), min_len=(min_len, 1),
+    check_ints(seq_len=(seq_len, 1), n_symbols=(n_symbols, 2), n_noise=(n_noise, 1), min_len=(min_len, 1),
                 n_train=(n_train, 1), n_val=(n_val, 1), n_test=(n_test, 1))
     if min_len > seq_len:
         raise ValueError(f"min_len={min_len} must be <= seq_len={seq_len}")
@@ -69,7 +63,7 @@ def delay_task(seq_len=512, delay=200, smooth=8, n_train=2048, n_val=256, n_test
 
     x, y are (seq_len, 1) float32; the first `delay` steps of y are zero and are not scored.
     """
-    _check_ints(seq_len=(seq_len, 1), delay=(delay, 0), smooth=(smooth, 1), n_train=(n_train, 1),
+    check_ints(seq_len=(seq_len, 1), delay=(delay, 0), smooth=(smooth, 1), n_train=(n_train, 1),
                 n_val=(n_val, 1), n_test=(n_test, 1))
     params = dict(seq_len=seq_len, delay=delay, smooth=smooth, n_train=n_train, n_val=n_val,
                   n_test=n_test, seed=seed)
