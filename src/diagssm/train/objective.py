@@ -42,7 +42,7 @@ def forward_stats(model, batch, task, world, rate=1.0):
     `rate` scales every SSM step size (a test at another sampling rate, `SequenceModel.forward`)."""
     x, y, lengths = (t.to(world.device) for t in batch)
     with world.autocast():
-        out = model(x, lengths) if rate == 1.0 else model(x, lengths, rate=rate)
+        out = model(x, lengths, rate=rate)
     return batch_stats(out.float(), y, lengths, task)
 
 
