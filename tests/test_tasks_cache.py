@@ -119,3 +119,12 @@ def test_data_build_rejects_unknown_params(capsys):
     assert "seq_len=-4" in capsys.readouterr().err
     assert main(["data", "build", "recall", "--param", "colour=3"]) == 2
     assert "unknown key 'colour'" in capsys.readouterr().err
+
+
+def test_data_build_takes_the_task_section_of_a_config(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task: {name: recall, seed: 2, params: {seq_len: 24, n_train: 30, n_val: 6, n_test: 6}}\n")
+    assert main(["data", "build", "recall", "--config", str(cfg), "--param", "n_train=12"]) == 0
+    assert "train      12 sequences, length 24..24" in capsys.readouterr().out
+    assert main(["data", "build", "delay", "--config", str(cfg)]) == 2
+    assert "is for task 'recall', not 'delay'" in capsys.readouterr().err

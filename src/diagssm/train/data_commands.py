@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from diagssm.tasks import cache, registry
+from diagssm.train import config as config_mod
 from diagssm.tasks.show import show, summary
 
 
@@ -39,13 +40,10 @@ def task_request(args):
     """(name, params) from --config, --param and --seed, checked against the builder's parameters."""
     name, params = args.task, {}
     if args.config:
-        with open(args.config) as f:
-            section = (yaml.safe_load(f) or {}).get("task", {})
-        if section.get("name", name) != name:
-            raise ValueError(f"--config {args.config} is for task {section['name']!r}, not {name!r}")
-        params.update(section.get("params", {}))
-        if "seed" in section:
-            params["seed"] = section["seed"]
+        task = config_mod.load(args.config).task  # the checked task section
+        if task.name != name:
+            raise ValueError(f"--config {args.config} is for task {task.name!r}, not {name!r}")
+        params.update(task.params, seed=task.seed)
     for item in args.param:
         key, sep, value = item.partition("=")
         if not sep:
