@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from diagssm.ops.chunked import _Carry, chunk_size, diagonal_chunked, diagonal_chunked_ref
+from diagssm.ops.chunked import block_size, chunk_size, diagonal_chunked, diagonal_chunked_ref
 from helpers import assert_close, randn
 
 C128 = torch.complex128
@@ -54,14 +54,33 @@ def test_gradients_match_recurrence():
         assert_close(got, want, scale=1000)  # 150 steps of accumulated products
 
 
-def test_gradcheck():
-    w, B_bar, C = system(H=2, M=2)
-    leaves = [randn(1, 11, 2, seed=12).requires_grad_(), w.requires_grad_(), B_bar.requires_grad_(),
-              C.requires_grad_(), randn(1, 2, 2, dtype=C128, seed=13).requires_grad_()]
-    assert torch.autograd.gradcheck(lambda *a: diagonal_chunked(*a[:4], 2, a[4], chunk=4), leaves)
-    S = randn(5, 2, 3, 4, dtype=C128, seed=14).requires_grad_()  # (nc, H, B, M)
-    a = (0.5 * randn(2, 1, 4, dtype=C128, seed=15)).requires_grad_()
-    assert torch.autograd.gradcheck(_Carry.apply, (S, a, randn(2, 3, 4, dtype=C128, seed=16).requires_grad_()))
+@pytest.mark.parametrize("chunk,block", [(4, 1), (3, 2), (4, 3), (5, None)])
+def test_gradcheck(chunk, block):
+    """Every input's gradient: time blocks of 1-3 chunks (and one block), an odd chunk, D and h0."""
+    w, B_bar, C = system(H=3, M=2, C_out=2)
+    leaves = [randn(1, 11, 3, seed=12).requires_grad_(), w.requires_grad_(), B_bar.requires_grad_(),
+              C.requires_grad_(), randn(1, 3, 2, dtype=C128, seed=13).requires_grad_(),
+              randn(2, 3, seed=14).requires_grad_()]
+    fn = lambda *a: diagonal_chunked(*a[:4], 2, a[4], chunk=chunk, D=a[5], block=block)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("L", [1, 5, 64, 130])
+@pytest.mark.parametrize("block", [1, 2, None])
+def test_blocks_and_skip_term_match_recurrence(L, block):
+    w, B_bar, C = system(C_out=2, seed=4)
+    u, D = randn(2, L, 3, seed=18), randn(2, 3, seed=19)
+    h0 = randn(2, 3, 4, dtype=C128, seed=20)
+    y, h = diagonal_chunked(u, w, B_bar, C, 2, h0, chunk=16, D=D, block=block)
+    y_ref, h_ref = diagonal_chunked_ref(u, w, B_bar, C, 2, h0, D=D)
+    assert_close(y, y_ref, scale=100)
+    assert_close(h, h_ref, scale=100)
+
+
+def test_block_size_bounds_memory():
+    assert block_size(256, 128 * 16 * 64) == 16  # 2^21 numbers / (H B T numbers per chunk)
+    assert block_size(13, 64 * 32 * 64) == 13  # a small problem: one block
+    assert block_size(4, 10**9) == 1  # never less than one chunk
 
 
 def test_float32_close_to_float64():
@@ -80,3 +99,5 @@ def test_chunk_size_and_errors():
         diagonal_chunked(randn(2, 5, 3), w, B_bar, C[0])
     with pytest.raises(ValueError, match="h0 must be"):
         diagonal_chunked(randn(2, 5, 3), w, B_bar, C, h0=torch.zeros(2, 3, 5, dtype=C128))
+    with pytest.raises(ValueError, match="D must be"):
+        diagonal_chunked(randn(2, 5, 3), w, B_bar, C, D=randn(3))

@@ -150,10 +150,10 @@ class DiagonalSSM(SSMLayer):
 
     def _forward_chunked(self, u, state, rate, L):
         w, B_bar, C = self.system(L, rate)  # (H, M), (H, M), (C', H, M)
-        y, x = diagonal_chunked(u, w, B_bar, C[: self.channels], self.factor, state)  # (B, L, channels, H)
+        y, x = diagonal_chunked(u, w, B_bar, C[: self.channels], self.factor, state, D=self.D)  # (B, L, channels, H)
         if self.bidirectional:  # the anti-causal half: the same system run over the reversed input
             y = y + diagonal_chunked(u.flip(1), w, B_bar, C[self.channels:], self.factor)[0].flip(1)
-        return (y + self.D * u[:, :, None]).flatten(2), x  # (B, L, channels H)
+        return y.flatten(2), x  # (B, L, channels H)
 
     def _forward_fft(self, u, state, return_state, rate, L):
         Bsz, L_u, H = u.shape

@@ -1,51 +1,49 @@
 """Chunked matrix-multiply evaluation of H independent diagonal SSMs (S4D, DSS).
 
-    x_k = exp(w) x_{k-1} + B_bar u_k,   y_k = factor Re sum_n C_n x_{k,n}    (per channel h)
+    x_k = exp(w) x_{k-1} + B_bar u_k,   y_k = factor Re sum_n C_n x_{k,n} + D u_k    (per channel h)
 
 A diagonal SSM is linear and time-invariant, so the sequence can be cut into chunks of T steps
 (the state-passing idea of chunked scans). Inside a chunk the output is a (T, T) lower-triangular
-Toeplitz matrix of the kernel's first T taps times the chunk's inputs; between chunks only the
-N/2 complex modes are carried:
+Toeplitz matrix of the kernel's first T taps (D added to tap 0) times the chunk's inputs; between
+chunks only the M = N/2 complex modes are carried:
 
-    S_c      = sum_j A^(T-1-j) B_bar u_(cT+j)             chunk sums, (T -> M) matmul
+    S_c      = sum_j A^(T-1-j) B_bar u_(cT+j)             chunk sums, (T -> 2M) matmul
     x_c      = A^T x_(c-1) + S_c                           a scan over the L/T chunk boundaries
     y_(cT+j) = sum_(i<=j) K[j-i] u_(cT+i) + factor Re sum_n C_n A_n^(j+1) x_(c-1,n)
 
-Every heavy step is a batched real matrix multiply, which CPUs (and GPUs' tensor cores) run far
-faster than FFTs or elementwise scans; the work is O(B L H (T + M)) and the memory linear in L.
-Nothing is approximated: the result equals the FFT convolution and the recurrence.
+With Z_c = [u_c | x_(c-1)] (a row of T + 2M reals) the output is one matmul, y_c = Z_c W with
+W = [Toeplitz^T ; out-of-state] ((T + 2M) x C'T). Every heavy step is a batched real matrix
+multiply, which CPUs (and GPUs' tensor cores) run far faster than FFTs or elementwise scans; the
+work is O(B L H (T + M)) and nothing is approximated.
+
+Memory: `_Chunked` keeps nothing of size L for the backward but u itself; it runs in blocks of
+channels (`block`), recomputing the chunk states of a block in the backward, so the extra memory
+is that of one block, not of the whole (B, L, H) problem.
 """
 import math
 
 import torch
 
+BLOCK_NUMBERS = 1 << 21  # numbers (floats) of one time block's inputs: 8 MB in float32
 
 
 def chunk_size(L):
     """The chunk length T for a sequence of length L: 64, or the next power of two >= L for
     shorter sequences. (T = 32, 64, 128 were within 20% of each other at L = 16384 in one
-    measurement on a loaded 2-core machine; a proper sweep is still to be done.)"""
+    measurement on a loaded 2-core machine; see benchmarks/README.md.)"""
     return min(64, 1 << max(0, math.ceil(math.log2(L))))
+
+
+def block_size(nc, numbers_per_chunk):
+    """Chunks per time block: as many as keep one block's inputs under BLOCK_NUMBERS numbers
+    (at least one, at most all nc)."""
+    return max(1, min(nc, BLOCK_NUMBERS // max(1, numbers_per_chunk)))
 
 
 def _pairs(z):
     """A complex (..., M, T) matrix as a real (..., 2M, T) one with rows (Re z_m, Im z_m) interleaved,
     matching the memory layout of `torch.view_as_real` of an (..., M) complex vector."""
     return torch.view_as_real(z.transpose(-1, -2)).flatten(-2).transpose(-1, -2)
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous in one copy: the gradient of
-    the final (B, L, H) transpose arrives as a strided view, which bmm would otherwise copy one
-    batch slice at a time (measured 10x slower than one copy)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 def _toeplitz(K, T):
@@ -58,7 +56,7 @@ def _toeplitz(K, T):
     return torch.where(lag >= 0, K[..., lag.clamp(min=0)], torch.zeros((), dtype=K.dtype, device=K.device))
 
 
-def _check(u, w, B_bar, C, h0):
+def _check(u, w, B_bar, C, h0, D):
     if u.dim() != 3:
         raise ValueError(f"u must be (B, L, H); got {tuple(u.shape)}")
     H = u.shape[-1]
@@ -68,105 +66,198 @@ def _check(u, w, B_bar, C, h0):
         raise ValueError(f"C must be (C', H, M) with (H, M)={tuple(w.shape)}; got {tuple(C.shape)}")
     if h0 is not None and h0.shape != (u.shape[0],) + tuple(w.shape):
         raise ValueError(f"h0 must be (B, H, M)={(u.shape[0],) + tuple(w.shape)}; got {tuple(h0.shape)}")
+    if D is not None and D.shape != C.shape[:2]:
+        raise ValueError(f"D must be (C', H)={tuple(C.shape[:2])}; got {tuple(D.shape)}")
 
 
-def _chunks(u, T):
-    """u (B, L, H) as (H, nc B, T), rows chunk-major (row c B + b), zero-padded to nc T steps: the
-    one transpose of the op. Chunk-major rows make each chunk's states a contiguous block."""
-    Bsz, L, H = u.shape
-    nc = -(-L // T)
-    if nc * T != L:
-        u = torch.nn.functional.pad(u, (0, 0, 0, nc * T - L))  # (B, nc T, H)
-    return u.view(Bsz, nc, T, H).permute(3, 1, 0, 2).contiguous().view(H, nc * Bsz, T), nc
+def _load(x, l0, T, dst, stage):
+    """dst (H, nb, B, K, T) <- steps l0 .. l0 + nb T of x (B, L, K, H) in chunk layout, zeros past L.
+
+    Two copies through `stage` (B, K, H, nb T): one 2-D transpose per (batch row, K), which
+    PyTorch runs as a blocked transpose when x's rows are contiguous, then one permutation with
+    contiguous runs of T numbers. Measured 1.2-2x faster on this CPU than one strided copy per
+    batch row, and 5x faster than one strided copy of the whole block. (The outputs these copies
+    fill are allocated with zeros, not empty: touching fresh pages first in one sequential fill
+    and then storing was 4x faster here than storing into untouched pages with transposed copies,
+    with PyTorch's huge-page allocation.)"""
+    H, nb, Bsz, K, _ = dst.shape
+    n = min(nb * T, x.shape[1] - l0)
+    if n < nb * T:
+        stage[..., n:] = 0
+    for b in range(Bsz):
+        for k in range(K):
+            stage[b, k, :, :n].copy_(x[b, l0:l0 + n, k].t())
+    dst.copy_(stage.view(Bsz, K, H, nb, T).permute(2, 3, 0, 1, 4))
+    return dst
 
 
-class _Carry(torch.autograd.Function):
-    """States entering each chunk, x_prev[c] = x_(c-1), with x_c = a x_(c-1) + S_c; and the last x.
+def _store(z, l0, T, x, stage):
+    """The inverse of `_load`: steps l0 .. of x (B, L, K, H) <- z (H, nb, B, K, T), cropped to L."""
+    H, nb, Bsz, K, _ = z.shape
+    n = min(nb * T, x.shape[1] - l0)
+    stage.view(Bsz, K, H, nb, T).permute(2, 3, 0, 1, 4).copy_(z)
+    for b in range(Bsz):
+        for k in range(K):
+            x[b, l0:l0 + n, k].copy_(stage[b, k, :, :n].t())
 
-    A loop over the nc <= L/T chunk boundaries, outside autograd (which would clone every step),
-    chunk-major so that every step is one fused multiply-add on contiguous memory; the backward
-    is the same recurrence run in reverse with conj(a) (PyTorch's convention for complex
-    gradients): lam_(c-1) = conj(a) lam_c + g_prev[c], grad S_c = lam_c,
-    grad a = sum_c lam_c conj(x_(c-1)), grad x_(-1) = lam_(-1).
-    Shapes: S (nc, H, B, M) complex; a (H, 1, M); x0 (H, B, M) -> (nc, H, B, M), (H, B, M)
+
+def _states(Z, T, into, aT, a_exit, into_exit, x_in, X):
+    """The states entering each chunk of a block, and the state leaving it.
+
+    x_(c) = A^T x_(c-1) + S_(c-1) inside the block (S from one (T -> 2M) matmul over all its
+    chunks, the last one's S being the exit's input sum unless it is the sequence's last chunk), then
+    exit = a_exit x_last + u_last into_exit (A^T and `into` except for the sequence's last chunk,
+    which has r <= T real steps). A loop over the block's chunks, chunk-major (the scratch X) so
+    that every step is one fused multiply-add on contiguous memory.
+    Shapes: Z (H, nb, B, T' + 2M) = [u_c | x_(c-1)] rows, T' = T rounded up to even (complex views
+    need even offsets; an odd T leaves column T zero); x_in (H, B, M) complex; X (nb, H, B, M)
+    complex scratch. Fills Z[..., T':] with the states as (Re, Im) pairs; returns exit (H, B, M).
+    """
+    H, nb, Bsz, _ = Z.shape
+    U = Z[..., :T]  # (H, nb, B, T)
+    if T % 2:
+        Z[..., T] = 0
+    X[0] = x_in
+    S = torch.view_as_complex((U.reshape(H, -1, T) @ into).view(H, nb, Bsz, -1, 2))  # (H, nb, B, M) chunk sums
+    for c in range(1, nb):
+        torch.addcmul(S[:, c - 1], aT[:, None], X[c - 1], out=X[c])
+    Z[..., T + T % 2:].copy_(torch.view_as_real(X).transpose(0, 1).flatten(-2))
+    last = S[:, -1] if into_exit is into else torch.view_as_complex((U[:, -1] @ into_exit).view(H, Bsz, -1, 2))
+    return torch.addcmul(last, a_exit[:, None], X[-1])  # (H, B, M)
+
+
+def _stage(buffer, *shape):
+    """A (B, K, H, n) staging view at the start of a flat buffer."""
+    return buffer[: math.prod(shape)].view(shape)
+
+
+class _Chunked(torch.autograd.Function):
+    """y = chunked SSM of u (module docstring) and the final state, one time block after another.
+
+    Inputs (built with autograd from the parameters by `diagonal_chunked`): W (H, T' + 2M, C'T)
+    = [Toeplitz^T ; 0 (odd T) ; out-of-state pairs] per channel, into (H, T, 2M) = pairs of
+    B A^(T-1-j), aT (H, M) = A^T, into_r / a_r the same for the last chunk's r real steps,
+    x0 (H, B, M); `nbmax` chunks per time block.
+    Only u and the state entering each time block are saved (and, when there is one block, its
+    chunk matrices); the backward runs the blocks in reverse, recomputing each block's chunk states (one (T -> 2M) matmul and the carry), and
+    carries the state's gradient backwards with conj(A^T) (PyTorch's convention for complex
+    gradients): lam_(c-1) = g_(c-1) + conj(A^T) lam_c.
     """
 
     @staticmethod
-    def forward(ctx, S, a, x0):
-        entering = torch.empty_like(S)  # (nc, H, B, M)
-        entering[0] = x0
-        for c in range(1, S.shape[0]):
-            torch.addcmul(S[c - 1], a, entering[c - 1], out=entering[c])  # x_(c-1) = a x_(c-2) + S_(c-1)
-        ctx.save_for_backward(a, entering)
-        return entering, torch.addcmul(S[-1], a, entering[-1])
+    def forward(ctx, u, W, into, aT, into_r, a_r, x0, T, nbmax):
+        Bsz, L, H = u.shape
+        nc, M, width, CT = -(-L // T), aT.shape[1], W.shape[1], W.shape[2]
+        y = u.new_zeros(Bsz, L, CT // T, H)  # zeros, not empty: see `_load`
+        Z, Y = u.new_empty(H, nbmax, Bsz, width), u.new_empty(H, nbmax * Bsz, CT)
+        X, stage = x0.new_empty(nbmax, H, Bsz, M), u.new_empty(Bsz * (CT // T) * H * nbmax * T)
+        x, entering = x0, []
+        for c0 in range(0, nc, nbmax):
+            nb = min(nbmax, nc - c0)
+            a_exit, into_exit = (a_r, into_r) if c0 + nb == nc else (aT, into)
+            entering.append(x)
+            Zb = Z[:, :nb]
+            _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, 1, H, nb * T))
+            x = _states(Zb, T, into, aT, a_exit, into_exit, x, X[:nb])
+            Yb = torch.bmm(Zb.view(H, nb * Bsz, width), W, out=Y[:, : nb * Bsz])  # (H, nb B, C'T)
+            _store(Yb.view(H, nb, Bsz, CT // T, T), c0 * T, T, y, _stage(stage, Bsz, CT // T, H, nb * T))
+        one = len(entering) == 1  # one block: keep its states (as small as a block) instead of recomputing them
+        ctx.save_for_backward(u, W, into, aT, into_r, a_r, torch.stack(entering), Z if one else None, X if one else None)
+        ctx.T, ctx.nbmax = T, nbmax
+        return y, x
 
     @staticmethod
-    def backward(ctx, g_prev, g_last):
-        a, entering = ctx.saved_tensors
-        a_conj = a.conj()
-        grad_S = torch.empty_like(entering)  # (nc, H, B, M): grad_S[c] = lam_c
-        grad_S[-1] = 0 if g_last is None else g_last
-        for c in range(entering.shape[0] - 1, 0, -1):
-            if g_prev is None:
-                torch.mul(a_conj, grad_S[c], out=grad_S[c - 1])
+    def backward(ctx, gy, g_last):
+        u, W, into, aT, into_r, a_r, entering, Z_kept, X_kept = ctx.saved_tensors
+        T, nbmax = ctx.T, ctx.nbmax
+        Bsz, L, H = u.shape
+        nc, M, width, CT = -(-L // T), aT.shape[1], W.shape[1], W.shape[2]
+        Tp = T + T % 2
+        gu, gW = torch.zeros_like(u), torch.zeros_like(W)  # zeros, not empty: see `_load`
+        g_into, g_aT = torch.zeros_like(into), torch.zeros_like(aT)
+        Z = u.new_empty(H, nbmax, Bsz, width) if Z_kept is None else Z_kept
+        X = aT.new_empty(nbmax, H, Bsz, M) if X_kept is None else X_kept
+        G, GZ = u.new_empty(H, nbmax, Bsz, CT // T, T), u.new_empty(H, nbmax * Bsz, width)
+        stage = u.new_empty(Bsz * (CT // T) * H * nbmax * T)
+        lam = torch.zeros_like(entering[0]) if g_last is None else g_last  # gradient of the exit state
+        g_ar = g_into_r = None
+        for i in reversed(range(len(entering))):
+            c0 = i * nbmax
+            nb = min(nbmax, nc - c0)
+            final = c0 + nb == nc
+            a_exit, into_exit = (a_r, into_r) if final else (aT, into)
+            Zb = Z[:, :nb]
+            if Z_kept is None:
+                _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, 1, H, nb * T))
+                _states(Zb, T, into, aT, a_exit, into_exit, entering[i], X[:nb])
+            Zv = Zb.view(H, nb * Bsz, width)
+            Gb = _load(gy, c0 * T, T, G[:, :nb], _stage(stage, Bsz, CT // T, H, nb * T)).view(H, nb * Bsz, CT)
+            gW.baddbmm_(Zv.transpose(1, 2), Gb)
+            GZb = torch.bmm(Gb, W.transpose(1, 2), out=GZ[:, : nb * Bsz]).view(H, nb, Bsz, width)
+            GU = GZb[..., :T]  # (H, nb, B, T) gradients of the inputs
+            gX = torch.view_as_complex(GZb[..., Tp:].unflatten(-1, (-1, 2)))  # (H, nb, B, M) of the states
+            lam_pairs = torch.view_as_real(lam).flatten(-2)  # (H, B, 2M)
+            g_a_exit = (lam * X[nb - 1].conj()).sum(1)  # exit = a_exit x_last + u_last into_exit
+            g_into_exit = Zb[:, -1, :, :T].transpose(1, 2) @ lam_pairs
+            GU[:, -1].baddbmm_(lam_pairs, into_exit.transpose(1, 2))
+            gX[:, -1].addcmul_(a_exit[:, None].conj(), lam)
+            if final:
+                g_ar, g_into_r = g_a_exit, g_into_exit
             else:
-                torch.addcmul(g_prev[c], a_conj, grad_S[c], out=grad_S[c - 1])
-        lam = a_conj * grad_S[0] + (0 if g_prev is None else g_prev[0])  # (H, B, M)
-        grad_a = (grad_S * entering.conj()).sum((0, 2))[:, None]  # (H, 1, M)
-        return grad_S, grad_a, lam
+                g_aT += g_a_exit
+                g_into += g_into_exit
+            for c in range(nb - 1, 0, -1):  # total gradients of the states, backwards
+                gX[:, c - 1].addcmul_(aT[:, None].conj(), gX[:, c])
+            if nb > 1:  # S_(c-1) feeds x_c: its gradient is gX[:, c]
+                gS = torch.view_as_real(gX[:, 1:]).reshape(H, (nb - 1) * Bsz, 2 * M)
+                g_into.baddbmm_(Zb[:, :-1, :, :T].reshape(H, -1, T).transpose(1, 2), gS)
+                GU[:, :-1].reshape(H, -1, T).baddbmm_(gS, into.transpose(1, 2))
+                states = torch.view_as_complex(Zb[:, :-1, :, Tp:].unflatten(-1, (-1, 2)))  # (H, nb-1, B, M)
+                g_aT += (gX[:, 1:] * states.conj()).sum((1, 2))
+            lam = gX[:, 0].clone()
+            _store(GU[..., None, :], c0 * T, T, gu[:, :, None], _stage(stage, Bsz, 1, H, nb * T))
+        return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
-def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None):
+def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None):
     """Outputs and final state of H diagonal SSMs, by chunked matrix multiplies (module docstring).
 
     Shapes:
         u: (B, L, H) real; w: (H, M) complex (log A_bar); B_bar: (H, M) complex; C: (C', H, M) complex
-        h0: (B, H, M) complex or None (zero)
-        returns y (B, L, C', H) real (no D term) and the final state x_(L-1) (B, H, M) complex
+        h0: (B, H, M) complex or None (zero); D: (C', H) real or None (no skip term)
+        returns y (B, L, C', H) real and the final state x_(L-1) (B, H, M) complex
+    `chunk` (T) defaults to `chunk_size(L)`, `block` (chunks per time block) to `block_size`.
     """
-    _check(u, w, B_bar, C, h0)
+    _check(u, w, B_bar, C, h0, D)
     Bsz, L, H = u.shape
-    M, T = w.shape[1], chunk or chunk_size(L)
-    uc, nc = _chunks(u, T)  # (H, nc B, T)
-    powers = torch.exp(w[..., None] * torch.arange(T, device=u.device, dtype=u.dtype))  # (H, M, T) A^j
+    Cp, M, T = C.shape[0], w.shape[1], chunk or chunk_size(L)
+    nc, r = -(-L // T), L - (-(-L // T) - 1) * T  # chunks; real steps of the last one (1..T)
+    j = torch.arange(T, device=u.device, dtype=u.dtype)
+    powers = torch.exp(w[..., None] * j)  # (H, M, T) A^j
     K = factor * ((C * B_bar)[..., None] * powers).sum(-2).real  # (C', H, T) first T taps
-    into_state = _pairs(B_bar[..., None] * powers.flip(-1)).transpose(-1, -2)  # (H, T, 2M) B A^(T-1-j)
-    S = (uc @ into_state).view(H, nc, Bsz, M, 2).transpose(0, 1).contiguous()  # (nc, H, B, M, 2) chunk sums
-    x0 = u.new_zeros(H, Bsz, M, dtype=w.dtype) if h0 is None else h0.transpose(0, 1)  # (H, B, M)
-    x_prev, x_last = _Carry.apply(torch.view_as_complex(S), torch.exp(w * T)[:, None], x0)  # (nc, H, B, M)
+    if D is not None:
+        K = K + D[..., None] * (j == 0)  # y = K * u + D u: D joins tap 0
     out_of_state = _pairs(factor * C[..., None] * powers * torch.exp(w)[..., None])  # (C', H, 2M, T)
-    out_of_state = out_of_state * torch.tensor([1.0, -1.0], dtype=u.dtype).repeat(M)[:, None]  # Re(x G)
-    x_pairs = torch.view_as_real(x_prev).transpose(0, 1).reshape(H, nc * Bsz, 2 * M)  # (H, nc B, 2M)
-    toeplitz = _toeplitz(K, T).transpose(-1, -2)  # (C', H, T, T)
-    if C.shape[0] == 1:  # accumulate in place: one pass over the output less
-        y = torch.baddbmm(uc @ toeplitz[0], x_pairs, out_of_state[0])[None]  # (1, H, nc B, T)
-    else:
-        y = uc @ toeplitz + x_pairs @ out_of_state  # (C', H, nc B, T)
-    y = _ContiguousGrad.apply(y).view(-1, H, nc, Bsz, T).permute(3, 2, 4, 0, 1)  # (B, nc, T, C', H)
-    y = y.reshape(Bsz, nc * T, -1, H)[:, :L]  # (B, L, C', H)
-    if nc * T == L:
-        return y, x_last.transpose(0, 1)
-    return y, _final_state(x_prev[-1], uc.view(H, nc, Bsz, T)[:, -1], w, B_bar, L - (nc - 1) * T)
+    out_of_state = out_of_state * torch.tensor([1.0, -1.0], dtype=u.dtype, device=u.device).repeat(M)[:, None]
+    spare = K.new_zeros(Cp, H, T % 2, T)  # an odd T: a zero row for Z's spare column (see `_states`)
+    W = torch.cat([_toeplitz(K, T).transpose(-1, -2), spare, out_of_state], -2)  # (C', H, T' + 2M, T)
+    W = W.permute(1, 2, 0, 3).reshape(H, -1, Cp * T)  # (H, T' + 2M, C'T)
+    into = _pairs(B_bar[..., None] * powers.flip(-1)).transpose(-1, -2)  # (H, T, 2M) B A^(T-1-j)
+    lag = torch.clamp(r - 1 - j, min=0)  # the last chunk: B A^(r-1-j) for its r real steps j < r
+    into_r = _pairs(B_bar[..., None] * torch.exp(w[..., None] * lag) * (j < r)).transpose(-1, -2)  # (H, T, 2M)
+    x0 = u.new_zeros(H, Bsz, M, dtype=w.dtype) if h0 is None else h0.transpose(0, 1)  # (H, B, M)
+    block = block or block_size(nc, H * Bsz * T)
+    y, x_last = _Chunked.apply(u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T, block)
+    return y, x_last.transpose(0, 1)
 
 
-def _final_state(x_in, last, w, B_bar, r):
-    """x_(L-1) from the state entering the last chunk and its r real steps (1 <= r < T).
-
-    (Taking the padded chunk's end state and undoing A^(T-r) would divide by tiny powers.)
-    Shapes: x_in (H, B, M); last (H, B, T) -> (B, H, M)
-    """
-    k = torch.arange(r, device=last.device, dtype=last.dtype)
-    into = B_bar[..., None] * torch.exp(w[..., None] * (r - 1 - k))  # (H, M, r)
-    steps = last[..., :r].to(into.dtype) @ into.transpose(1, 2)  # (H, B, M)
-    return (torch.exp(w * r)[:, None] * x_in + steps).transpose(0, 1)  # (B, H, M)
-
-
-def diagonal_chunked_ref(u, w, B_bar, C, factor=2, h0=None, chunk=None):
-    """Reference twin of `diagonal_chunked`: the recurrence, one step at a time (`chunk` ignored)."""
-    _check(u, w, B_bar, C, h0)
+def diagonal_chunked_ref(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None):
+    """Reference twin of `diagonal_chunked`: the recurrence, one step at a time (`chunk`, `block` ignored)."""
+    _check(u, w, B_bar, C, h0, D)
     x = torch.zeros(u.shape[0], *w.shape, dtype=w.dtype) if h0 is None else h0  # (B, H, M)
     ys = []
     for u_k in u.unbind(1):  # (B, H)
         x = torch.exp(w) * x + B_bar * u_k[..., None]  # (B, H, M)
-        ys.append(factor * (C * x[:, None]).sum(-1).real)  # (B, C', H)
+        y = factor * (C * x[:, None]).sum(-1).real  # (B, C', H)
+        ys.append(y if D is None else y + D * u_k[:, None])
     return torch.stack(ys, 1), x  # (B, L, C', H), (B, H, M)
