@@ -194,16 +194,19 @@ class S5(SSMLayer):
         time_varying = dt is not None or resets is not None
         run = modal_conv if self._use_conv(time_varying) else scan
         A_bar, B_scale = self.discrete(rate, dt)  # (M,) or (B, L, M)
-        Bu = B_scale * mix_in(u, as_complex(self.B))  # (B, L, M)
+        if B_scale.dim() == 1:  # time-invariant: scale B (M, H), not Bu (B, L, M): one pass over Bu less
+            Bu = mix_in(u, B_scale[:, None] * as_complex(self.B))  # (B, L, M)
+        else:
+            Bu = B_scale * mix_in(u, as_complex(self.B))  # (B, L, M)
         if resets is not None:
             A_bar = torch.where(resets[..., None], torch.zeros_like(A_bar), A_bar)  # (B, L, M)
         C = as_complex(self.C)  # (C', H, M)
         h = run(A_bar, Bu, state)  # (B, L, M)
-        y = self.factor * mix_out(h, C[0]) + self.D * u  # (B, L, H)
+        y = mix_out(h, self.factor * C[0]).addcmul_(u, self.D)  # (B, L, H); in place: no pass over a new tensor
         if self.bidirectional:
             if time_varying:  # the backward step k+1 -> k uses the factor of the forward step k -> k+1
                 A_bar = torch.cat([A_bar[:, 1:], torch.zeros_like(A_bar[:, :1])], dim=1)  # (B, L, M)
-            y = y + self.factor * mix_out(run(A_bar, Bu, None, reverse=True), C[1])  # (B, L, H)
+            y = y + mix_out(run(A_bar, Bu, None, reverse=True), self.factor * C[1])  # (B, L, H)
         return (y, h[:, -1]) if return_state else y
 
     def _use_conv(self, time_varying):
