@@ -4,8 +4,10 @@ from diagssm.ops.kernels import dss_kernel, dss_kernel_ref, s4d_kernel, s4d_kern
 from diagssm.ops.scan import scan, scan_ref
 from diagssm.ops.conv import fft_conv, fft_conv_ref, modal_conv
 from diagssm.ops.cauchy import cauchy, cauchy_ref
+from diagssm.ops.chunked import diagonal_chunked, diagonal_chunked_ref
 
 __all__ = [
     "discretize", "discretize_ref", "s4d_kernel", "s4d_kernel_ref", "dss_kernel", "dss_kernel_ref",
     "scan", "scan_ref", "fft_conv", "fft_conv_ref", "modal_conv", "cauchy", "cauchy_ref",
+    "diagonal_chunked", "diagonal_chunked_ref",
 ]
