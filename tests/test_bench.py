@@ -114,3 +114,21 @@ def test_a_subprocess_case_reports_memory_and_its_settings():
     assert "skipped" not in r, r.get("skipped")
     assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] >= 0
     assert r["thp"] == "1" and r["flush_denormal"] is True and r["threads"] == 1
+
+
+def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_chunked.py"
+    spec = importlib.util.spec_from_file_location("bench_chunked", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    older = tmp_path / "older.py"  # an op without D or block: the harness adds D u itself
+    older.write_text("from diagssm.ops.chunked import diagonal_chunked_ref as _ref\n"
+                     "def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None):\n"
+                     "    return _ref(u, w, B_bar, C, factor, h0)\n")
+    for extra in ([], ["--module", str(older)]):
+        assert script.main(["--L", "64", "--repeats", "1", "--threads", "1", "--block", "1"] + extra) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("fwd+bwd median" in line and "peak" in line for line in out)
+    assert "{'block': 1}" in out[0] and "older.py" in out[1]

@@ -1,0 +1,78 @@
+"""Time and peak memory of `ops.diagonal_chunked` (forward + backward) in this process.
+
+    python benchmarks/bench_chunked.py                          # B=16, H=128, N=64, L=16384, 2 threads
+    python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
+    git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
+    python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
+
+Loss = sum(y * w) with w fixed random; gradients of u and of every system tensor; the D skip term
+is passed to the op when it takes one, else added as D u (what the layer did before). Peak memory:
+the ru_maxrss increase over the first forward + backward (run it in a fresh process per case).
+Set THP_MEM_ALLOC_ENABLE=1 in the environment, as `diagssm bench` does.
+"""
+import argparse
+import importlib.util
+import inspect
+import resource
+import statistics
+import time
+
+import torch
+
+
+def load_op(path):
+    if path is None:
+        from diagssm.ops.chunked import diagonal_chunked
+        return diagonal_chunked
+    spec = importlib.util.spec_from_file_location("chunked_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.diagonal_chunked
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--L", type=int, default=16384)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunk", type=int)
+    ap.add_argument("--block", type=int)
+    ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    op = load_op(args.module)
+    takes = inspect.signature(op).parameters
+    Bsz, H, M = 16, 128, 32
+    g = torch.Generator().manual_seed(0)
+    w = torch.complex(-0.1 * torch.rand(H, M, generator=g), torch.randn(H, M, generator=g)).requires_grad_()
+    B_bar = torch.randn(H, M, dtype=torch.complex64, generator=g).requires_grad_()
+    C = torch.randn(1, H, M, dtype=torch.complex64, generator=g).requires_grad_()
+    D = torch.randn(1, H, generator=g).requires_grad_()
+    u = torch.randn(Bsz, args.L, H, generator=g).requires_grad_()
+    weight = torch.randn(Bsz, args.L, H, generator=g)
+    kw = {k: v for k, v in (("chunk", args.chunk), ("block", args.block)) if v is not None and k in takes}
+
+    def fwd_bwd():
+        if "D" in takes:
+            y = op(u, w, B_bar, C, 2, D=D, **kw)[0]
+        else:
+            y = op(u, w, B_bar, C, 2, **kw)[0] + D * u[:, :, None]
+        torch.autograd.grad((y.flatten(2) * weight).sum(), [u, w, B_bar, C, D])
+
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    fwd_bwd()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        fwd_bwd()
+        times.append(1e3 * (time.perf_counter() - t0))
+    print(f"diagonal_chunked{'' if args.module is None else ' from ' + args.module} B={Bsz} H={H} N={2 * M} "
+          f"L={args.L} threads={args.threads} {kw or ''}: fwd+bwd median {statistics.median(times):.0f} ms "
+          f"(min {min(times):.0f}, max {max(times):.0f}), peak {peak:.0f} MB over the inputs")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
