@@ -192,6 +192,12 @@ def spread(values):
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def mean_std_text(values):
+    """'mean ± std' to two decimals ('mean' alone for a single value)."""
+    mean, std = spread(values)
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
 def table(studies, runs_dir):
     """A markdown table: per study and model, test metric mean +- std over seeds, seeds, best
     val, parameters, seconds per epoch. Rows trained with --set overrides are marked *."""
@@ -203,18 +209,16 @@ def table(studies, runs_dir):
                 lines.append(f"| {study.name} | {model} | not run | 0 | | | |")
                 continue
             scale = 100.0 if rows[0]["metric"] == "accuracy" else 1.0
-            mean, std = spread([r["test"] * scale for r in rows])
-            val, _ = spread([r["val"] * scale for r in rows])
+            test = mean_std_text([r["test"] * scale for r in rows])
+            val = statistics.fmean(r["val"] * scale for r in rows)
             mark = "*" if any(r["overrides"] for r in rows) else ""
-            std_text = "" if math.isnan(std) else f" ± {std:.2f}"
-            lines.append(f"| {study.name} | {model}{mark} | {mean:.2f}{std_text} | {len(rows)} | {val:.2f} | "
+            lines.append(f"| {study.name} | {model}{mark} | {test} | {len(rows)} | {val:.2f} | "
                          f"{rows[0]['params']:,} | {statistics.fmean(r['seconds_per_epoch'] for r in rows):.1f} |")
             for name in study.extra_tests:
                 values = [r["extra_tests"][name] * scale for r in rows if name in r.get("extra_tests", {})]
                 if values:
-                    m, sd = spread(values)
-                    sd_text = "" if math.isnan(sd) else f" ± {sd:.2f}"
-                    lines.append(f"| {study.name} | {model}{mark}, test {name} | {m:.2f}{sd_text} | {len(values)} | | | |")
+                    lines.append(f"| {study.name} | {model}{mark}, test {name} | {mean_std_text(values)} | "
+                                 f"{len(values)} | | | |")
     return "\n".join(lines)
 
 
