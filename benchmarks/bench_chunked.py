@@ -13,11 +13,10 @@ Set THP_MEM_ALLOC_ENABLE=1 in the environment, as `diagssm bench` does.
 import argparse
 import importlib.util
 import inspect
-import resource
-import statistics
-import time
 
 import torch
+
+from diagssm.bench import maxrss_mb, median_ms, setup_process
 
 
 def load_op(path):
@@ -39,8 +38,7 @@ def main(argv=None):
     ap.add_argument("--block", type=int)
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    setup_process(args.threads)
     op = load_op(args.module)
     takes = inspect.signature(op).parameters
     Bsz, H, M = 16, 128, 32
@@ -60,17 +58,13 @@ def main(argv=None):
             y = op(u, w, B_bar, C, 2, **kw)[0] + D * u[:, :, None]
         torch.autograd.grad((y.flatten(2) * weight).sum(), [u, w, B_bar, C, D])
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base = maxrss_mb()
     fwd_bwd()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    times = []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        fwd_bwd()
-        times.append(1e3 * (time.perf_counter() - t0))
+    peak = maxrss_mb() - base
+    ms = median_ms(fwd_bwd, args.repeats, warmup=0)  # the memory pass was the warm-up
     print(f"diagonal_chunked{'' if args.module is None else ' from ' + args.module} B={Bsz} H={H} N={2 * M} "
-          f"L={args.L} threads={args.threads} {kw or ''}: fwd+bwd median {statistics.median(times):.0f} ms "
-          f"(min {min(times):.0f}, max {max(times):.0f}), peak {peak:.0f} MB over the inputs")
+          f"L={args.L} threads={args.threads} {kw or ''}: fwd+bwd median {ms:.0f} ms, "
+          f"peak {peak:.0f} MB over the inputs")
     return 0
 
 
