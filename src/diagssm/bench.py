@@ -25,6 +25,8 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
 
     chunked  FLOPs 2 B L H (T + 4M)              (in-chunk Toeplitz T, into- and out-of-state 2M each)
              bytes 4 B L H * 8 + 8 B H M (L/T) * 4  ((B, L, H) float32 touched ~8 times; chunk states)
+             (its backward also recomputes the chunk sums, 2 B L H 2M more FLOPs, ~11% of 3x
+             forward, which the 3x rule leaves out: its floor is that much too low)
     fft      FLOPs (2 B H + H) 2.5 n log2 n + 6 B H n/2 + 4 H M L   (rfft u, rfft K, irfft; product; kernel)
              bytes 4 B L H * 14                     (u, its spectrum, product, irfft output, crop, D u)
     scan     FLOPs 8 B L H M + 24 B L M             (B u and Re(C h) as real matmuls; 3 passes of h = a h + b)
