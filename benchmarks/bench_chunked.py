@@ -2,6 +2,7 @@
 
     python benchmarks/bench_chunked.py                          # B=16, H=128, N=64, L=16384, 2 threads
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
+    python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
     python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
 
@@ -37,6 +38,7 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--block", type=int)
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
+    ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more pass")
     args = ap.parse_args(argv)
     setup_process(args.threads)
     op = load_op(args.module)
@@ -65,6 +67,10 @@ def main(argv=None):
     print(f"diagonal_chunked{'' if args.module is None else ' from ' + args.module} B={Bsz} H={H} N={2 * M} "
           f"L={args.L} threads={args.threads} {kw or ''}: fwd+bwd median {ms:.0f} ms, "
           f"peak {peak:.0f} MB over the inputs")
+    if args.profile:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            fwd_bwd()
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
 
 
