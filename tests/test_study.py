@@ -86,6 +86,15 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
     assert "| tiny | s4d-legs | " in text and "| 2 |" in text and f"{legs['params']:,}" in text
     assert "| tiny | s4d-lin | " in text and "| 1 |" in text
 
+    # a row stopped before its first checkpoint (config.yaml and a metrics row, no checkpoint) restarts
+    row = s.run_dir(runs, "s4d-lin", 1)
+    row.mkdir(parents=True)
+    (row / "config.yaml").write_text("stale: true\n")
+    (row / "metrics.csv").write_text("step,epoch,split,loss,metric,lr,time\n25,0,train,2.3,0.1,0.001,9.9\n")
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-lin", "--seeds", "1"]) == 0
+    assert "training" in capsys.readouterr().out and (row / "result.json").exists()
+    assert "25,0,train,2.3" not in (row / "metrics.csv").read_text()
+
 
 def test_list_prints_parameter_counts(tmp_path, capsys):
     assert main(["study", "list", str(write_study(tmp_path))]) == 0

@@ -117,10 +117,11 @@ def train_row(study, runs_dir, model, seed, extra=()):
     if (run_dir / RESULT).exists():
         print(f"[{study.name}] {model} seed {seed}: done before ({run_dir / RESULT})")
         return 0
-    resume = (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").glob("step_*.pt"))
+    started = (run_dir / "config.yaml").exists()  # a row stopped before its first checkpoint restarts
+    resume = started and any((run_dir / "checkpoints").glob("step_*.pt"))
     cfg = study.config(model, seed, extra)
     print(f"[{study.name}] {model} seed {seed}: {'resuming' if resume else 'training'} in {run_dir}")
-    trainer = Trainer(cfg, run_dir, resume=resume)
+    trainer = Trainer(cfg, run_dir, resume=started)  # resuming with no checkpoint starts at step 0
     try:
         outcome = trainer.run()
     finally:
