@@ -46,19 +46,24 @@ class MetricsLog:
         self.path = Path(run_dir) / "metrics.csv"
         if resume_step is not None and self.path.exists():
             self._truncate(resume_step)
-        is_new = not self.path.exists()
-        self.file = open(self.path, "a", newline="")
+        is_new = not self.path.exists() or self.path.stat().st_size == 0  # empty: stopped before a row
+        self.file = open(self.path, "w" if is_new else "a", newline="")
         self.writer = csv.writer(self.file)
         if is_new:
             self.writer.writerow(FIELDS)
+            self.file.flush()  # on disk before any row: a run stopped now leaves a readable file
         module, message = tensorboard  # from find_tensorboard
         log_dir = Path(run_dir) / "tensorboard"
         self.tensorboard = None if module is None else module.SummaryWriter(str(log_dir))
         self.backend = message.format(log_dir=log_dir)
 
     def _truncate(self, step):
-        rows = [r for r in csv.reader(open(self.path, newline=""))]
-        kept = rows[:1] + [r for r in rows[1:] if int(r[0]) <= step]
+        """Keep the header and the rows up to `step`; a file without its header (written before the
+        header was flushed at creation) gets it back."""
+        with open(self.path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r]
+        body = rows[1:] if rows and rows[0] == list(FIELDS) else rows
+        kept = [FIELDS] + [r for r in body if int(r[0]) <= step]
         tmp = self.path.with_name(".metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
             csv.writer(f).writerows(kept)
