@@ -232,3 +232,65 @@ def test_step_system_cache_follows_parameter_updates():
         y_ref, _ = layer.step(u_t, h)  # computed afresh
     assert not torch.allclose(y1, y2)
     assert_close(y2, y_ref)
+
+
+def _softmax_pair(grow, seed=0):
+    """A float32 DSS-softmax layer at dt in [0.05, 0.1] and its float64 twin (backend fft).
+    `grow`: half the modes get Re Lambda = +0.3 (the variant leaves Lambda free)."""
+    torch.manual_seed(seed)
+    layer = DSS(4, 8, variant="softmax", dt_min=0.05, dt_max=0.1)
+    if grow:
+        with torch.no_grad():
+            layer.Lambda_re[::2] = 0.3
+    ref = DSS(4, 8, variant="softmax", backend="fft").double()
+    ref.load_state_dict(layer.state_dict())
+    return layer, ref
+
+
+def _grads(layer, u, w):
+    u = u.clone().requires_grad_()
+    y = layer(u)
+    return [y, *torch.autograd.grad((y * w).sum(), [u, *layer.parameters()])]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_float32_long_sequence_gradients(backend):
+    """Decaying modes at L = 4096 in float32: exp(+|Re w| (L-1)) overflows (up to exp(205));
+    it used to be computed for every mode and masked by torch.where, whose backward made every
+    gradient NaN. Outputs and gradients against the float64 twin."""
+    layer, ref = _softmax_pair(grow=False)
+    layer.backend = backend
+    u, w = randn(2, 4096, 4, seed=13), randn(2, 4096, 4, seed=14)
+    got, want = _grads(layer, u.float(), w.float()), _grads(ref, u, w)
+    assert layer.last_backend == backend
+    for g, r in zip(got, want):
+        assert torch.isfinite(g).all()
+        assert_close(g, r, scale=100)  # sums over 4096 steps
+
+
+def test_softmax_growing_modes_leave_the_recurrent_form_past_float32s_range():
+    """Re w (L-1) = 0.3 dt (L-1), up to 123 > 44 (half of float32's exponent range): B_bar =
+    ... exp(-w (L-1)) underflows, so the chunked forward was silently wrong (off by up to 0.9 at
+    the end) and its gradient overflows. "auto" takes the fft path, which is right; an explicit
+    "chunked", `step` and states say why they cannot; float64 and short sequences still can."""
+    layer, ref = _softmax_pair(grow=True)
+    u, w = randn(2, 4096, 4, seed=15), randn(2, 4096, 4, seed=16)
+    got, want = _grads(layer, u.float(), w.float()), _grads(ref, u, w)
+    assert layer.last_backend == "fft"
+    for g, r in zip(got, want):
+        assert_close(g, r, scale=100)  # sums over 4096 steps
+    with torch.no_grad():
+        assert_close(layer(u.float()), want[0], scale=100)
+    assert layer.last_backend == "fft"
+    for call in (lambda: layer(u.float(), return_state=True),
+                 lambda: layer.step(u[:, 0].float(), layer.default_state(2), L=4096)):
+        with pytest.raises(ValueError, match="grows by exp\\(1[0-9][0-9]\\) over L=4096.*float64"):
+            call()
+    layer.backend = "chunked"
+    with pytest.raises(ValueError, match="backend='fft'"):
+        layer(u.float())
+    short = layer(u[:, :100].float())  # growth 0.03 * 99 = 3: the chunked path is fine
+    assert layer.last_backend == "chunked"
+    assert_close(short, ref(u[:, :100]), scale=10)
+    ref.backend = "chunked"  # float64 holds exp(123)
+    assert_close(ref(u), want[0])

@@ -77,10 +77,19 @@ class SSMLayer(nn.Module):
             got = (tuple(state.shape), state.dtype) if torch.is_tensor(state) else type(state).__name__
             raise ValueError(f"state must have shape {shape} and dtype {empty.dtype}; got {got}")
 
-    def check_recurrent(self):
+    def check_recurrent(self, L=None, rate=1.0):
         if self.bidirectional:
             raise ValueError("a bidirectional layer has no recurrent state: it sees the future. "
                              "Use return_state/step only with bidirectional=False")
+        why = self.recurrent_problem(L, rate) if L is not None else ""
+        if why:
+            raise ValueError(f"{type(self).__name__}: {why}; step and states need a higher precision "
+                             f"(float64) or a shorter L")
+
+    def recurrent_problem(self, L, rate):
+        """Why the recurrent form (the chunked path, `step`, states in and out) cannot hold this
+        system at length L in this dtype ('' when it can)."""
+        return ""
 
     def param_dtype(self):
         return self.D.dtype
@@ -128,22 +137,28 @@ class DiagonalSSM(SSMLayer):
         Bsz, L_u, H = u.shape
         L = self.system_length(L, L_u)
         if state is not None or return_state:
-            self.check_recurrent()
+            self.check_recurrent(L, rate)
             state = self.default_state(Bsz) if state is None else state
             self.check_state(state, Bsz)
-        backend = self.pick_backend(u)
+        backend = self.pick_backend(u, L, rate)
         if backend == "chunked":
             y, x = self._forward_chunked(u, state, rate, L)
         else:
             y, x = self._forward_fft(u, state, return_state, rate, L)
         return (y, x) if return_state else y
 
-    def pick_backend(self, u):
+    def pick_backend(self, u, L=None, rate=1.0):
         """"chunked" on the CPU (S4D forward + backward: as fast as "fft" at L = 1024, 10% slower
         at 4096, 2.6x faster at 16384 and 1.7x at 65536, with 17-70% of its memory:
         docs/benchmarks/layers-cpu-2core.md), "fft" on other devices (not yet measured there),
-        unless `self.backend` names one."""
+        unless `self.backend` names one; `recurrent_problem` can veto the chunked path."""
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
+        why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
+        if why and self.backend == "chunked":
+            raise ValueError(f"{type(self).__name__}: {why}; use backend='fft' or 'auto'")
+        if why:
+            log.info("%s: %s; using the fft backend", type(self).__name__, why)
+            backend = "fft"
         if backend != getattr(self, "last_backend", None):
             log.info("%s: %s backend on %s", type(self).__name__, backend, u.device)
             self.last_backend = backend
@@ -198,7 +213,7 @@ class DiagonalSSM(SSMLayer):
 
         Shapes: u_t (B, H); state (B, H, M) complex -> y_t (B, C'' H), state (B, H, M)
         """
-        self.check_recurrent()
+        self.check_recurrent(L, rate)
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
         A_bar, B_bar, C = self.step_system(L, rate)

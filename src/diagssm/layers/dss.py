@@ -7,6 +7,8 @@ Spaces" (NeurIPS 2022), Proposition 1 and Section 3.
 The paper counts complex modes: its "N = 64" is d_state = 128 here (N/2 = 64 modes), and there
 is no conjugate-pair factor in the kernel.
 """
+import math
+
 import torch
 from torch import nn
 
@@ -35,7 +37,9 @@ class DSS(DiagonalSSM):
     sum_{j<L} exp(w j) depends on the length L, so B_bar does too, and `step(u_t, state, L=...)`
     must be told the maximum length L it serves; its outputs then equal the convolution's on
     sequences of length L (`forward(u, L=...)` likewise fixes L when a sequence is split). A mode with Re(w) > 0 is rescaled by exp(-w (L-1)), which is exact but
-    can underflow in float32 for long L.
+    would underflow in float32 for long L; when its growth exp(Re w (L-1)) passes exp(44)
+    (float32; exp(354) in float64), "auto" uses the fft backend, and backend="chunked", `step`
+    and states in or out are errors (`recurrent_problem`).
 
     Parameters: log_dt (H,) or (2, H); log_Lambda_re or Lambda_re (N/2,); Lambda_im (N/2,);
     W (C', H, N/2, 2); D (channels, H). Count: (1 + sep_dt) H + N + C' H N + channels H.
@@ -95,5 +99,22 @@ class DSS(DiagonalSSM):
         grows = w.real > 0
         w_dec = torch.where(grows, -w, w)  # the kernel's sum runs from the end for growing modes
         B_bar = -torch.expm1(w_dec) * reciprocal(Lambda * -torch.expm1(w_dec * L), EPS_RECIPROCAL)
-        B_bar = torch.where(grows, B_bar * torch.exp(-w * (L - 1)), B_bar)  # (H, M)
+        # exp(-w (L-1)) for the growing modes only: computed for all, the decaying ones overflow
+        # (exp(+|Re w| (L-1))) and torch.where's backward turns 0 * inf into NaN
+        B_bar = B_bar * torch.exp(-torch.where(grows, w, torch.zeros_like(w)) * (L - 1))  # (H, M)
         return w, B_bar, as_complex(self.W)
+
+    def recurrent_problem(self, L, rate):
+        """SOFTMAX with a growing mode (Re w > 0): B_bar holds exp(-w (L-1)) and the gradient of
+        B_bar is of order exp(Re w (L-1)). Past half the dtype's exponent range (exp(44) in
+        float32) B_bar underflows towards 0 (outputs silently wrong) and its gradient overflows.
+        The FFT path, whose kernel sums every mode from its decaying end, has neither problem."""
+        if self.variant != "softmax":
+            return ""
+        w = dss_exponent(self.Lambda(), self.dt(rate)).detach()  # (H, M)
+        growth = float(w.real.max().clamp(min=0)) * (L - 1)
+        limit = math.log(torch.finfo(self.log_dt.dtype).max) / 2
+        if growth <= limit:
+            return ""
+        return (f"softmax variant: a mode grows by exp({growth:.0f}) over L={L}, past what the recurrent "
+                f"form holds in {self.log_dt.dtype} (exp({limit:.0f}))")
