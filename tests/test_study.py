@@ -126,3 +126,15 @@ def test_extra_tests_are_evaluated_and_tabulated(tmp_path, capsys):
                                    "extra_tests": {"t": {"rate": 0}}}))
     with pytest.raises(ValueError, match="extra_tests.t"):
         study_mod.Study(bad)
+
+
+def test_a_failing_row_does_not_stop_the_others(tmp_path, capsys):
+    """A row that diverges (learning rate 1e30) is reported; the rows after it still train."""
+    path = write_study(tmp_path, {"diverges": {"optim.lr": 1e30, "optim.ssm_lr": 1e30},
+                                  "s4d-legs": {"model.layer_kwargs.init": "legs"}})
+    runs = tmp_path / "runs"
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--seeds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "diverges seed 0: failed:" in err and "1 of 2 rows failed: diverges seed 0" in err
+    assert (runs / "tiny" / "s4d-legs" / "seed0" / "result.json").exists()
+    assert not (runs / "tiny" / "diverges" / "seed0" / "result.json").exists()

@@ -26,6 +26,7 @@ changes every row (for a quick smoke run); such rows record it and the table mar
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -243,10 +244,22 @@ def cmd_study(args):
         low, high = min(counts.values()), max(counts.values())
         print(f"parameter counts from {low:,} to {high:,}: the largest is {100 * (high / low - 1):.1f}% above the smallest")
         return 0
+    from diagssm.train.checkpoint import CheckpointError
+    from diagssm.train.loop import TrainingDiverged
+
+    failed = []
     for model, seed in rows:
-        code = train_row(study, args.runs_dir, model, seed, args.set)
-        if code:
+        try:
+            code = train_row(study, args.runs_dir, model, seed, args.set)
+        except (TrainingDiverged, CheckpointError, ValueError) as e:  # this row's failure: go on to the next
+            print(f"[{study.name}] {model} seed {seed}: failed: {e}", file=sys.stderr)
+            failed.append(f"{model} seed {seed}")
+            continue
+        if code:  # stopped by a signal: every row stops (each resumes from its checkpoint)
             return code
+    if failed:
+        print(f"diagssm study run: {len(failed)} of {len(rows)} rows failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
