@@ -156,11 +156,9 @@ class DiagonalSSM(SSMLayer):
         why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
         if why and self.backend == "chunked":
             raise ValueError(f"{type(self).__name__}: {why}; use backend='fft' or 'auto'")
-        if why:
-            log.info("%s: %s; using the fft backend", type(self).__name__, why)
-            backend = "fft"
+        backend = "fft" if why else backend
         if backend != getattr(self, "last_backend", None):
-            log.info("%s: %s backend on %s", type(self).__name__, backend, u.device)
+            log.info("%s: %s backend on %s%s", type(self).__name__, backend, u.device, f" ({why})" if why else "")
             self.last_backend = backend
         return backend
 

@@ -18,7 +18,9 @@ depth, width, optimiser and number of steps; only the variant's settings and run
     diagssm study table configs/study/*.yaml [--out docs/results-table.md]
     diagssm study list configs/study/sfashion.yaml          # rows, parameter counts, commands
 
-`run` skips rows that have a result, resumes rows that have a checkpoint, and starts the others.
+`run` skips rows that have a result, resumes rows that have a checkpoint, and starts the others
+(a row stopped before its first checkpoint starts again). A row that fails (diverges, say) is
+reported and the next rows still run; the command then exits 1 and lists the failed rows.
 A finished row writes result.json: the test metric of the best-validation checkpoint, the best
 validation metric, the parameter count, seconds of training and seconds per epoch. `--set`
 changes every row (for a quick smoke run); such rows record it and the table marks them.
