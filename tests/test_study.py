@@ -85,6 +85,11 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
     legs = json.loads((runs / "tiny" / "s4d-legs" / "seed0" / "result.json").read_text())
     assert "| tiny | s4d-legs | " in text and "| 2 |" in text and f"{legs['params']:,}" in text
     assert "| tiny | s4d-lin | " in text and "| 1 |" in text
+    capsys.readouterr()
+    assert main(["study", "table", str(path), "--runs-dir", str(runs), "--per-seed"]) == 0
+    per_seed = capsys.readouterr().out
+    assert f"| tiny | s4d-legs | 0 | {100 * legs['test']:.2f} | {100 * legs['val']:.2f} | {legs['best_step']} / 6 |" in per_seed
+    assert per_seed.count("| tiny | s4d-legs |") == 2 and per_seed.count("| tiny | s4d-lin |") == 1
 
     # a row stopped before its first checkpoint (config.yaml and a metrics row, no checkpoint) restarts
     row = s.run_dir(runs, "s4d-lin", 1)
@@ -92,7 +97,7 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
     (row / "config.yaml").write_text("stale: true\n")
     (row / "metrics.csv").write_text("step,epoch,split,loss,metric,lr,time\n25,0,train,2.3,0.1,0.001,9.9\n")
     assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-lin", "--seeds", "1"]) == 0
-    assert "training" in capsys.readouterr().out and (row / "result.json").exists()
+    assert "s4d-lin seed 1: training in" in capsys.readouterr().out and (row / "result.json").exists()
     assert "25,0,train,2.3" not in (row / "metrics.csv").read_text()
 
 

@@ -15,7 +15,7 @@ and a variant is a name with the dotted settings it changes (`model.layer: s4d`,
 depth, width, optimiser and number of steps; only the variant's settings and run.seed differ.
 
     diagssm study run configs/study/sfashion.yaml [--models s4d-legs,s5] [--seeds 0] [--set K=V]
-    diagssm study table configs/study/*.yaml [--out docs/results-table.md]
+    diagssm study table configs/study/*.yaml [--out docs/results-table.md] [--per-seed]
     diagssm study list configs/study/sfashion.yaml          # rows, parameter counts, commands
 
 `run` skips rows that have a result, resumes rows that have a checkpoint, and starts the others
@@ -226,9 +226,24 @@ def table(studies, runs_dir):
     return "\n".join(lines)
 
 
+def seed_table(studies, runs_dir):
+    """A markdown table with one line per finished (model, seed): test and best val metric, the
+    step of the best checkpoint and the steps trained."""
+    lines = ["| task | model | seed | test | val (best) | best step / steps |", "|---|---|---|---|---|---|"]
+    for study in studies:
+        for model, rows in results(study, runs_dir).items():
+            for r in rows:
+                scale = 100.0 if r["metric"] == "accuracy" else 1.0
+                val = "" if r["val"] is None else f"{r['val'] * scale:.2f}"
+                lines.append(f"| {study.name} | {model} | {r['seed']} | {r['test'] * scale:.2f} | {val} | "
+                             f"{r['best_step']} / {r['steps']} |")
+    return "\n".join(lines)
+
+
 def cmd_study(args):
     if args.study_command == "table":
-        text = table([Study(p) for p in args.studies], args.runs_dir)
+        make = seed_table if args.per_seed else table
+        text = make([Study(p) for p in args.studies], args.runs_dir)
         print(text)
         if args.out:
             Path(args.out).write_text(text + "\n")
@@ -282,4 +297,6 @@ def add_study(sub):
                            help="change a setting of every row (marks them in the table)")
         else:
             r.add_argument("--out", help="also write the table to this file")
+            r.add_argument("--per-seed", action="store_true",
+                           help="one line per (model, seed) with the best checkpoint's step")
     p.set_defaults(run=cmd_study)
