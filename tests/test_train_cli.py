@@ -4,7 +4,9 @@ import csv
 import importlib.util
 import sys
 import types
+from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -130,6 +132,14 @@ def test_plot_figures_of_trained_runs(tmp_path, capsys):
     assert (tmp_path / "eig.png").stat().st_size > 5000
     assert main(["plot", "kernels"]) == 2
     assert "takes one or more run folders" in capsys.readouterr().err
+    drawn = {}
+    real = figures.plot_kernels
+    with mock.patch.object(figures, "plot_kernels", lambda *a, **k: drawn.update(real(*a, **k))):
+        assert main(["plot", "kernels", runs[0], "--length", "70", "--out", str(tmp_path / "k70.png")]) == 0
+    assert drawn["s4d"].shape == (4, 70)  # channels 0-3 of the 8-channel model, 70 lags
+    np.testing.assert_array_equal(drawn["s4d"], model.blocks[0].layer.kernel(70)[0, :4].detach().double().numpy())
+    assert main(["plot", "kernels", runs[0], "--length", "0", "--out", str(tmp_path / "k0.png")]) == 2
+    assert "L=0 must be a positive int" in capsys.readouterr().err
 
 
 def test_every_option_has_help():

@@ -2,7 +2,7 @@
 
     diagssm plot convergence            S4-LegS basis kernels against S4D-LegS as N grows (S4D paper)
     diagssm plot eigenvalues            every initialisation's eigenvalues, with HiPPO-LegS and its normal part
-    diagssm plot kernels RUN...         convolution kernels of trained models (first SSM layer)
+    diagssm plot kernels RUN...         convolution kernels of trained models (first SSM layer; --length lags)
     diagssm plot step-sizes RUN...      histograms of learned step sizes, per layer
     diagssm plot curves RUN...          validation curves of several runs (seeds of a model share a colour)
     diagssm plot RUN                    one run's learning curves (to RUN/curves.png)
@@ -65,7 +65,7 @@ def cmd_plot(args):
                 groups.setdefault(run_label(run), []).append(run)
             figures.plot_learning_curves(out, groups)
         elif args.what == "kernels":
-            figures.plot_kernels(out, trained_models(args.runs, args.checkpoint))
+            figures.plot_kernels(out, trained_models(args.runs, args.checkpoint), L=args.length)
         else:
             figures.plot_step_sizes(out, trained_models(args.runs, args.checkpoint))
     print(f"saved {out}")
@@ -80,4 +80,6 @@ def add_plot(sub):
                       ", ".join(f"{k}: {v}" for k, v in DEFAULT_OUT.items()) + "; a run: <run>/curves.png)")
     plot.add_argument("--checkpoint", default="best", help="which checkpoint of each run: best (default), latest")
     plot.add_argument("--d-state", type=int, default=64, help="N for the eigenvalue figure (default 64)")
+    plot.add_argument("--length", type=int, default=256,
+                      help="kernels: how many lags to draw (default 256; a task's length shows its long-range taps)")
     plot.set_defaults(run=cmd_plot)
