@@ -134,7 +134,7 @@ def test_close_releases_the_ddp_wrapper_before_the_group(tmp_path, monkeypatch):
         def __init__(self, model):
             super().__init__()
             self.module = model
-            self.cycle = self  # a reference cycle, as DDP's hooks make: only gc frees it
+            self.refs = [self]  # a reference cycle: only gc.collect frees it, so that is tested too
 
         def forward(self, *args, **kwargs):
             return self.module(*args, **kwargs)
