@@ -126,6 +126,11 @@ def test_extra_tests_are_evaluated_and_tabulated(tmp_path, capsys):
     assert expected["count"] == 8 and abs(got - expected["metric"]) < 1e-12
     assert main(["study", "table", str(path), "--runs-dir", str(runs)]) == 0
     assert f"| x | s4d-lin, test half | {100 * got:.2f} | 1 |" in capsys.readouterr().out
+    result = json.loads((run / "result.json").read_text())  # as if trained with --set: both tables mark it
+    (run / "result.json").write_text(json.dumps({**result, "overrides": ["run.max_steps=2"]}))
+    for extra in ([], ["--per-seed"]):
+        assert main(["study", "table", str(path), "--runs-dir", str(runs), *extra]) == 0
+        assert "| x | s4d-lin* | " in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "config": CONFIG, "models": {"a": {}},
                                    "extra_tests": {"t": {"rate": 0}}}))

@@ -196,6 +196,16 @@ def spread(values):
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def percent_scale(metric):
+    """100 for accuracy (tables show %), 1 for other metrics."""
+    return 100.0 if metric == "accuracy" else 1.0
+
+
+def override_mark(rows):
+    """'*' when any of `rows` was trained with --set overrides."""
+    return "*" if any(r["overrides"] for r in rows) else ""
+
+
 def mean_std_text(values):
     """'mean ± std' to two decimals ('mean' alone for a single value)."""
     mean, std = spread(values)
@@ -212,10 +222,10 @@ def table(studies, runs_dir):
             if not rows:
                 lines.append(f"| {study.name} | {model} | not run | 0 | | | |")
                 continue
-            scale = 100.0 if rows[0]["metric"] == "accuracy" else 1.0
+            scale = percent_scale(rows[0]["metric"])
             test = mean_std_text([r["test"] * scale for r in rows])
             val = statistics.fmean(r["val"] * scale for r in rows)
-            mark = "*" if any(r["overrides"] for r in rows) else ""
+            mark = override_mark(rows)
             lines.append(f"| {study.name} | {model}{mark} | {test} | {len(rows)} | {val:.2f} | "
                          f"{rows[0]['params']:,} | {statistics.fmean(r['seconds_per_epoch'] for r in rows):.1f} |")
             for name in study.extra_tests:
@@ -228,14 +238,14 @@ def table(studies, runs_dir):
 
 def seed_table(studies, runs_dir):
     """A markdown table with one line per finished (model, seed): test and best val metric, the
-    step of the best checkpoint and the steps trained."""
+    step of the best checkpoint and the steps trained (rows trained with --set marked *)."""
     lines = ["| task | model | seed | test | val (best) | best step / steps |", "|---|---|---|---|---|---|"]
     for study in studies:
         for model, rows in results(study, runs_dir).items():
             for r in rows:
-                scale = 100.0 if r["metric"] == "accuracy" else 1.0
+                scale = percent_scale(r["metric"])
                 val = "" if r["val"] is None else f"{r['val'] * scale:.2f}"
-                lines.append(f"| {study.name} | {model} | {r['seed']} | {r['test'] * scale:.2f} | {val} | "
+                lines.append(f"| {study.name} | {model}{override_mark([r])} | {r['seed']} | {r['test'] * scale:.2f} | {val} | "
                              f"{r['best_step']} / {r['steps']} |")
     return "\n".join(lines)
 
