@@ -1,5 +1,7 @@
 """`diagssm study`: rows trained, skipped when finished, resumed after a stop, tabulated."""
 import json
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -148,3 +150,22 @@ def test_a_failing_row_does_not_stop_the_others(tmp_path, capsys):
     assert "diverges seed 0: failed:" in err and "1 of 2 rows failed: diverges seed 0" in err
     assert (runs / "tiny" / "s4d-legs" / "seed0" / "result.json").exists()
     assert not (runs / "tiny" / "diverges" / "seed0" / "result.json").exists()
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).parents[1] / "configs" / "study").glob("*.yaml")
+                                        if p.name != "models.yaml"), ids=lambda p: p.stem)
+def test_committed_studies_keep_parameter_counts_within_ten_percent(path):
+    """Issue #8: the models of a study have parameter counts within 10% of each other. The task's
+    data is not built here: a stand-in with the task's encoder and sizes is enough, since only the
+    SSM layers differ between a study's models."""
+    from diagssm.train.setup import make_model
+
+    study = study_mod.Study(path)
+    counts = {}
+    for model in study.models:
+        cfg = study.config(model)
+        task = SimpleNamespace(name=cfg.task.name, d_input=3, d_output=10, encoder="linear", pooling="mean",
+                               head="classification")
+        counts[model] = sum(p.numel() for p in make_model(cfg.model, task).parameters())
+    low, high = min(counts.values()), max(counts.values())
+    assert high <= 1.1 * low, f"{path.name}: {counts}"
