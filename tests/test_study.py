@@ -105,8 +105,18 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
 
 def test_list_prints_parameter_counts(tmp_path, capsys):
     assert main(["study", "list", str(write_study(tmp_path))]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "s4d-legs" in out and "parameters" in out and "diagssm study run" in out
+    assert "warning" not in captured.err  # the same layer with two inits: equal counts
+
+
+def test_list_warns_when_parameter_counts_differ_by_more_than_ten_percent(tmp_path, capsys):
+    path = write_study(tmp_path, {"small": {"model.layer_kwargs.d_state": 8},
+                                  "large": {"model.layer_kwargs.d_state": 64}})
+    assert main(["study", "list", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "% above the smallest" in captured.out and "more than the 10%" in captured.err
 
 
 def test_extra_tests_are_evaluated_and_tabulated(tmp_path, capsys):

@@ -269,7 +269,11 @@ def cmd_study(args):
             counts[model] = count_parameters(study.config(model, extra=args.set))
             print(f"{model:<14} {counts[model]:>9,} parameters   diagssm study run {study.path} --models {model}")
         low, high = min(counts.values()), max(counts.values())
-        print(f"parameter counts from {low:,} to {high:,}: the largest is {100 * (high / low - 1):.1f}% above the smallest")
+        spread = 100 * (high / low - 1)
+        print(f"parameter counts from {low:,} to {high:,}: the largest is {spread:.1f}% above the smallest")
+        if spread > 10:
+            print(f"warning: more than the 10% a like-for-like comparison allows; change the state sizes or "
+                  f"layer settings of {study.path}", file=sys.stderr)
         return 0
     from diagssm.train.checkpoint import CheckpointError
     from diagssm.train.loop import TrainingDiverged
