@@ -78,8 +78,8 @@ def test_blocks_and_skip_term_match_recurrence(L, block):
 
 
 def test_block_size_bounds_memory():
-    assert block_size(256, 128 * 16 * 64) == 16  # 2^21 numbers / (H B T numbers per chunk)
-    assert block_size(13, 64 * 32 * 64) == 13  # a small problem: one block
+    assert block_size(256, 128 * 16 * 64) == 4  # 2^19 numbers / (H B T numbers per chunk)
+    assert block_size(13, 16 * 8 * 64) == 13  # a small problem: one block
     assert block_size(4, 10**9) == 1  # never less than one chunk
 
 

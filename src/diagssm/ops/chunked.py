@@ -24,7 +24,11 @@ import math
 
 import torch
 
-BLOCK_NUMBERS = 1 << 21  # numbers (floats) of one time block's inputs: 8 MB in float32
+# numbers (floats) of one time block's inputs: 2 MB in float32, 4 chunks at B = 16, H = 128, T = 64.
+# Fwd+bwd at B = 16, H = 128, N = 64, 2 threads (benchmarks/bench_chunked.py --block): 4 chunks per
+# block against 16 (2^21 numbers) 58 vs 75 ms at L = 1024, 152 vs 233 at 4096, 510 vs 577 at 16384,
+# 2067 vs 2609 at 65536; 2 or 32 chunks were slower: a block's buffers stay in cache.
+BLOCK_NUMBERS = 1 << 19
 
 
 def chunk_size(L):
@@ -178,7 +182,10 @@ class _Chunked(torch.autograd.Function):
         g_into, g_aT = torch.zeros_like(into), torch.zeros_like(aT)
         Z = u.new_empty(H, nbmax, Bsz, width) if Z_kept is None else Z_kept
         X = aT.new_empty(nbmax, H, Bsz, M) if X_kept is None else X_kept
-        G, GZ = u.new_empty(H, nbmax, Bsz, CT // T, T), u.new_empty(H, nbmax * Bsz, width)
+        G = u.new_empty(H, nbmax, Bsz, CT // T, T)
+        GU, GX = u.new_empty(H, nbmax * Bsz, T), u.new_empty(H, nbmax * Bsz, 2 * M)
+        gS = u.new_empty(H, nbmax, Bsz, 2 * M)
+        W_toe_t, W_out_t = W[:, :T].transpose(1, 2), W[:, Tp:].transpose(1, 2)  # (H, C'T, T), (H, C'T, 2M)
         stage = u.new_empty(Bsz * (CT // T) * H * nbmax * T)
         lam = torch.zeros_like(entering[0]) if g_last is None else g_last  # gradient of the exit state
         g_ar = g_into_r = None
@@ -188,32 +195,35 @@ class _Chunked(torch.autograd.Function):
             if Z_kept is None:
                 _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, 1, H, nb * T))
                 _states(Zb, T, into, aT, a_exit, into_exit, entering[i], X[:nb])
-            Zv = Zb.view(H, nb * Bsz, width)
+            Zv, Ub = Zb.view(H, nb * Bsz, width), Zb[..., :T].reshape(H, nb * Bsz, T)
             Gb = _load(gy, c0 * T, T, G[:, :nb], _stage(stage, Bsz, CT // T, H, nb * T)).view(H, nb * Bsz, CT)
             gW.baddbmm_(Zv.transpose(1, 2), Gb)
-            GZb = torch.bmm(Gb, W.transpose(1, 2), out=GZ[:, : nb * Bsz]).view(H, nb, Bsz, width)
-            GU = GZb[..., :T]  # (H, nb, B, T) gradients of the inputs
-            gX = torch.view_as_complex(GZb[..., Tp:].unflatten(-1, (-1, 2)))  # (H, nb, B, M) of the states
+            gX = torch.view_as_complex(torch.bmm(Gb, W_out_t, out=GX[:, : nb * Bsz]).view(H, nb, Bsz, M, 2))
             lam_pairs = torch.view_as_real(lam).flatten(-2)  # (H, B, 2M)
             g_a_exit = (lam * X[nb - 1].conj()).sum(1)  # exit = a_exit x_last + u_last into_exit
-            g_into_exit = Zb[:, -1, :, :T].transpose(1, 2) @ lam_pairs
-            GU[:, -1].baddbmm_(lam_pairs, into_exit.transpose(1, 2))
             gX[:, -1].addcmul_(a_exit[:, None].conj(), lam)
-            if final:
-                g_ar, g_into_r = g_a_exit, g_into_exit
-            else:
-                g_aT += g_a_exit
-                g_into += g_into_exit
             for c in range(nb - 1, 0, -1):  # total gradients of the states, backwards
                 gX[:, c - 1].addcmul_(aT[:, None].conj(), gX[:, c])
-            if nb > 1:  # S_(c-1) feeds x_c: its gradient is gX[:, c]
-                gS = torch.view_as_real(gX[:, 1:]).reshape(H, (nb - 1) * Bsz, 2 * M)
-                g_into.baddbmm_(Zb[:, :-1, :, :T].reshape(H, -1, T).transpose(1, 2), gS)
-                GU[:, :-1].reshape(H, -1, T).baddbmm_(gS, into.transpose(1, 2))
+            # gradients of the chunk sums S_c = u_c into: x_(c+1)'s inside the block, the exit's for the
+            # last chunk (which, in the sequence's last block, goes through into_r instead: kept apart)
+            gSb = gS[:, :nb]
+            gSb[:, :-1].copy_(torch.view_as_real(gX[:, 1:]).flatten(-2))
+            if final:
+                gSb[:, -1] = 0
+                g_ar, g_into_r = g_a_exit, Zb[:, -1, :, :T].transpose(1, 2) @ lam_pairs
+            else:
+                gSb[:, -1].copy_(lam_pairs)
+                g_aT += g_a_exit
+            gSv = gSb.view(H, nb * Bsz, 2 * M)
+            g_into.baddbmm_(Ub.transpose(1, 2), gSv)
+            GUb = torch.bmm(Gb, W_toe_t, out=GU[:, : nb * Bsz]).baddbmm_(gSv, into.transpose(1, 2))  # (H, nb B, T)
+            if final:
+                GUb.view(H, nb, Bsz, T)[:, -1] += lam_pairs @ into_r.transpose(1, 2)
+            if nb > 1:
                 states = torch.view_as_complex(Zb[:, :-1, :, Tp:].unflatten(-1, (-1, 2)))  # (H, nb-1, B, M)
                 g_aT += (gX[:, 1:] * states.conj()).sum((1, 2))
             lam = gX[:, 0].clone()
-            _store(GU[..., None, :], c0 * T, T, gu[:, :, None], _stage(stage, Bsz, 1, H, nb * T))
+            _store(GUb.view(H, nb, Bsz, 1, T), c0 * T, T, gu[:, :, None], _stage(stage, Bsz, 1, H, nb * T))
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
