@@ -148,8 +148,8 @@ class DiagonalSSM(SSMLayer):
         return (y, x) if return_state else y
 
     def pick_backend(self, u, L=None, rate=1.0):
-        """"chunked" on the CPU (S4D forward + backward: as fast as "fft" at L = 1024, 10% slower
-        at 4096, 2.6x faster at 16384 and 1.7x at 65536, with 17-70% of its memory:
+        """"chunked" on the CPU (S4D and DSS forward + backward: within 15% of "fft" at L = 1024,
+        as fast or faster from 4096 to 65536, 1.3-3.1x at 16384 over two runs, with 19-42% of its memory:
         docs/benchmarks/layers-cpu-2core.md), "fft" on other devices (not yet measured there),
         unless `self.backend` names one; `recurrent_problem` can veto the chunked path."""
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
