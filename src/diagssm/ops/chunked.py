@@ -26,8 +26,8 @@ import torch
 
 # numbers (floats) of one time block's inputs: 2 MB in float32, 4 chunks at B = 16, H = 128, T = 64.
 # Fwd+bwd at B = 16, H = 128, N = 64, 2 threads (benchmarks/bench_chunked.py --block): 4 chunks per
-# block against 16 (2^21 numbers) 58 vs 75 ms at L = 1024, 152 vs 233 at 4096, 510 vs 577 at 16384,
-# 2067 vs 2609 at 65536; 2 or 32 chunks were slower: a block's buffers stay in cache.
+# block against 16 (2^21 numbers) 58 vs 75 ms at L = 1024, 152 vs 233 at 4096, 510/587/603 vs
+# 577/608/629 at 16384 (three paired runs), 2067 vs 2609 at 65536; 2 or 32 chunks were slower.
 BLOCK_NUMBERS = 1 << 19
 
 
