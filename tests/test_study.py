@@ -177,5 +177,4 @@ def test_committed_studies_keep_parameter_counts_within_ten_percent(path):
         task = SimpleNamespace(name=cfg.task.name, d_input=3, d_output=10, encoder="linear", pooling="mean",
                                head="classification")
         counts[model] = sum(p.numel() for p in make_model(cfg.model, task).parameters())
-    low, high = min(counts.values()), max(counts.values())
-    assert high <= 1.1 * low, f"{path.name}: {counts}"
+    assert study_mod.parameter_spread(counts) <= 10, f"{path.name}: {counts}"

@@ -111,6 +111,15 @@ def count_parameters(cfg):
     return sum(p.numel() for p in make_model(cfg.model, make_task(cfg)).parameters())
 
 
+MAX_PARAMETER_SPREAD = 10.0  # percent: issue #8's "parameter counts within 10% of each other"
+
+
+def parameter_spread(counts):
+    """How far, in percent, the largest of the parameter counts (a dict or list) is above the smallest."""
+    values = list(counts.values()) if isinstance(counts, dict) else list(counts)
+    return 100 * (max(values) / min(values) - 1)
+
+
 def train_row(study, runs_dir, model, seed, extra=()):
     """Train (or resume, or skip) row (model, seed); return the exit code (0: the row has its
     result; 128 + n: stopped by signal n, with a checkpoint to resume from)."""
@@ -268,12 +277,11 @@ def cmd_study(args):
         for model in dict.fromkeys(m for m, _ in rows):
             counts[model] = count_parameters(study.config(model, extra=args.set))
             print(f"{model:<14} {counts[model]:>9,} parameters   diagssm study run {study.path} --models {model}")
-        low, high = min(counts.values()), max(counts.values())
-        spread = 100 * (high / low - 1)
-        print(f"parameter counts from {low:,} to {high:,}: the largest is {spread:.1f}% above the smallest")
-        if spread > 10:
-            print(f"warning: more than the 10% a like-for-like comparison allows; change the state sizes or "
-                  f"layer settings of {study.path}", file=sys.stderr)
+        low, high, above = min(counts.values()), max(counts.values()), parameter_spread(counts)
+        print(f"parameter counts from {low:,} to {high:,}: the largest is {above:.1f}% above the smallest")
+        if above > MAX_PARAMETER_SPREAD:
+            print(f"warning: more than the {MAX_PARAMETER_SPREAD:.0f}% a like-for-like comparison allows; change "
+                  f"the state sizes or layer settings of {study.path}", file=sys.stderr)
         return 0
     from diagssm.train.checkpoint import CheckpointError
     from diagssm.train.loop import TrainingDiverged
