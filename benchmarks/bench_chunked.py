@@ -3,6 +3,7 @@
     python benchmarks/bench_chunked.py                          # B=16, H=128, N=64, L=16384, 2 threads
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
+    python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
     python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
 
@@ -39,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--block", type=int)
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more pass")
+    ap.add_argument("--parts", action="store_true", help="time the op's pieces alone: its batched matmul "
+                    "shapes, a large square matmul, one layout pass of u into chunk layout")
     args = ap.parse_args(argv)
     setup_process(args.threads)
     op = load_op(args.module)
@@ -67,11 +70,41 @@ def main(argv=None):
     print(f"diagonal_chunked{'' if args.module is None else ' from ' + args.module} B={Bsz} H={H} N={2 * M} "
           f"L={args.L} threads={args.threads} {kw or ''}: fwd+bwd median {ms:.0f} ms, "
           f"peak {peak:.0f} MB over the inputs")
+    if args.parts:
+        parts(u.detach(), args)
     if args.profile:
         with torch.profiler.profile(record_shapes=True) as prof:
             fwd_bwd()
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
+
+
+def parts(u, args):
+    """GFLOP/s of the op's batched matmul shapes (one time block: H batches of (nb B) rows; inner
+    sizes T + 2M = 128, T = 64, 2M = 64) and of a (4096, 4096) square matmul, and ms of one
+    `_load` pass of u (B, L, H) into chunk layout (what each layout pass over (B, L, H) costs)."""
+    from diagssm.ops.chunked import _blocks, _load, block_size, chunk_size
+
+    Bsz, L, H = u.shape
+    T, M = chunk_size(L), 32
+    nc = -(-L // T)
+    nb = args.block or block_size(nc, H * Bsz * T)
+    rows = nb * Bsz
+    for k, n in ((T + 2 * M, T), (T, 2 * M), (T, T + 2 * M)):
+        a, b = torch.randn(H, rows, k), torch.randn(H, k, n)
+        out = torch.empty(H, rows, n)
+        ms = median_ms(lambda: torch.bmm(a, b, out=out), 7, warmup=2)
+        print(f"  bmm ({H}, {rows}, {k}) @ ({H}, {k}, {n}): {ms:.2f} ms, {2 * H * rows * k * n / ms / 1e6:.0f} GFLOP/s")
+    a, b = torch.randn(4096, 4096), torch.randn(4096, 4096)
+    ms = median_ms(lambda: a @ b, 3, warmup=1)
+    print(f"  mm (4096, 4096) @ (4096, 4096): {ms:.0f} ms, {2 * 4096 ** 3 / ms / 1e6:.0f} GFLOP/s")
+    dst, stage = u.new_empty(H, nb, Bsz, 1, T), u.new_empty(Bsz * H * nb * T)
+
+    def load_all():
+        for _, c0, k, _ in _blocks(nc, nb):
+            _load(u[:, :, None], c0 * T, T, dst[:, :k], stage[: Bsz * H * k * T].view(Bsz, 1, H, k * T))
+
+    print(f"  one layout pass of u ({Bsz}, {L}, {H}) into chunk layout: {median_ms(load_all, 5, warmup=1):.1f} ms")
 
 
 if __name__ == "__main__":

@@ -132,3 +132,19 @@ def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("fwd+bwd median" in line and "peak" in line for line in out)
     assert "{'block': 1}" in out[0] and "older.py" in out[1]
+
+
+def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
+    import importlib.util
+    import pathlib
+    import re
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_chunked.py"
+    spec = importlib.util.spec_from_file_location("bench_chunked", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--L", "256", "--repeats", "1", "--threads", "1", "--parts"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    rates = [float(m.group(1)) for line in out for m in [re.search(r"([0-9.]+) GFLOP/s", line)] if m]
+    assert len(rates) == 4 and all(r > 0 for r in rates)  # three bmm shapes and the square mm
+    assert "(128, 64, 128) @ (128, 128, 64)" in out[1]  # one time block: 4 chunks x B = 16 rows per channel
+    assert re.search(r"one layout pass of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", out[-1])
