@@ -83,7 +83,7 @@ def parts(u, args):
     """GFLOP/s of the op's batched matmul shapes (one time block: H batches of (nb B) rows; inner
     sizes T + 2M = 128, T = 64, 2M = 64) and of a (4096, 4096) square matmul, and ms of one
     `_load` pass of u (B, L, H) into chunk layout (what each layout pass over (B, L, H) costs)."""
-    from diagssm.ops.chunked import _blocks, _load, block_size, chunk_size
+    from diagssm.ops.chunked import _blocks, _load, _stage, block_size, chunk_size
 
     Bsz, L, H = u.shape
     T, M = chunk_size(L), 32
@@ -102,7 +102,7 @@ def parts(u, args):
 
     def load_all():
         for _, c0, k, _ in _blocks(nc, nb):
-            _load(u[:, :, None], c0 * T, T, dst[:, :k], stage[: Bsz * H * k * T].view(Bsz, 1, H, k * T))
+            _load(u[:, :, None], c0 * T, T, dst[:, :k], _stage(stage, Bsz, k, 1, H, T))
 
     print(f"  one layout pass of u ({Bsz}, {L}, {H}) into chunk layout: {median_ms(load_all, 5, warmup=1):.1f} ms")
 

@@ -77,18 +77,22 @@ def _check(u, w, B_bar, C, h0, D):
 def _load(x, l0, T, dst, stage):
     """dst (H, nb, B, K, T) <- steps l0 .. l0 + nb T of x (B, L, K, H) in chunk layout, zeros past L.
 
-    Two copies through `stage` (B, K, H, nb T): one 2-D transpose per (batch row, K), which
-    PyTorch runs as a blocked transpose when x's rows are contiguous, then one permutation with
-    contiguous runs of T numbers. Measured 1.2-2x faster on this CPU than one strided copy per
-    batch row, and 5x faster than one strided copy of the whole block."""
+    Two copies through `stage` (B, nb, K, H, T): a (T, H) -> (H, T) transpose per (batch row,
+    chunk, K), small enough to stay in cache, then one permutation with contiguous runs of T
+    numbers. 13-14 ms for all of a (16, 16384, 128) float32 u on this CPU, against 36 ms for one
+    2-D transpose per batch row followed by the same permutation, and 65-130 ms for one strided
+    copy (notes in benchmarks/README.md)."""
     H, nb, Bsz, K, _ = dst.shape
     n = min(nb * T, x.shape[1] - l0)
-    if n < nb * T:
-        stage[..., n:] = 0
-    for b in range(Bsz):
-        for k in range(K):
-            stage[b, k, :, :n].copy_(x[b, l0:l0 + n, k].t())
-    dst.copy_(stage.view(Bsz, K, H, nb, T).permute(2, 3, 0, 1, 4))
+    full, r = divmod(n, T)
+    src = x[:, l0:l0 + full * T].view(Bsz, full, T, K, H)
+    stage[:, :full].copy_(src.permute(0, 1, 3, 4, 2))
+    if r:
+        stage[:, full, :, :, :r].copy_(x[:, l0 + full * T:l0 + n].permute(0, 2, 3, 1))
+        stage[:, full, :, :, r:] = 0
+    if full + (r > 0) < nb:
+        stage[:, full + (r > 0):] = 0
+    dst.copy_(stage.permute(3, 1, 0, 2, 4))
     return dst
 
 
@@ -96,10 +100,11 @@ def _store(z, l0, T, x, stage):
     """The inverse of `_load`: steps l0 .. of x (B, L, K, H) <- z (H, nb, B, K, T), cropped to L."""
     H, nb, Bsz, K, _ = z.shape
     n = min(nb * T, x.shape[1] - l0)
-    stage.view(Bsz, K, H, nb, T).permute(2, 3, 0, 1, 4).copy_(z)
-    for b in range(Bsz):
-        for k in range(K):
-            x[b, l0:l0 + n, k].copy_(stage[b, k, :, :n].t())
+    full, r = divmod(n, T)
+    stage.copy_(z.permute(2, 1, 3, 0, 4))  # (B, nb, K, H, T)
+    x[:, l0:l0 + full * T].view(Bsz, full, T, K, H).copy_(stage[:, :full].permute(0, 1, 4, 2, 3))
+    if r:
+        x[:, l0 + full * T:l0 + n].copy_(stage[:, full, :, :, :r].permute(0, 3, 1, 2))
 
 
 def _states(Z, T, into, aT, a_exit, into_exit, x_in, X):
@@ -133,7 +138,7 @@ def _blocks(nc, nbmax):
 
 
 def _stage(buffer, *shape):
-    """A (B, K, H, n) staging view at the start of a flat buffer."""
+    """A (B, nb, K, H, T) staging view at the start of a flat buffer."""
     return buffer[: math.prod(shape)].view(shape)
 
 
@@ -162,10 +167,10 @@ class _Chunked(torch.autograd.Function):
             a_exit, into_exit = (a_r, into_r) if final else (aT, into)
             entering.append(x)
             Zb = Z[:, :nb]
-            _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, 1, H, nb * T))
+            _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, nb, 1, H, T))
             x = _states(Zb, T, into, aT, a_exit, into_exit, x, X[:nb])
             Yb = torch.bmm(Zb.view(H, nb * Bsz, width), W, out=Y[:, : nb * Bsz])  # (H, nb B, C'T)
-            _store(Yb.view(H, nb, Bsz, CT // T, T), c0 * T, T, y, _stage(stage, Bsz, CT // T, H, nb * T))
+            _store(Yb.view(H, nb, Bsz, CT // T, T), c0 * T, T, y, _stage(stage, Bsz, nb, CT // T, H, T))
         one = len(entering) == 1  # one block: keep its states (as small as a block) instead of recomputing them
         ctx.save_for_backward(u, W, into, aT, into_r, a_r, torch.stack(entering), Z if one else None, X if one else None)
         ctx.T, ctx.nbmax = T, nbmax
@@ -193,10 +198,10 @@ class _Chunked(torch.autograd.Function):
             a_exit, into_exit = (a_r, into_r) if final else (aT, into)
             Zb = Z[:, :nb]
             if Z_kept is None:
-                _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, 1, H, nb * T))
+                _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, nb, 1, H, T))
                 _states(Zb, T, into, aT, a_exit, into_exit, entering[i], X[:nb])
             Zv, Ub = Zb.view(H, nb * Bsz, width), Zb[..., :T].reshape(H, nb * Bsz, T)
-            Gb = _load(gy, c0 * T, T, G[:, :nb], _stage(stage, Bsz, CT // T, H, nb * T)).view(H, nb * Bsz, CT)
+            Gb = _load(gy, c0 * T, T, G[:, :nb], _stage(stage, Bsz, nb, CT // T, H, T)).view(H, nb * Bsz, CT)
             gW.baddbmm_(Zv.transpose(1, 2), Gb)
             gX = torch.view_as_complex(torch.bmm(Gb, W_out_t, out=GX[:, : nb * Bsz]).view(H, nb, Bsz, M, 2))
             lam_pairs = torch.view_as_real(lam).flatten(-2)  # (H, B, 2M)
@@ -223,7 +228,7 @@ class _Chunked(torch.autograd.Function):
                 states = torch.view_as_complex(Zb[:, :-1, :, Tp:].unflatten(-1, (-1, 2)))  # (H, nb-1, B, M)
                 g_aT += (gX[:, 1:] * states.conj()).sum((1, 2))
             lam = gX[:, 0].clone()
-            _store(GUb.view(H, nb, Bsz, 1, T), c0 * T, T, gu[:, :, None], _stage(stage, Bsz, 1, H, nb * T))
+            _store(GUb.view(H, nb, Bsz, 1, T), c0 * T, T, gu[:, :, None], _stage(stage, Bsz, nb, 1, H, T))
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
