@@ -83,6 +83,26 @@ def test_block_size_bounds_memory():
     assert block_size(4, 10**9) == 1  # never less than one chunk
 
 
+def test_backward_keeps_u_and_the_chunk_states_only():
+    """The saved tensors are u, the small system tensors and the chunk states ((L/T) B H M complex:
+    as many floats as u when T = 2M), nothing else of size L (module docstring)."""
+    w, B_bar, C = system(seed=5)  # H = 3, M = 4
+    u = randn(2, 640, 3, seed=6).requires_grad_()  # with chunk T = 8 = 2M: 80 chunks, blocks of 4
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * (2 if t.is_complex() else 1))  # in floats
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = diagonal_chunked(u, w, B_bar, C, chunk=8, block=4)
+    big = sorted(saved)[-2:]  # u and the chunk states
+    assert big == [u.numel(), u.numel()]
+    assert sum(saved) - sum(big) < u.numel() / 4
+    y.sum().backward()
+    assert torch.isfinite(u.grad).all()
+
+
 def test_float32_close_to_float64():
     w, B_bar, C = system(seed=3)
     u = randn(2, 3000, 3, seed=17)

@@ -16,9 +16,10 @@ W = [Toeplitz^T ; out-of-state] ((T + 2M) x C'T). Every heavy step is a batched 
 multiply, which CPUs (and GPUs' tensor cores) run far faster than FFTs or elementwise scans; the
 work is O(B L H (T + M)) and nothing is approximated.
 
-Memory: `_Chunked` keeps nothing of size L for the backward but u itself; it runs in blocks of
-channels (`block`), recomputing the chunk states of a block in the backward, so the extra memory
-is that of one block, not of the whole (B, L, H) problem.
+Memory: `_Chunked` keeps u and the states entering each chunk for the backward: (L/T) B H M
+complex numbers, as many floats as u when T = 2M (fwd+bwd 8-12% faster than recomputing them in
+the backward, for ~92 MB more at B = 16, H = 128, L = 16384: benchmarks/README.md). It runs in time blocks of a few chunks (`block`), so its other
+scratch memory is that of one block, not of the whole (B, L, H) problem.
 """
 import math
 
@@ -107,6 +108,14 @@ def _store(z, l0, T, x, stage):
         x[:, l0 + full * T:l0 + n].copy_(stage[:, full, :, :, :r].permute(0, 3, 1, 2))
 
 
+def _put_states(Z, T, X):
+    """Z[..., T':] <- the states X (nb, H, B, M) complex as (Re, Im) pairs (and column T zero for an
+    odd T). Shapes: Z (H, nb, B, T' + 2M)."""
+    if T % 2:
+        Z[..., T] = 0
+    Z[..., T + T % 2:].copy_(torch.view_as_real(X).transpose(0, 1).flatten(-2))
+
+
 def _states(Z, T, into, aT, a_exit, into_exit, x_in, X):
     """The states entering each chunk of a block, and the state leaving it.
 
@@ -117,17 +126,16 @@ def _states(Z, T, into, aT, a_exit, into_exit, x_in, X):
     that every step is one fused multiply-add on contiguous memory.
     Shapes: Z (H, nb, B, T' + 2M) = [u_c | x_(c-1)] rows, T' = T rounded up to even (complex views
     need even offsets; an odd T leaves column T zero); x_in (H, B, M) complex; X (nb, H, B, M)
-    complex scratch. Fills Z[..., T':] with the states as (Re, Im) pairs; returns exit (H, B, M).
+    complex, filled with the states (X[0] = x_in), and Z[..., T':] with them as (Re, Im) pairs.
+    Returns exit (H, B, M).
     """
     H, nb, Bsz, _ = Z.shape
     U = Z[..., :T]  # (H, nb, B, T)
-    if T % 2:
-        Z[..., T] = 0
     X[0] = x_in
     S = torch.view_as_complex((U.reshape(H, -1, T) @ into).view(H, nb, Bsz, -1, 2))  # (H, nb, B, M) chunk sums
     for c in range(1, nb):
         torch.addcmul(S[:, c - 1], aT[:, None], X[c - 1], out=X[c])
-    Z[..., T + T % 2:].copy_(torch.view_as_real(X).transpose(0, 1).flatten(-2))
+    _put_states(Z, T, X)
     last = S[:, -1] if into_exit is into else torch.view_as_complex((U[:, -1] @ into_exit).view(H, Bsz, -1, 2))
     return torch.addcmul(last, a_exit[:, None], X[-1])  # (H, B, M)
 
@@ -149,10 +157,10 @@ class _Chunked(torch.autograd.Function):
     = [Toeplitz^T ; 0 (odd T) ; out-of-state pairs] per channel, into (H, T, 2M) = pairs of
     B A^(T-1-j), aT (H, M) = A^T, into_r / a_r the same for the last chunk's r real steps,
     x0 (H, B, M); `nbmax` chunks per time block.
-    Only u and the state entering each time block are saved (and, when there is one block, its
-    chunk matrices); the backward runs the blocks in reverse, recomputing each block's chunk
-    states (one (T -> 2M) matmul and the carry), and carries the state's gradient backwards with
-    conj(A^T) (PyTorch's convention for complex gradients): lam_(c-1) = g_(c-1) + conj(A^T) lam_c.
+    Saved: u and the states entering every chunk (and, when there is one block, its [u | x] rows);
+    the backward runs the blocks in reverse, rebuilding each block's [u | x] rows from them, and
+    carries the state's gradient backwards with conj(A^T) (PyTorch's convention for complex
+    gradients): lam_(c-1) = g_(c-1) + conj(A^T) lam_c.
     """
 
     @staticmethod
@@ -161,24 +169,23 @@ class _Chunked(torch.autograd.Function):
         nc, M, width, CT = -(-L // T), aT.shape[1], W.shape[1], W.shape[2]
         y = u.new_empty(Bsz, L, CT // T, H)
         Z, Y = u.new_empty(H, nbmax, Bsz, width), u.new_empty(H, nbmax * Bsz, CT)
-        X, stage = x0.new_empty(nbmax, H, Bsz, M), u.new_empty(Bsz * (CT // T) * H * nbmax * T)
-        x, entering = x0, []
+        X, stage = x0.new_empty(nc, H, Bsz, M), u.new_empty(Bsz * (CT // T) * H * nbmax * T)
+        x = x0
         for _, c0, nb, final in _blocks(nc, nbmax):
             a_exit, into_exit = (a_r, into_r) if final else (aT, into)
-            entering.append(x)
             Zb = Z[:, :nb]
             _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, nb, 1, H, T))
-            x = _states(Zb, T, into, aT, a_exit, into_exit, x, X[:nb])
+            x = _states(Zb, T, into, aT, a_exit, into_exit, x, X[c0:c0 + nb])
             Yb = torch.bmm(Zb.view(H, nb * Bsz, width), W, out=Y[:, : nb * Bsz])  # (H, nb B, C'T)
             _store(Yb.view(H, nb, Bsz, CT // T, T), c0 * T, T, y, _stage(stage, Bsz, nb, CT // T, H, T))
-        one = len(entering) == 1  # one block: keep its states (as small as a block) instead of recomputing them
-        ctx.save_for_backward(u, W, into, aT, into_r, a_r, torch.stack(entering), Z if one else None, X if one else None)
+        one = nbmax >= nc  # one block: keep its Z too (as small as a block) instead of reloading u
+        ctx.save_for_backward(u, W, into, aT, into_r, a_r, X, Z if one else None)
         ctx.T, ctx.nbmax = T, nbmax
         return y, x
 
     @staticmethod
     def backward(ctx, gy, g_last):
-        u, W, into, aT, into_r, a_r, entering, Z_kept, X_kept = ctx.saved_tensors
+        u, W, into, aT, into_r, a_r, X, Z_kept = ctx.saved_tensors
         T, nbmax = ctx.T, ctx.nbmax
         Bsz, L, H = u.shape
         nc, M, width, CT = -(-L // T), aT.shape[1], W.shape[1], W.shape[2]
@@ -186,26 +193,25 @@ class _Chunked(torch.autograd.Function):
         gu, gW = torch.empty_like(u), torch.zeros_like(W)
         g_into, g_aT = torch.zeros_like(into), torch.zeros_like(aT)
         Z = u.new_empty(H, nbmax, Bsz, width) if Z_kept is None else Z_kept
-        X = aT.new_empty(nbmax, H, Bsz, M) if X_kept is None else X_kept
         G = u.new_empty(H, nbmax, Bsz, CT // T, T)
         GU, GX = u.new_empty(H, nbmax * Bsz, T), u.new_empty(H, nbmax * Bsz, 2 * M)
         gS = u.new_empty(H, nbmax, Bsz, 2 * M)
         W_toe_t, W_out_t = W[:, :T].transpose(1, 2), W[:, Tp:].transpose(1, 2)  # (H, C'T, T), (H, C'T, 2M)
         stage = u.new_empty(Bsz * (CT // T) * H * nbmax * T)
-        lam = torch.zeros_like(entering[0]) if g_last is None else g_last  # gradient of the exit state
+        lam = torch.zeros_like(X[0]) if g_last is None else g_last  # gradient of the exit state
         g_ar = g_into_r = None
-        for i, c0, nb, final in reversed(_blocks(nc, nbmax)):
+        for _, c0, nb, final in reversed(_blocks(nc, nbmax)):
             a_exit, into_exit = (a_r, into_r) if final else (aT, into)
-            Zb = Z[:, :nb]
-            if Z_kept is None:
+            Zb, Xb = Z[:, :nb], X[c0:c0 + nb]
+            if Z_kept is None:  # [u | x] rows of the block again, from u and the kept states
                 _load(u[:, :, None], c0 * T, T, Zb[..., None, :T], _stage(stage, Bsz, nb, 1, H, T))
-                _states(Zb, T, into, aT, a_exit, into_exit, entering[i], X[:nb])
+                _put_states(Zb, T, Xb)
             Zv, Ub = Zb.view(H, nb * Bsz, width), Zb[..., :T].reshape(H, nb * Bsz, T)
             Gb = _load(gy, c0 * T, T, G[:, :nb], _stage(stage, Bsz, nb, CT // T, H, T)).view(H, nb * Bsz, CT)
             gW.baddbmm_(Zv.transpose(1, 2), Gb)
             gX = torch.view_as_complex(torch.bmm(Gb, W_out_t, out=GX[:, : nb * Bsz]).view(H, nb, Bsz, M, 2))
             lam_pairs = torch.view_as_real(lam).flatten(-2)  # (H, B, 2M)
-            g_a_exit = (lam * X[nb - 1].conj()).sum(1)  # exit = a_exit x_last + u_last into_exit
+            g_a_exit = (lam * Xb[-1].conj()).sum(1)  # exit = a_exit x_last + u_last into_exit
             gX[:, -1].addcmul_(a_exit[:, None].conj(), lam)
             for c in range(nb - 1, 0, -1):  # total gradients of the states, backwards
                 gX[:, c - 1].addcmul_(aT[:, None].conj(), gX[:, c])
