@@ -231,8 +231,7 @@ class _Chunked(torch.autograd.Function):
             if final:
                 GUb.view(H, nb, Bsz, T)[:, -1] += lam_pairs @ into_r.transpose(1, 2)
             if nb > 1:
-                states = torch.view_as_complex(Zb[:, :-1, :, Tp:].unflatten(-1, (-1, 2)))  # (H, nb-1, B, M)
-                g_aT += (gX[:, 1:] * states.conj()).sum((1, 2))
+                g_aT += (gX[:, 1:] * Xb[:-1].transpose(0, 1).conj()).sum((1, 2))  # x_c = A^T x_(c-1) + ...
             lam = gX[:, 0].clone()
             _store(GUb.view(H, nb, Bsz, 1, T), c0 * T, T, gu[:, :, None], _stage(stage, Bsz, nb, 1, H, T))
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
