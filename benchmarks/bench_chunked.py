@@ -4,6 +4,7 @@
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
     python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass
+    python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in its helpers
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
     python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
 
@@ -15,6 +16,7 @@ Set THP_MEM_ALLOC_ENABLE=1 in the environment, as `diagssm bench` does.
 import argparse
 import importlib.util
 import inspect
+import statistics
 
 import torch
 
@@ -42,7 +44,11 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more pass")
     ap.add_argument("--parts", action="store_true", help="time the op's pieces alone: its batched matmul "
                     "shapes, a large square matmul, one layout pass of u into chunk layout")
+    ap.add_argument("--sections", action="store_true", help="time forward, backward and the op's helpers "
+                    "(layout loads and stores, chunk states) within --repeats more passes (installed op only)")
     args = ap.parse_args(argv)
+    if args.sections and args.module:
+        ap.error("--sections times the installed op's helpers; leave out --module")
     setup_process(args.threads)
     op = load_op(args.module)
     takes = inspect.signature(op).parameters
@@ -72,11 +78,56 @@ def main(argv=None):
           f"peak {peak:.0f} MB over the inputs")
     if args.parts:
         parts(u.detach(), args)
+    if args.sections:
+        sections(lambda: op(u, w, B_bar, C, 2, D=D, **kw)[0], weight, [u, w, B_bar, C, D], args.repeats)
     if args.profile:
         with torch.profiler.profile(record_shapes=True) as prof:
             fwd_bwd()
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=15))
     return 0
+
+
+def sections(forward, weight, inputs, repeats):
+    """Per pass (median of `repeats`): forward ms, backward ms (of loss = sum(y * w)), and the ms
+    spent inside the op's helpers over the pass, timed by wrapping them in the module (so the
+    matmuls and loops left outside are the difference): `_load` (chunk layout in: u forward, u
+    and the output gradient backward), `_store` (chunk layout out: y, the input gradient),
+    `_states` (forward: chunk sums, one matmul, and the carry), `_put_states` (state rows)."""
+    import collections
+    import time
+
+    import diagssm.ops.chunked as chunked
+
+    spent, names = collections.defaultdict(list), ("_load", "_store", "_states", "_put_states")
+    originals = {name: getattr(chunked, name) for name in names}
+
+    def timed(name):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            out = originals[name](*a, **k)
+            spent[name][-1] += time.perf_counter() - t0
+            return out
+        return run
+
+    try:
+        for name in names:
+            setattr(chunked, name, timed(name))
+        for _ in range(repeats):
+            for name in names:
+                spent[name].append(0.0)
+            t0 = time.perf_counter()
+            y = forward()
+            t1 = time.perf_counter()
+            loss = (y.flatten(2) * weight).sum()
+            t2 = time.perf_counter()
+            torch.autograd.grad(loss, inputs)
+            spent["forward"].append(t1 - t0)
+            spent["backward"].append(time.perf_counter() - t2)
+    finally:
+        for name in names:
+            setattr(chunked, name, originals[name])
+    row = ", ".join(f"{name} {1e3 * statistics.median(spent[name]):.1f}" for name in ("forward", "backward") + names)
+    print(f"  per pass, ms (median of {repeats}): {row}")
 
 
 def parts(u, args):

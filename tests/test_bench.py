@@ -148,3 +148,23 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
     assert len(rates) == 4 and all(r > 0 for r in rates)  # three bmm shapes and the square mm
     assert "(128, 64, 128) @ (128, 128, 64)" in out[1]  # one time block: 4 chunks x B = 16 rows per channel
     assert re.search(r"one layout pass of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", out[-1])
+
+
+def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
+    import importlib.util
+    import pathlib
+    import re
+
+    import diagssm.ops.chunked as chunked
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_chunked.py"
+    spec = importlib.util.spec_from_file_location("bench_chunked", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = chunked._load
+    assert script.main(["--L", "300", "--repeats", "2", "--threads", "1", "--sections"]) == 0
+    assert chunked._load is before  # the wrappers are gone
+    line = capsys.readouterr().out.splitlines()[-1]
+    ms = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+)", line.split(":", 1)[1])}
+    assert set(ms) == {"forward", "backward", "_load", "_store", "_states", "_put_states"}
+    assert all(v > 0 for v in ms.values())
+    assert ms["_states"] < ms["forward"] and ms["_put_states"] < ms["backward"]
