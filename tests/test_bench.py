@@ -168,3 +168,13 @@ def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
     assert set(ms) == {"forward", "backward", "_load", "_store", "_states", "_put_states"}
     assert all(v > 0 for v in ms.values())
     assert ms["_states"] < ms["forward"] and ms["_put_states"] < ms["backward"]
+
+
+def test_one_case_with_profile_prints_its_op_table(capsys):
+    assert bench.main(["--one", "s5", "scan", "64", "--repeats", "1", "--threads", "1", "--profile"]) == 0
+    out, err = capsys.readouterr()
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["layer"] == "s5" and r["impl"] == "scan" and r["fwdbwd_ms"] > 0
+    assert "Self CPU" in err and "aten::mm" in err  # the projections B u and Re(C x)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--profile"])

@@ -25,8 +25,7 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
 
     chunked  FLOPs 2 B L H (T + 4M)              (in-chunk Toeplitz T, into- and out-of-state 2M each)
              bytes 4 B L H * 8 + 8 B H M (L/T) * 4  ((B, L, H) float32 touched ~8 times; chunk states)
-             (its backward also recomputes the chunk sums, 2 B L H 2M more FLOPs, ~11% of 3x
-             forward, which the 3x rule leaves out: its floor is that much too low)
+             (the backward reuses the chunk states the forward kept: nothing recomputed)
     fft      FLOPs (2 B H + H) 2.5 n log2 n + 6 B H n/2 + 4 H M L   (rfft u, rfft K, irfft; product; kernel)
              bytes 4 B L H * 14                     (u, its spectrum, product, irfft output, crop, D u)
     scan     FLOPs 8 B L H M + 24 B L M             (B u and Re(C h) as real matmuls; 3 passes of h = a h + b)
@@ -208,18 +207,29 @@ def maxrss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def measure_case(name, impl, L, repeats, memory=True):
-    """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case."""
+def _case(name, impl):
+    """(run, fwd_bwd) of one case: run(u) -> y; fwd_bwd(u, w) takes the gradients of sum(y * w)
+    with respect to u and every parameter. Loads the libraries with a small pass first."""
     layer = make_layer(name, impl)
     params = list(layer.parameters())
     run = (lambda x: NAIVE[name](layer, x)) if impl == "naive" else layer
-    g = torch.Generator().manual_seed(1)
 
     def fwd_bwd(x, w):
         torch.autograd.grad((run(x) * w).sum(), [x] + params, allow_unused=True)
 
     fwd_bwd(torch.randn(B, WARM_L, H, requires_grad=True), torch.randn(B, WARM_L, H))  # load libraries
-    u, w = torch.randn(B, L, H, generator=g, requires_grad=True), torch.randn(B, L, H, generator=g)
+    return run, fwd_bwd
+
+
+def _inputs(L):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, L, H, generator=g, requires_grad=True), torch.randn(B, L, H, generator=g)
+
+
+def measure_case(name, impl, L, repeats, memory=True):
+    """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case."""
+    run, fwd_bwd = _case(name, impl)
+    u, w = _inputs(L)
     base = maxrss_mb()
     t0 = time.perf_counter()
     fwd_bwd(u, w)  # the memory figure, and the warm-up of the fwd+bwd timing
@@ -229,6 +239,16 @@ def measure_case(name, impl, L, repeats, memory=True):
         fwd = median_ms(lambda: run(u), repeats, warmup=1)
     fb = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=0)
     return dict(layer=name, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first, peak_mb=peak)
+
+
+def profile_case(name, impl, L, rows=20):
+    """torch.profiler's table of one case's fwd+bwd (after a warm-up one), ops by self CPU time."""
+    _, fwd_bwd = _case(name, impl)
+    u, w = _inputs(L)
+    fwd_bwd(u, w)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        fwd_bwd(u, w)
+    return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
 def step_ms(model, x, repeats, max_seconds=3.0):
@@ -480,13 +500,18 @@ def parse_args(argv=None):
     ap.add_argument("--inline", action="store_true", help="run the cases in this process (no memory figures)")
     ap.add_argument("--json", metavar="PATH", help="save the raw results here")
     ap.add_argument("--plot", metavar="PATH", help="save fwd+bwd time vs L (log-log, matplotlib) here")
-    ap.add_argument("--one", nargs=3, metavar=("LAYER", "IMPL", "L"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("LAYER", "IMPL", "L"),
+                    help="one case in this process, as the sweep runs each (its JSON line on stdout)")
+    ap.add_argument("--profile", action="store_true", help="with --one: then torch.profiler's op table of "
+                    "one more fwd+bwd, on stderr")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
     args.repeats = args.repeats or (1 if args.quick else 3)
     for name, value in (("--lengths", min(args.lengths)), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value < 1:
             ap.error(f"{name} must be >= 1; got {value}")
+    if args.profile and not args.one:
+        ap.error("--profile goes with --one LAYER IMPL L")
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -505,6 +530,8 @@ def main(argv=None):
         else:
             result = measure_case(name, impl, int(L), args.repeats)
         print(json.dumps(dict(result, **flags)))
+        if args.profile and impl != "throughput":
+            print(profile_case(name, impl, int(L)), file=sys.stderr)
         return 0
     setup_process(args.threads)
     results = [r for name in args.layers for r in run_layer(name, args)]
