@@ -18,8 +18,9 @@ work is O(B L H (T + M)) and nothing is approximated.
 
 Memory: `_Chunked` keeps u and the states entering each chunk for the backward: (L/T) B H M
 complex numbers, as many floats as u when T = 2M (fwd+bwd 8-12% faster than recomputing them in
-the backward, for ~92 MB more at B = 16, H = 128, L = 16384: benchmarks/README.md). It runs in time blocks of a few chunks (`block`), so its other
-scratch memory is that of one block, not of the whole (B, L, H) problem.
+the backward, for ~92 MB more at B = 16, H = 128, L = 16384: benchmarks/README.md). It runs in
+time blocks of a few chunks (`block`), so its other scratch memory is that of one block, not of
+the whole (B, L, H) problem.
 """
 import math
 
@@ -80,9 +81,9 @@ def _load(x, l0, T, dst, stage):
 
     Two copies through `stage` (B, nb, K, H, T): a (T, H) -> (H, T) transpose per (batch row,
     chunk, K), small enough to stay in cache, then one permutation with contiguous runs of T
-    numbers. 13-14 ms for all of a (16, 16384, 128) float32 u on this CPU, against 36 ms for one
-    2-D transpose per batch row followed by the same permutation, and 65-130 ms for one strided
-    copy (notes in benchmarks/README.md)."""
+    numbers. All of a (16, 16384, 128) float32 u took 11.8-12.5 ms this way on this CPU
+    (`benchmarks/bench_chunked.py --parts`), against 36.5 ms with a 2-D transpose of each whole
+    (L, H) batch row in place of the per-chunk tiles."""
     H, nb, Bsz, K, _ = dst.shape
     n = min(nb * T, x.shape[1] - l0)
     full, r = divmod(n, T)
