@@ -178,3 +178,22 @@ def test_one_case_with_profile_prints_its_op_table(capsys):
     assert "Self CPU" in err and "aten::mm" in err  # the projections B u and Re(C x)
     with pytest.raises(SystemExit):
         bench.parse_args(["--profile"])
+
+
+def test_bench_backends_times_both_backends_per_dtype_and_length(capsys):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_backends.py"
+    spec = importlib.util.spec_from_file_location("bench_backends", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--layers", "dss", "--dtypes", "float32", "float64", "--lengths", "70", "--repeats", "1",
+            "--threads", "1", "--batch", "2", "--width", "4"]
+    assert script.main(argv) == 0
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| dss")]
+    assert [(r[1].strip(), r[2].strip()) for r in rows] == [("float32", "70"), ("float64", "70")]
+    for r in rows:
+        chunked, fft, ratio = float(r[3]), float(r[4]), float(r[5])
+        assert chunked > 0 and fft > 0  # ms to 0.1: the ratio, from the unrounded times, agrees to that
+        assert abs(ratio - fft / chunked) <= (0.05 / fft + 0.05 / chunked) * ratio + 0.005
+        assert r[6].strip() == "chunked"  # what "auto" picks on the CPU

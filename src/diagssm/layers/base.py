@@ -148,9 +148,11 @@ class DiagonalSSM(SSMLayer):
         return (y, x) if return_state else y
 
     def pick_backend(self, u, L=None, rate=1.0):
-        """"chunked" on the CPU (S4D and DSS forward + backward: as fast as "fft" or faster at every
-        length measured, 1.0-1.5x at L = 1024, 1.6-1.8x at 16384, 2.5-2.7x at 65536, with 23-30% of
-        its memory: docs/benchmarks/layers-cpu-2core.md), "fft" on other devices (not yet measured there),
+        """"chunked" on the CPU in float32 and float64 (S4D and DSS forward + backward in float32: as
+        fast as "fft" or faster at every length measured, 1.0-1.5x at L = 1024, 1.6-1.8x at 16384,
+        2.5-2.7x at 65536, with 23-30% of its memory: docs/benchmarks/layers-cpu-2core.md; by dtype,
+        L = 1024-16384, benchmarks/bench_backends.py: faster in 30 of 32 cases over two runs, the two
+        exceptions, float64 at L <= 4096, faster in the other run), "fft" on other devices (not yet measured there),
         unless `self.backend` names one; `recurrent_problem` can veto the chunked path."""
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
         why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
