@@ -19,9 +19,13 @@ from diagssm.layers import DSS, S4D
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def fwd_bwd_ms(name, backend, dtype, L, repeats, batch=B, width=H):
+def make(name, dtype, width, backend="auto"):
     torch.manual_seed(0)
-    layer = (S4D if name == "s4d" else DSS)(width, N, backend=backend, check_finite=False).to(dtype)
+    return (S4D if name == "s4d" else DSS)(width, N, backend=backend, check_finite=False).to(dtype)
+
+
+def fwd_bwd_ms(name, backend, dtype, L, repeats, batch=B, width=H):
+    layer = make(name, dtype, width, backend)
     g = torch.Generator().manual_seed(1)
     u = torch.randn(batch, L, width, generator=g, dtype=dtype, requires_grad=True)
     w = torch.randn(batch, L, width, generator=g, dtype=dtype)
@@ -32,8 +36,7 @@ def fwd_bwd_ms(name, backend, dtype, L, repeats, batch=B, width=H):
 
 
 def auto_pick(name, dtype, L, width=H):
-    layer = (S4D if name == "s4d" else DSS)(width, N, check_finite=False).to(dtype)
-    return layer.pick_backend(torch.zeros(1, 1, width, dtype=dtype), L)
+    return make(name, dtype, width).pick_backend(torch.zeros(1, 1, width, dtype=dtype), L)
 
 
 def main(argv=None):

@@ -116,13 +116,19 @@ def test_a_subprocess_case_reports_memory_and_its_settings():
     assert r["thp"] == "1" and r["flush_denormal"] is True and r["threads"] == 1
 
 
-def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
+def benchmark_script(name):
+    """benchmarks/NAME.py loaded as a module (the folder is not a package)."""
     import importlib.util
     import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_chunked.py"
-    spec = importlib.util.spec_from_file_location("bench_chunked", path)
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
+    script = benchmark_script("bench_chunked")
     older = tmp_path / "older.py"  # an op without D or block: the harness adds D u itself
     older.write_text("from diagssm.ops.chunked import diagonal_chunked_ref as _ref\n"
                      "def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None):\n"
@@ -135,13 +141,8 @@ def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
 
 
 def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
-    import importlib.util
-    import pathlib
     import re
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_chunked.py"
-    spec = importlib.util.spec_from_file_location("bench_chunked", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("bench_chunked")
     assert script.main(["--L", "256", "--repeats", "1", "--threads", "1", "--parts"]) == 0
     out = capsys.readouterr().out.splitlines()
     rates = [float(m.group(1)) for line in out for m in [re.search(r"([0-9.]+) GFLOP/s", line)] if m]
@@ -151,15 +152,10 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
 
 
 def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
-    import importlib.util
-    import pathlib
     import re
 
     import diagssm.ops.chunked as chunked
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_chunked.py"
-    spec = importlib.util.spec_from_file_location("bench_chunked", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("bench_chunked")
     before = chunked._load
     assert script.main(["--L", "300", "--repeats", "2", "--threads", "1", "--sections"]) == 0
     assert chunked._load is before  # the wrappers are gone
@@ -181,12 +177,7 @@ def test_one_case_with_profile_prints_its_op_table(capsys):
 
 
 def test_bench_backends_times_both_backends_per_dtype_and_length(capsys):
-    import importlib.util
-    import pathlib
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_backends.py"
-    spec = importlib.util.spec_from_file_location("bench_backends", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = benchmark_script("bench_backends")
     argv = ["--layers", "dss", "--dtypes", "float32", "float64", "--lengths", "70", "--repeats", "1",
             "--threads", "1", "--batch", "2", "--width", "4"]
     assert script.main(argv) == 0

@@ -89,11 +89,9 @@ def _load(x, l0, T, dst, stage):
     full, r = divmod(n, T)
     src = x[:, l0:l0 + full * T].view(Bsz, full, T, K, H)
     stage[:, :full].copy_(src.permute(0, 1, 3, 4, 2))
-    if r:
+    if r:  # the sequence's last chunk, r < T real steps (blocks from `_blocks` end there)
         stage[:, full, :, :, :r].copy_(x[:, l0 + full * T:l0 + n].permute(0, 2, 3, 1))
         stage[:, full, :, :, r:] = 0
-    if full + (r > 0) < nb:
-        stage[:, full + (r > 0):] = 0
     dst.copy_(stage.permute(3, 1, 0, 2, 4))
     return dst
 
