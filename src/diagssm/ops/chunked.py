@@ -26,6 +26,8 @@ import math
 
 import torch
 
+from . import chunked_native
+
 # numbers (floats) of one time block's inputs: 2 MB in float32, 4 chunks at B = 16, H = 128, T = 64.
 # Fwd+bwd at B = 16, H = 128, N = 64, 2 threads (benchmarks/bench_chunked.py --block): 4 chunks per
 # block against 16 (2^21 numbers) 58 vs 75 ms at L = 1024, 152 vs 233 at 4096, 510/587/603 vs
@@ -236,7 +238,7 @@ class _Chunked(torch.autograd.Function):
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
-def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None):
+def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None, native=None):
     """Outputs and final state of H diagonal SSMs, by chunked matrix multiplies (module docstring).
 
     Shapes:
@@ -244,6 +246,8 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
         h0: (B, H, M) complex or None (zero); D: (C', H) real or None (no skip term)
         returns y (B, L, C', H) real and the final state x_(L-1) (B, H, M) complex
     `chunk` (T) defaults to `chunk_size(L)`, `block` (chunks per time block) to `block_size`.
+    `native`: run the contractions on the native kernels of `chunked_native` (True: required, an
+    error if they cannot run this problem; False: the PyTorch path; None: native where they can).
     """
     _check(u, w, B_bar, C, h0, D)
     Bsz, L, H = u.shape
@@ -263,6 +267,13 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     lag = torch.clamp(r - 1 - j, min=0)  # the last chunk: B A^(r-1-j) for its r real steps j < r
     into_r = _pairs(B_bar[..., None] * torch.exp(w[..., None] * lag) * (j < r)).transpose(-1, -2)  # (H, T, 2M)
     x0 = u.new_zeros(H, Bsz, M, dtype=w.dtype) if h0 is None else h0.transpose(0, 1)  # (H, B, M)
+    if native is not False:
+        why = chunked_native.unsupported(u, Cp, T, M)
+        if native and why:
+            raise ValueError(f"diagonal_chunked(native=True): {why}")
+        if not why:
+            y, x_last = chunked_native.ChunkedNative.apply(u, W, into, torch.exp(w * T), x0, T)
+            return y, x_last.transpose(0, 1)
     block = block or block_size(nc, H * Bsz * T)
     y, x_last = _Chunked.apply(u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T, block)
     return y, x_last.transpose(0, 1)

@@ -1,0 +1,235 @@
+"""The chunked diagonal SSM (ops/chunked.py) on native CPU kernels that read the (B, L, H) layout.
+
+The PyTorch path of `diagonal_chunked` turns each chunk into rows of a batched matmul, one matrix
+per channel, so every pass over u, y and their gradients first copies them into an (H, rows, T)
+layout and back: five passes of (B, L, H) per forward + backward, at copy bandwidth. The kernels
+in `native.c` instead run the same contractions with the channel h as the vector lane, straight on
+(B, L, H): a chunk of one batch row is a contiguous (T, H) block, the weights are (K, I, H). No
+layout pass is left, and the chunk states are carried by a native loop as well.
+
+The library is compiled on first use with the machine's C compiler (`cc`, or $CC) for the CPU it
+runs on (-march=native), into $DIAGSSM_CACHE (default ~/.cache/diagssm) under a name keyed by the
+source, the flags and the CPU; it is written to a temporary file and renamed into place. Without a
+compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
+Float32 on the CPU only, and one output channel (C' = 1), a chunk length dividing L and a multiple of 4,
+H a multiple of 16 and an even number of modes: `unsupported` says which condition fails.
+"""
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
+LANES = 16
+_state = {}  # "lib": the loaded library or None, "why": why not
+
+
+def _cpu_id():
+    """What -march=native depends on: the machine and its CPU flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+def _compile(cc, so):
+    so.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
+    os.close(fd)
+    try:
+        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        os.replace(tmp, so)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load():
+    if os.environ.get("DIAGSSM_NATIVE", "1") == "0":
+        return None, "DIAGSSM_NATIVE=0"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        return None, "no C compiler (cc, gcc or $CC) on PATH"
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + FLAGS).encode() + _cpu_id().encode())
+    cache = Path(os.environ.get("DIAGSSM_CACHE") or Path.home() / ".cache" / "diagssm")
+    so = cache / f"native-{key.hexdigest()[:16]}.so"
+    try:
+        if not so.exists():
+            _compile(cc, so)
+        lib = ctypes.CDLL(str(so))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        return None, f"could not build {SOURCE.name} with {cc}: {detail.strip()[:500]}"
+    P, N = ctypes.c_void_p, ctypes.c_long
+    lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N, N]
+    lib.rows_red.argtypes = [P, P, N, N, P, N, N, N, N, N, N, N, N, N, N, N]
+    lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N, N]
+    lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N, N]
+    for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd):
+        f.restype = None
+    return lib, ""
+
+
+def library():
+    """The loaded kernels (built on first use), or None; `why_unavailable()` says why not."""
+    if "lib" not in _state:
+        _state["lib"], _state["why"] = _load()
+        if _state["lib"] is None:
+            log.info("native chunked kernels unavailable: %s", _state["why"])
+    return _state["lib"]
+
+
+def available():
+    return library() is not None
+
+
+def why_unavailable():
+    library()
+    return _state["why"]
+
+
+def unsupported(u, Cp, T, M):
+    """Why the native kernels cannot run this problem of M modes, C' output channels and chunk
+    length T ('' when they can)."""
+    Bsz, L, H = u.shape
+    if u.device.type != "cpu" or u.dtype != torch.float32:
+        return f"float32 on the CPU only (got {u.dtype} on {u.device})"
+    if Cp != 1:
+        return f"one output channel only (got C' = {Cp})"
+    if T % 4 or L % T:
+        return f"the chunk length must be a multiple of 4 dividing L (got T = {T}, L = {L})"
+    if H % LANES:
+        return f"H must be a multiple of {LANES} (got {H})"
+    if M % 2:
+        return f"an even number of modes only (got M = {M})"
+    return "" if available() else why_unavailable()
+
+
+# chunks per time block of the backward: its scratch (the states' gradients) ~2^21 numbers
+BLOCK_NUMBERS = 1 << 21
+
+
+def _rows(t):
+    """(pointer, batch stride, chunk stride) of the rows (b, c) of a (B, n, K, H) view."""
+    return t.data_ptr(), t.stride(0), t.stride(1)
+
+
+def _tiles(w):
+    """(K, I, H) weights -> (H/16, K, I, 16), the layout of the kernels' weights."""
+    K, I, H = w.shape
+    return w.reshape(K, I, H // LANES, LANES).permute(2, 0, 1, 3).contiguous()
+
+
+def _untile(g):
+    """The inverse of `_tiles`: (H/16, K, I, 16) -> (K, I, H)."""
+    n, K, I, _ = g.shape
+    return g.permute(1, 2, 0, 3).reshape(K, I, n * LANES)
+
+
+def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0):
+    """Rows of C = rows of A1 @ W1 (+ rows of A2 @ W2); C, A1, A2 (B, n, K, H) views with the same
+    (B, n), W tiled (`_tiles`); tri: W1 is zero below (1: where k > i) or above (2: k < i) its diagonal."""
+    Bsz, n, I, H = C.shape
+    r2 = _rows(A2) if A2 is not None else (None, 0, 0)
+    w2, K2 = (W2.data_ptr(), W2.shape[1]) if W2 is not None else (None, 0)
+    lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, 0, Bsz * n)
+
+
+def _red(lib, G, A, Bm, tri=0):
+    """G (tiled, (H/16, K, I, 16)) += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
+    tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed)."""
+    Bsz, n, K, H = A.shape
+    lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, 0, Bsz * n, 0, H, tri)
+
+
+def _pairs_lanes(z):
+    """(H, B, M) complex -> (B, 2M, H) real rows (Re z_m, Im z_m) interleaved, channel innermost."""
+    H, Bsz, M = z.shape
+    return torch.view_as_real(z).permute(1, 2, 3, 0).reshape(Bsz, 2 * M, H)
+
+
+def _complex_of_lanes(x):
+    """The inverse of `_pairs_lanes`: (B, 2M, H) -> (H, B, M) complex."""
+    Bsz, P, H = x.shape
+    return torch.view_as_complex(x.view(Bsz, P // 2, 2, H).permute(3, 0, 1, 2).contiguous())
+
+
+class ChunkedNative(torch.autograd.Function):
+    """Same inputs and outputs as `chunked._Chunked` for C' = 1 and T dividing L (so into_r = into,
+    a_r = A^T): u (B, L, H), W (H, T + 2M, T), into (H, T, 2M), aT (H, M) complex, x0 (H, B, M)
+    complex -> y (B, L, 1, H), x_last (H, B, M). Saves u and the states entering each chunk
+    (B, L/T + 1, 2M, H); the backward runs in time blocks, last first, so that its scratch (the
+    states' gradients) is one block's."""
+
+    @staticmethod
+    def forward(ctx, u, W, into, aT, x0, T):
+        lib = library()
+        u = u.contiguous()
+        Bsz, L, H = u.shape
+        nc, M = L // T, aT.shape[1]
+        Wtoe, Wout = W[:, :T].permute(1, 2, 0), W[:, T:].permute(1, 2, 0)  # (T s, T t, H), (2M, T t, H)
+        Winto = into.permute(1, 2, 0)  # (T s, 2M, H)
+        ar, ai = aT.real.t().contiguous(), aT.imag.t().contiguous()  # (M, H)
+        X = u.new_empty(Bsz, nc + 1, 2 * M, H)  # states entering chunk c; X[:, nc] the final one
+        X[:, 0] = _pairs_lanes(x0)
+        U = u.view(Bsz, nc, T, H)
+        _mm(lib, X[:, 1:], U, _tiles(Winto))  # X[:, c + 1] <- chunk c's input sum
+        lib.carry_fwd(X.data_ptr(), X.stride(0), X.stride(1), ar.data_ptr(), ai.data_ptr(), M, H, nc, 0, Bsz)
+        y = u.new_empty(Bsz, L, 1, H)
+        _mm(lib, y.view(Bsz, nc, T, H), U, _tiles(Wtoe), A2=X[:, :nc], W2=_tiles(Wout), tri=1)
+        ctx.save_for_backward(u, X, W, into, ar, ai)
+        ctx.T = T
+        return y, _complex_of_lanes(X[:, nc])
+
+    @staticmethod
+    def backward(ctx, gy, g_last):
+        lib = library()
+        u, X, W, into, ar, ai = ctx.saved_tensors
+        T = ctx.T
+        Bsz, L, H = u.shape
+        nc, P = L // T, X.shape[2]
+        U, G = u.view(Bsz, nc, T, H), gy.reshape(Bsz, L, H).contiguous().view(Bsz, nc, T, H)
+        gu = torch.empty_like(u)
+        GU = gu.view(Bsz, nc, T, H)
+        outT = _tiles(W[:, T:].permute(2, 1, 0))  # (T t, 2M, H): G rows -> the states' gradients
+        toeT, intoT = _tiles(W[:, :T].permute(2, 1, 0)), _tiles(into.permute(2, 1, 0))  # (T t, T s), (2M, T s)
+        g_toe, g_out, g_into = (u.new_zeros(H // LANES, K, I, LANES) for K, I in ((T, T), (P, T), (T, P)))
+        gA = u.new_zeros(Bsz, P, H)  # the gradient of A^T per batch row, (Re, Im) row pairs
+        nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))
+        Lb = u.new_empty(Bsz, nbk + 1, P, H)  # the states' gradients of one block, and of the next chunk
+        if g_last is None:
+            Lb[:, nbk] = 0
+        else:
+            Lb[:, nbk] = _pairs_lanes(g_last.resolve_conj())
+        c1 = nc
+        while c1 > 0:
+            c0 = max(0, c1 - nbk)
+            n = c1 - c0
+            if n < nbk:  # the first block in time is shorter: its "next chunk" slot is n
+                Lb[:, n] = Lb[:, nbk]
+            L_ = Lb[:, :n + 1]
+            _mm(lib, L_[:, :n], G[:, c0:c1], outT)  # through the block's outputs
+            lib.carry_bwd(L_.data_ptr(), L_.stride(0), L_.stride(1), X[:, c0:].data_ptr(), X.stride(0), X.stride(1),
+                          ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n, 0, Bsz)
+            _mm(lib, GU[:, c0:c1], G[:, c0:c1], toeT, A2=L_[:, 1:], W2=intoT, tri=2)
+            _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1)
+            _red(lib, g_out, X[:, c0:c1], G[:, c0:c1])
+            _red(lib, g_into, U[:, c0:c1], L_[:, 1:])
+            Lb[:, nbk] = L_[:, 0]  # the total gradient of the state entering chunk c0, for the next block
+            c1 = c0
+        gW = torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1)  # (H, T + 2M, T)
+        g_aT = torch.view_as_complex(gA.sum(0).view(P // 2, 2, H).permute(2, 0, 1).contiguous())  # (H, M)
+        return gu, gW, _untile(g_into).permute(2, 0, 1), g_aT, _complex_of_lanes(Lb[:, nbk]), None

@@ -1,0 +1,159 @@
+"""ops.chunked_native: the chunked SSM on native kernels, against the recurrence (its reference twin)
+and the PyTorch path; its build, cache and fallbacks."""
+import os
+
+import pytest
+import torch
+
+from diagssm.ops import chunked_native
+from diagssm.ops.chunked import diagonal_chunked, diagonal_chunked_ref
+from helpers import assert_close, randn
+
+C128, C64 = torch.complex128, torch.complex64
+needs_native = pytest.mark.skipif(not chunked_native.available(),
+                                  reason=f"native kernels unavailable: {chunked_native.why_unavailable()}")
+
+
+def system(H=16, M=4, seed=0):
+    """float64 system and inputs of an H-channel, M-mode SSM (D included)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.complex(-torch.rand(H, M, generator=g, dtype=torch.float64) * 0.3,
+                      torch.randn(H, M, generator=g, dtype=torch.float64))
+    return dict(w=w, B_bar=randn(H, M, dtype=C128, seed=seed + 1), C=randn(1, H, M, dtype=C128, seed=seed + 2),
+                D=randn(1, H, seed=seed + 3))
+
+
+def as32(t):
+    return t.to(C64 if t.is_complex() else torch.float32)
+
+
+def run(fn, u, h0, params, gy, gh, **kw):
+    """Outputs and the gradients of <y, gy> + Re<h, gh> with respect to u, h0 and the parameters."""
+    leaves = [t.clone().requires_grad_() for t in [u, h0, *params.values()]]
+    y, h = fn(leaves[0], *leaves[2:5], 2, leaves[1], D=leaves[5], **kw)
+    grads = torch.autograd.grad((y * gy).sum() + (h * gh.conj()).real.sum(), leaves)
+    return y, h, grads
+
+
+@needs_native
+@pytest.mark.parametrize("B,L,H,M,chunk,block_numbers", [
+    (2, 64, 16, 4, 16, None),  # one block
+    (2, 160, 16, 4, 16, 2 * 2 * 8 * 16),  # 10 chunks in blocks of 2
+    (3, 120, 32, 2, 8, 3 * 3 * 4 * 32),  # 15 chunks in blocks of 3: the first block in time is shorter
+    (1, 256, 16, 8, 64, None),  # the default chunk length
+])
+def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, monkeypatch):
+    if block_numbers:
+        monkeypatch.setattr(chunked_native, "BLOCK_NUMBERS", block_numbers)
+    p = system(H, M)
+    u, h0 = randn(B, L, H, seed=5), randn(B, H, M, dtype=C128, seed=6)
+    gy, gh = randn(B, L, 1, H, seed=7), randn(B, H, M, dtype=C128, seed=8)
+    want = run(diagonal_chunked_ref, u, h0, p, gy, gh)
+    got = run(diagonal_chunked, as32(u), as32(h0), {k: as32(v) for k, v in p.items()}, as32(gy), as32(gh),
+              chunk=chunk, native=True)
+    assert got[0].dtype == torch.float32 and got[0].shape == (B, L, 1, H)
+    assert_close(got[0], want[0], scale=10)
+    assert_close(got[1], want[1], scale=10)
+    for g, w in zip(got[2], want[2]):  # sums over up to B L steps
+        assert_close(g, w, scale=300)
+
+
+@needs_native
+def test_matches_the_pytorch_path():
+    p = {k: as32(v) for k, v in system(32, 8, seed=3).items()}
+    u, h0 = randn(2, 512, 32, dtype=torch.float32, seed=9), randn(2, 32, 8, dtype=C64, seed=10)
+    gy, gh = randn(2, 512, 1, 32, dtype=torch.float32, seed=11), randn(2, 32, 8, dtype=C64, seed=12)
+    native, torch_path = (run(diagonal_chunked, u, h0, p, gy, gh, native=n) for n in (True, False))
+    for a, b in zip(native[:2] + native[2], torch_path[:2] + torch_path[2]):
+        assert_close(a, b, scale=100)
+
+
+@needs_native
+def test_used_by_default_where_it_can_run():
+    p = {k: as32(v) for k, v in system().items()}
+    u = randn(2, 64, 16, dtype=torch.float32, seed=13).requires_grad_()
+    y, _ = diagonal_chunked(u, p["w"], p["B_bar"], p["C"], chunk=16)
+    assert type(y.grad_fn).__name__ == "ChunkedNativeBackward"
+    y_torch, _ = diagonal_chunked(u, p["w"], p["B_bar"], p["C"], chunk=16, native=False)
+    assert type(y_torch.grad_fn).__name__ != "ChunkedNativeBackward"
+
+
+@needs_native
+def test_backward_keeps_u_and_the_chunk_states_only():
+    p = {k: as32(v) for k, v in system(16, 4).items()}
+    u = randn(2, 640, 16, dtype=torch.float32, seed=14).requires_grad_()  # T = 8 = 2M: 80 chunks
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * (2 if t.is_complex() else 1))  # in floats
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, _ = diagonal_chunked(u, p["w"], p["B_bar"], p["C"], chunk=8, native=True)
+    big = sorted(saved)[-2:]
+    assert big == [u.numel(), u.numel() * 81 // 80]  # u, and the states entering chunks 0..80
+    assert sum(saved) - sum(big) < u.numel() / 4
+    y.sum().backward()
+    assert torch.isfinite(u.grad).all()
+
+
+@pytest.mark.parametrize("case,why", [
+    (dict(dtype=torch.float64), "float32 on the CPU only"),
+    (dict(H=3), "H must be a multiple of 16"),
+    (dict(L=100), "the chunk length must be a multiple of 4 dividing L"),
+    (dict(C_out=2), "one output channel only"),
+    (dict(M=3), "an even number of modes"),
+])
+def test_falls_back_where_it_cannot_run_and_says_why(case, why):
+    H, M, L, C_out = case.get("H", 16), case.get("M", 4), case.get("L", 64), case.get("C_out", 1)
+    dt = case.get("dtype", torch.float32)
+    p = system(H, M)
+    w, B_bar = p["w"].to(C64 if dt == torch.float32 else C128), p["B_bar"].to(C64 if dt == torch.float32 else C128)
+    C = randn(C_out, H, M, dtype=B_bar.dtype, seed=15)
+    u = randn(2, L, H, dtype=dt, seed=16)
+    assert why in chunked_native.unsupported(u, C_out, 16, M)
+    with pytest.raises(ValueError, match="native=True"):
+        diagonal_chunked(u, w, B_bar, C, chunk=16, native=True)
+    y, _ = diagonal_chunked(u, w, B_bar, C, chunk=16)  # the PyTorch path
+    y_ref, _ = diagonal_chunked_ref(u.double(), w.to(C128), B_bar.to(C128), C.to(C128))
+    assert_close(y, y_ref, scale=100)
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """An empty kernel cache in tmp_path, and the loaded library forgotten (restored afterwards)."""
+    monkeypatch.setattr(chunked_native, "_state", {})
+    monkeypatch.setenv("DIAGSSM_CACHE", str(tmp_path))
+    monkeypatch.delenv("DIAGSSM_NATIVE", raising=False)
+    return tmp_path
+
+
+def test_without_a_compiler_it_falls_back(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", str(fresh_build / "no-such-compiler"))
+    assert not chunked_native.available()
+    assert "could not build native.c" in chunked_native.why_unavailable()
+    assert os.listdir(fresh_build) == []  # no half-written library left
+    p = {k: as32(v) for k, v in system().items()}
+    u = randn(2, 64, 16, dtype=torch.float32, seed=17)
+    with pytest.raises(ValueError, match="could not build"):
+        diagonal_chunked(u, p["w"], p["B_bar"], p["C"], native=True)
+    y, _ = diagonal_chunked(u, p["w"], p["B_bar"], p["C"])
+    p64 = system()
+    assert_close(y, diagonal_chunked_ref(u.double(), p64["w"], p64["B_bar"], p64["C"])[0], scale=100)
+
+
+def test_switched_off_by_the_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("DIAGSSM_NATIVE", "0")
+    assert not chunked_native.available()
+    assert chunked_native.why_unavailable() == "DIAGSSM_NATIVE=0"
+
+
+@needs_native
+def test_built_once_into_the_cache(fresh_build):
+    assert chunked_native.available()
+    files = os.listdir(fresh_build)
+    assert len(files) == 1 and files[0].startswith("native-") and files[0].endswith(".so")
+    mtime = os.path.getmtime(fresh_build / files[0])
+    chunked_native._state.clear()  # as a new process would: finds the library, does not rebuild
+    assert chunked_native.available()
+    assert os.listdir(fresh_build) == files and os.path.getmtime(fresh_build / files[0]) == mtime
