@@ -135,10 +135,10 @@ void carry_fwd(float *X, long sb, long sc, const float *ar, const float *ai, lon
             for (long m = 0; m < M; m++) {
                 const float *pr = p + 2 * m * H, *pi = pr + H, *a = ar + m * H, *e = ai + m * H;
                 float *xr = x + 2 * m * H, *xi = xr + H;
-                for (long h = 0; h < H; h++) {
-                    float r = a[h] * pr[h] - e[h] * pi[h], i = a[h] * pi[h] + e[h] * pr[h];
-                    xr[h] += r;
-                    xi[h] += i;
+                for (long h = 0; h < H; h += LANES) {
+                    vf A = LD(a + h), E = LD(e + h), Pr = LD(pr + h), Pi = LD(pi + h);
+                    *(vf *)(xr + h) = LD(xr + h) + A * Pr - E * Pi;
+                    *(vf *)(xi + h) = LD(xi + h) + A * Pi + E * Pr;
                 }
             }
         }
@@ -162,11 +162,13 @@ void carry_bwd(float *Lm, long sLb, long sLc, const float *X, long sXb, long sXc
                 const float *qr = q + 2 * m * H, *qi = qr + H, *xr = x + 2 * m * H, *xi = xr + H;
                 const float *a = ar + m * H, *e = ai + m * H;
                 float *lr = l + 2 * m * H, *li = lr + H, *gr = gA + b * sGb + 2 * m * H, *gi = gr + H;
-                for (long h = 0; h < H; h++) {
-                    gr[h] += qr[h] * xr[h] + qi[h] * xi[h];
-                    gi[h] += qi[h] * xr[h] - qr[h] * xi[h];
-                    lr[h] += a[h] * qr[h] + e[h] * qi[h];
-                    li[h] += a[h] * qi[h] - e[h] * qr[h];
+                for (long h = 0; h < H; h += LANES) {
+                    vf Qr = LD(qr + h), Qi = LD(qi + h), Xr = LD(xr + h), Xi = LD(xi + h);
+                    vf A = LD(a + h), E = LD(e + h);
+                    *(vf *)(gr + h) = LD(gr + h) + Qr * Xr + Qi * Xi;
+                    *(vf *)(gi + h) = LD(gi + h) + Qi * Xr - Qr * Xi;
+                    *(vf *)(lr + h) = LD(lr + h) + A * Qr + E * Qi;
+                    *(vf *)(li + h) = LD(li + h) + A * Qi - E * Qr;
                 }
             }
         }
