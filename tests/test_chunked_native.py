@@ -157,3 +157,19 @@ def test_built_once_into_the_cache(fresh_build):
     chunked_native._state.clear()  # as a new process would: finds the library, does not rebuild
     assert chunked_native.available()
     assert os.listdir(fresh_build) == files and os.path.getmtime(fresh_build / files[0]) == mtime
+
+
+def test_logs_which_kernels_run(caplog, monkeypatch):
+    from diagssm.ops import chunked
+    monkeypatch.setattr(chunked, "_last_kernels", [None])
+    p = system()
+    u = randn(2, 64, 16, seed=18)
+    with caplog.at_level("INFO", logger="diagssm.ops.chunked"):
+        diagonal_chunked(u, p["w"], p["B_bar"], p["C"])  # float64
+        diagonal_chunked(u, p["w"], p["B_bar"], p["C"])  # the same: said once
+    assert [r.getMessage() for r in caplog.records] == [
+        "chunked SSM op: PyTorch kernels (float32 on the CPU only (got torch.float64 on cpu))"]
+    if chunked_native.available():
+        with caplog.at_level("INFO", logger="diagssm.ops.chunked"):
+            diagonal_chunked(as32(u), *(as32(p[k]) for k in ("w", "B_bar", "C")))
+        assert caplog.records[-1].getMessage() == "chunked SSM op: native kernels"

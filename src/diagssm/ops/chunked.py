@@ -22,11 +22,14 @@ the backward, for ~92 MB more at B = 16, H = 128, L = 16384: benchmarks/README.m
 time blocks of a few chunks (`block`), so its other scratch memory is that of one block, not of
 the whole (B, L, H) problem.
 """
+import logging
 import math
 
 import torch
 
 from . import chunked_native
+
+log = logging.getLogger(__name__)
 
 # numbers (floats) of one time block's inputs: 2 MB in float32, 4 chunks at B = 16, H = 128, T = 64.
 # Fwd+bwd at B = 16, H = 128, N = 64, 2 threads (benchmarks/bench_chunked.py --block): 4 chunks per
@@ -238,6 +241,16 @@ class _Chunked(torch.autograd.Function):
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
+def _log_kernels(why):
+    """Say (at INFO, when it changes) whether the op runs on the native kernels, and if not why."""
+    if _last_kernels[0] != why:
+        _last_kernels[0] = why
+        log.info("chunked SSM op: %s", "native kernels" if not why else f"PyTorch kernels ({why})")
+
+
+_last_kernels = [None]
+
+
 def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None, native=None):
     """Outputs and final state of H diagonal SSMs, by chunked matrix multiplies (module docstring).
 
@@ -271,6 +284,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
         why = chunked_native.unsupported(u, Cp, T, M)
         if native and why:
             raise ValueError(f"diagonal_chunked(native=True): {why}")
+        _log_kernels(why)
         if not why:
             y, x_last = chunked_native.ChunkedNative.apply(u, W, into, torch.exp(w * T), x0, T)
             return y, x_last.transpose(0, 1)
