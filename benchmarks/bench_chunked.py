@@ -1,10 +1,12 @@
 """Time and peak memory of `ops.diagonal_chunked` (forward + backward) in this process.
 
     python benchmarks/bench_chunked.py                          # B=16, H=128, N=64, L=16384, 2 threads
+    python benchmarks/bench_chunked.py --kernels torch          # the PyTorch path (default: native where it runs)
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
     python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass
-    python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in its helpers
+    python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in its
+                                                                # PyTorch path's helpers (implies --kernels torch)
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
     python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
 
@@ -41,6 +43,9 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--block", type=int)
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
+    ap.add_argument("--kernels", choices=("auto", "native", "torch"),
+                    help="the op's native kernels (ops/chunked_native.py), its PyTorch path, or native where "
+                         "they run (default auto; torch with --sections)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more pass")
     ap.add_argument("--parts", action="store_true", help="time the op's pieces alone: its batched matmul "
                     "shapes, a large square matmul, one layout pass of u into chunk layout")
@@ -49,6 +54,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.sections and args.module:
         ap.error("--sections times the installed op's helpers; leave out --module")
+    if args.sections and args.kernels == "native":
+        ap.error("--sections times the PyTorch path's helpers; leave out --kernels native")
+    kernels = args.kernels or ("torch" if args.sections else "auto")
     setup_process(args.threads)
     op = load_op(args.module)
     takes = inspect.signature(op).parameters
@@ -61,6 +69,8 @@ def main(argv=None):
     u = torch.randn(Bsz, args.L, H, generator=g).requires_grad_()
     weight = torch.randn(Bsz, args.L, H, generator=g)
     kw = {k: v for k, v in (("chunk", args.chunk), ("block", args.block)) if v is not None and k in takes}
+    if "native" in takes and kernels != "auto":
+        kw["native"] = kernels == "native"
 
     def forward():
         if "D" in takes:

@@ -84,7 +84,7 @@ def test_naive_skip_extrapolates_memory_and_time():
 def test_cost_of_the_chunked_path_is_the_documented_formula():
     flops, nbytes = bench.cost("s4d", "chunked", 1024)
     B, H_, M, T = 16, 128, 32, 64
-    assert flops == 2 * B * 1024 * H_ * (T + 4 * M)
+    assert flops == 2 * B * 1024 * H_ * (T / 2 + 4 * M)  # the Toeplitz block's causal half (native kernels)
     assert nbytes == 4 * B * 1024 * H_ * 8 + 8 * B * H_ * M * (1024 / T) * 4
     for impl in ("fft", "scan", "conv", "dplr"):
         f, b = bench.cost("x", impl, 1024)
@@ -106,6 +106,23 @@ def test_main_inline_runs_every_case_and_writes_numbers(tmp_path, capsys):
     assert t["step_tokens_s"] > 0 and t["step_1thread_tokens_s"] > 0 and t["full_tokens_s"] > 0
     text = capsys.readouterr().out
     assert "| s4d | 64 | chunked |" in text and "| s4d | 64 | naive |" in text
+
+
+def test_from_json_reprints_a_saved_run_without_measuring(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--inline", "--layers", "dss", "--lengths", "64", "--threads", "1",
+                       "--json", str(out)]) == 0
+    first = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    saved["limits"] = "stale"  # recomputed from the results with this version's cost
+    out.write_text(json.dumps(saved))
+    monkeypatch.setattr(bench, "run_case", lambda *a, **k: pytest.fail("measured"))
+    monkeypatch.setattr(bench, "measure_case", lambda *a, **k: pytest.fail("measured"))
+    again = tmp_path / "again.json"
+    assert bench.main(["--from-json", str(out), "--json", str(again)]) == 0
+    assert capsys.readouterr().out == first
+    assert json.loads(again.read_text())["limits"] == json.loads(json.dumps(bench.limits(
+        saved["results"], bench.parse_args([]))))
 
 
 def test_a_subprocess_case_reports_memory_and_its_settings():
@@ -138,6 +155,19 @@ def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 2 and all("fwd+bwd median" in line and "peak" in line for line in out)
     assert "{'block': 1}" in out[0] and "older.py" in out[1]
+
+
+def test_bench_chunked_script_picks_the_kernels(capsys):
+    from diagssm.ops import chunked_native
+    script = benchmark_script("bench_chunked")
+    kernels = ["torch"] + (["native"] if chunked_native.available() else [])
+    for k in kernels:
+        assert script.main(["--L", "256", "--repeats", "1", "--threads", "1", "--kernels", k]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [("'native': False" in line, "'native': True" in line) for line in out] == [
+        (k == "torch", k == "native") for k in kernels]
+    with pytest.raises(SystemExit):
+        script.main(["--L", "256", "--kernels", "native", "--sections"])
 
 
 def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):

@@ -356,9 +356,9 @@ def cost(name, impl, L):
     """(FLOPs, bytes) of one forward at B, H, N (module docstring); fwd+bwd is 3x both."""
     lg = math.log2
     n = 2 * L
-    if impl == "chunked":
+    if impl == "chunked":  # per step: the causal half of a (T, T) Toeplitz block, 2M sums in, 2M out
         T = chunk_size(L)
-        return 2 * B * L * H * (T + 4 * M), 4 * B * L * H * 8 + 8 * B * H * M * (L / T) * 4
+        return 2 * B * L * H * (T / 2 + 4 * M), 4 * B * L * H * 8 + 8 * B * H * M * (L / T) * 4
     fft = ((2 * B * H + H) * 2.5 * n * lg(n) + 6 * B * H * n / 2, 4 * B * L * H * 14)
     if impl == "fft":
         return fft[0] + 4 * H * M * L, fft[1]
@@ -400,14 +400,16 @@ def cpu_model():
         return "unknown"
 
 
-def header(args, results):
+def header(args, results, saved=None):
+    """The report's heading; `saved`: the JSON of an earlier run (its torch, CPU), for --from-json."""
+    version, cpu = (saved["torch"], saved["cpu"]) if saved else (torch.__version__, cpu_model())
     done = [r for r in results if "skipped" not in r]
     fz = all(r.get("flush_denormal") for r in done)
     thp = all(r.get("thp") == "1" for r in done)
     where = "in this process (--inline: no memory figures)" if args.inline else "each in a fresh subprocess"
     return "\n".join([
         "# diagssm layers: fast paths vs naive formulations (CPU, float32)", "",
-        f"torch {torch.__version__}, threads = {args.threads}, CPU: {cpu_model()}. "
+        f"torch {version}, threads = {args.threads}, CPU: {cpu}. "
         f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; "
         f"THP_MEM_ALLOC_ENABLE=1: {'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}.",
         f"Sizes: B={B}, H={H}, d_state={N} ({M} complex modes; S5: P={N}, one MIMO state), check_finite=False. "
@@ -504,6 +506,8 @@ def parse_args(argv=None):
                     help="one case in this process, as the sweep runs each (its JSON line on stdout)")
     ap.add_argument("--profile", action="store_true", help="with --one: then torch.profiler's op table of "
                     "one more fwd+bwd, on stderr")
+    ap.add_argument("--from-json", metavar="PATH", help="measure nothing: print the report (and --plot) of the "
+                    "results saved by an earlier --json, with this version's cost estimates")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
     args.repeats = args.repeats or (1 if args.quick else 3)
@@ -533,15 +537,24 @@ def main(argv=None):
         if args.profile and impl != "throughput":
             print(profile_case(name, impl, int(L)), file=sys.stderr)
         return 0
-    setup_process(args.threads)
-    results = [r for name in args.layers for r in run_layer(name, args)]
-    steps = [run_case(name, "throughput", min(args.lengths), args) for name in args.layers]
+    saved = None
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        results, steps = saved["results"], saved["throughput"]
+        args.threads, args.repeats = saved["threads"], saved["repeats"]
+        args.inline = all(r.get("peak_mb") is None for r in results if "skipped" not in r)
+    else:
+        setup_process(args.threads)
+        results = [r for name in args.layers for r in run_layer(name, args)]
+        steps = [run_case(name, "throughput", min(args.lengths), args) for name in args.layers]
     rows = limits(results, args)
-    print("\n\n".join([header(args, results), layer_table(results), limits_table(rows, args),
+    print("\n\n".join([header(args, results, saved), layer_table(results), limits_table(rows, args),
                        throughput_table(steps)]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(torch=torch.__version__, threads=args.threads, cpu=cpu_model(), sizes=dict(B=B, H=H, N=N),
+            json.dump(dict(torch=saved["torch"] if saved else torch.__version__, threads=args.threads,
+                           cpu=saved["cpu"] if saved else cpu_model(), sizes=dict(B=B, H=H, N=N),
                            repeats=args.repeats, results=results, limits=rows, throughput=steps), f, indent=1)
     if args.plot:
         plot(results, args.plot)

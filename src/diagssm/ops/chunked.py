@@ -16,6 +16,13 @@ W = [Toeplitz^T ; out-of-state] ((T + 2M) x C'T). Every heavy step is a batched 
 multiply, which CPUs (and GPUs' tensor cores) run far faster than FFTs or elementwise scans; the
 work is O(B L H (T + M)) and nothing is approximated.
 
+Kernels: where it can (float32 on the CPU, one output channel, T dividing L; `native=`), the op
+runs these contractions on the native kernels of `chunked_native`, which work on the (B, L, H)
+layout directly with the channel as the vector lane and skip the zero half of each Toeplitz block.
+Elsewhere it runs `_Chunked` below, PyTorch's batched matmuls on chunk-layout copies of u and y.
+At B = 16, H = 128, N = 64, L = 16384 on 2 cores a forward + backward of the op took ~300 ms on
+the native kernels against ~420 ms on the PyTorch path (`benchmarks/bench_chunked.py --kernels`).
+
 Memory: `_Chunked` keeps u and the states entering each chunk for the backward: (L/T) B H M
 complex numbers, as many floats as u when T = 2M (fwd+bwd 8-12% faster than recomputing them in
 the backward, for ~92 MB more at B = 16, H = 128, L = 16384: benchmarks/README.md). It runs in
