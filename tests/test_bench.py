@@ -170,6 +170,16 @@ def test_bench_chunked_script_picks_the_kernels(capsys):
         script.main(["--L", "256", "--kernels", "native", "--sections"])
 
 
+def test_bench_s5_times_each_piece(capsys):
+    import re
+    script = benchmark_script("bench_s5")
+    assert script.main(["--L", "64", "--repeats", "1", "--threads", "1"]) == 0
+    line = capsys.readouterr().out.strip()
+    ms = dict(re.findall(r"(\w+) ([0-9.]+)(?:,|;|$)", line.split("): ", 1)[1]))
+    assert set(ms) == {"mix_in", "mix_out", "scan", "skip", "loss", "sum"}
+    assert all(float(v) > 0 for v in ms.values())
+
+
 def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
     import re
     script = benchmark_script("bench_chunked")
