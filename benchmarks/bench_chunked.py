@@ -5,8 +5,8 @@
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
     python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass
-    python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in its
-                                                                # PyTorch path's helpers (implies --kernels torch)
+    python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in the
+                                                                # helpers of the path that runs
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
     python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
 
@@ -45,7 +45,7 @@ def main(argv=None):
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
     ap.add_argument("--kernels", choices=("auto", "native", "torch"),
                     help="the op's native kernels (ops/chunked_native.py), its PyTorch path, or native where "
-                         "they run (default auto; torch with --sections)")
+                         "they run (default auto)")
     ap.add_argument("--profile", action="store_true", help="print torch.profiler's op table of one more pass")
     ap.add_argument("--parts", action="store_true", help="time the op's pieces alone: its batched matmul "
                     "shapes, a large square matmul, one layout pass of u into chunk layout")
@@ -54,9 +54,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.sections and args.module:
         ap.error("--sections times the installed op's helpers; leave out --module")
-    if args.sections and args.kernels == "native":
-        ap.error("--sections times the PyTorch path's helpers; leave out --kernels native")
-    kernels = args.kernels or ("torch" if args.sections else "auto")
+    kernels = args.kernels or "auto"
     setup_process(args.threads)
     op = load_op(args.module)
     takes = inspect.signature(op).parameters
@@ -91,7 +89,8 @@ def main(argv=None):
     if args.parts:
         parts(u.detach(), args)
     if args.sections:
-        sections(forward, weight, [u, w, B_bar, C, D], args.repeats)
+        native = type(forward().grad_fn).__name__.startswith("ChunkedNative")
+        sections(forward, weight, [u, w, B_bar, C, D], args.repeats, native)
     if args.profile:
         with torch.profiler.profile(record_shapes=True) as prof:
             fwd_bwd()
@@ -99,19 +98,26 @@ def main(argv=None):
     return 0
 
 
-def sections(forward, weight, inputs, repeats):
+def sections(forward, weight, inputs, repeats, native=False):
     """Per pass (median of `repeats`): forward ms, backward ms (of loss = sum(y * w)), and the ms
-    spent inside the op's helpers over the pass, timed by wrapping them in the module (so the
-    matmuls and loops left outside are the difference): `_load` (chunk layout in: u forward, u
-    and the output gradient backward), `_store` (chunk layout out: y, the input gradient),
-    `_states` (forward: chunk sums, one matmul, and the carry), `_put_states` (state rows)."""
+    spent inside the op's helpers over the pass, timed by wrapping them in their module (so what
+    is left outside is the difference).
+    PyTorch path: `_load` (chunk layout in: u forward, u and the output gradient backward),
+    `_store` (chunk layout out: y, the input gradient), `_states` (forward: chunk sums, one
+    matmul, and the carry), `_put_states` (state rows).
+    Native kernels (`native`): `_mm` (rows contractions: forward chunk sums and outputs, backward
+    states' gradients and input gradient), `_red` (the three weight gradients), `_carry` and
+    `_carry_back` (the scans over chunk boundaries)."""
     import collections
     import time
 
     import diagssm.ops.chunked as chunked
+    import diagssm.ops.chunked_native as chunked_native
 
-    spent, names = collections.defaultdict(list), ("_load", "_store", "_states", "_put_states")
-    originals = {name: getattr(chunked, name) for name in names}
+    module = chunked_native if native else chunked
+    names = ("_mm", "_red", "_carry", "_carry_back") if native else ("_load", "_store", "_states", "_put_states")
+    spent = collections.defaultdict(list)
+    originals = {name: getattr(module, name) for name in names}
 
     def timed(name):
         def run(*a, **k):
@@ -123,7 +129,7 @@ def sections(forward, weight, inputs, repeats):
 
     try:
         for name in names:
-            setattr(chunked, name, timed(name))
+            setattr(module, name, timed(name))
         for _ in range(repeats):
             for name in names:
                 spent[name].append(0.0)
@@ -137,15 +143,16 @@ def sections(forward, weight, inputs, repeats):
             spent["backward"].append(time.perf_counter() - t2)
     finally:
         for name in names:
-            setattr(chunked, name, originals[name])
+            setattr(module, name, originals[name])
     row = ", ".join(f"{name} {1e3 * statistics.median(spent[name]):.1f}" for name in ("forward", "backward") + names)
     print(f"  per pass, ms (median of {repeats}): {row}")
 
 
 def parts(u, args):
     """GFLOP/s of the op's batched matmul shapes (one time block: H batches of (nb B) rows; inner
-    sizes T + 2M = 128, T = 64, 2M = 64) and of a (4096, 4096) square matmul, and ms of one
-    `_load` pass of u (B, L, H) into chunk layout (what each layout pass over (B, L, H) costs)."""
+    sizes T + 2M = 128, T = 64, 2M = 64) and of a (4096, 4096) square matmul, ms of one
+    `_load` pass of u (B, L, H) into chunk layout (what each layout pass over (B, L, H) costs),
+    and the native kernels' GFLOP/s (`native_parts`)."""
     from diagssm.ops.chunked import _blocks, _load, _stage, block_size, chunk_size
 
     Bsz, L, H = u.shape
@@ -168,6 +175,28 @@ def parts(u, args):
             _load(u[:, :, None], c0 * T, T, dst[:, :k], _stage(stage, Bsz, k, 1, H, T))
 
     print(f"  one layout pass of u ({Bsz}, {L}, {H}) into chunk layout: {median_ms(load_all, 5, warmup=1):.1f} ms")
+    native_parts(u, T, M)
+
+
+def native_parts(u, T, M):
+    """GFLOP/s of the native kernels alone on warm buffers at the op's sizes (when they are
+    available and the sizes fit them): `rows_mm` as the chunk sums use it (all rows (b, c), T -> 2M
+    per channel) and `rows_red` as the weight gradient of the out-of-state map (2M x T per
+    channel, summed over all rows)."""
+    from diagssm.ops import chunked_native as cn
+
+    Bsz, L, H = u.shape
+    if cn.unsupported(u, 1, T, M):
+        print(f"  native kernels: not timed ({cn.unsupported(u, 1, T, M)})")
+        return
+    lib, nc, P = cn.library(), L // T, 2 * M
+    U, X = u.view(Bsz, nc, T, H), torch.randn(Bsz, nc, P, H)
+    W, G = cn._tiles(torch.randn(T, P, H)), torch.zeros(H // cn.LANES, P, T, cn.LANES)
+    flops = 2 * Bsz * L * P * H
+    for name, fn in (("rows_mm (rows x T) -> 2M", lambda: cn._mm(lib, X, U, W)),
+                     ("rows_red 2M x T, summed over rows", lambda: cn._red(lib, G, X, U))):
+        ms = median_ms(fn, 7, warmup=2)
+        print(f"  native {name}, {Bsz * nc} rows of {H} channels: {ms:.2f} ms, {flops / ms / 1e6:.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

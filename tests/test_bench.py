@@ -166,8 +166,6 @@ def test_bench_chunked_script_picks_the_kernels(capsys):
     out = capsys.readouterr().out.splitlines()
     assert [("'native': False" in line, "'native': True" in line) for line in out] == [
         (k == "torch", k == "native") for k in kernels]
-    with pytest.raises(SystemExit):
-        script.main(["--L", "256", "--kernels", "native", "--sections"])
 
 
 def test_bench_s5_times_each_piece(capsys):
@@ -185,10 +183,18 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
     script = benchmark_script("bench_chunked")
     assert script.main(["--L", "256", "--repeats", "1", "--threads", "1", "--parts"]) == 0
     out = capsys.readouterr().out.splitlines()
-    rates = [float(m.group(1)) for line in out for m in [re.search(r"([0-9.]+) GFLOP/s", line)] if m]
+    rates = [float(m.group(1)) for line in out if "native" not in line
+             for m in [re.search(r"([0-9.]+) GFLOP/s", line)] if m]
     assert len(rates) == 4 and all(r > 0 for r in rates)  # three bmm shapes and the square mm
     assert "(128, 64, 128) @ (128, 128, 64)" in out[1]  # one time block: 4 chunks x B = 16 rows per channel
-    assert re.search(r"one layout pass of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", out[-1])
+    layout = [line for line in out if "layout pass" in line]
+    assert len(layout) == 1 and re.search(r"of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", layout[0])
+    native = [line for line in out if "native" in line]
+    from diagssm.ops import chunked_native
+    if chunked_native.available():
+        assert len(native) == 2 and all(re.search(r"[0-9.]+ GFLOP/s$", line) for line in native)
+    else:
+        assert len(native) == 1 and "not timed" in native[0]
 
 
 def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
@@ -204,6 +210,23 @@ def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
     assert set(ms) == {"forward", "backward", "_load", "_store", "_states", "_put_states"}
     assert all(v > 0 for v in ms.values())
     assert ms["_states"] < ms["forward"] and ms["_put_states"] < ms["backward"]
+
+
+@pytest.mark.skipif(not __import__("diagssm.ops.chunked_native").ops.chunked_native.available(),
+                    reason="native kernels unavailable")
+def test_bench_chunked_sections_of_the_native_path(capsys):
+    import re
+
+    import diagssm.ops.chunked_native as chunked_native
+    script = benchmark_script("bench_chunked")
+    before = chunked_native._mm
+    assert script.main(["--L", "256", "--repeats", "2", "--threads", "1", "--sections", "--kernels", "native"]) == 0
+    assert chunked_native._mm is before
+    line = capsys.readouterr().out.splitlines()[-1]
+    ms = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+)", line.split(":", 1)[1])}
+    assert set(ms) == {"forward", "backward", "_mm", "_red", "_carry", "_carry_back"}
+    assert all(v > 0 for v in ms.values())
+    assert ms["_carry"] < ms["forward"] and ms["_red"] + ms["_carry_back"] < ms["backward"]
 
 
 def test_one_case_with_profile_prints_its_op_table(capsys):

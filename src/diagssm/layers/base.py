@@ -148,12 +148,14 @@ class DiagonalSSM(SSMLayer):
         return (y, x) if return_state else y
 
     def pick_backend(self, u, L=None, rate=1.0):
-        """"chunked" on the CPU in float32 and float64 (S4D and DSS forward + backward in float32: as
-        fast as "fft" or faster at every length measured, 1.0-1.5x at L = 1024, 1.6-1.8x at 16384,
-        2.5-2.7x at 65536, with 23-30% of its memory: docs/benchmarks/layers-cpu-2core.md; by dtype,
-        L = 1024-16384, benchmarks/bench_backends.py: faster in 30 of 32 cases over two runs, the two
-        exceptions, float64 at L <= 4096, faster in the other run), "fft" on other devices (not yet measured there),
-        unless `self.backend` names one; `recurrent_problem` can veto the chunked path."""
+        """"chunked" on the CPU in float32 and float64, "fft" on other devices (not yet measured
+        there), unless `self.backend` names one; `recurrent_problem` can veto the chunked path.
+        S4D and DSS forward + backward in float32 (docs/benchmarks/layers-cpu-2core.md, the chunked
+        op on its native kernels): chunked as fast as "fft" or faster at every length measured,
+        1.0x (DSS) to 4.2x (S4D) at L = 1024, 2.4-2.5x at 16384, 2.6-3.0x at 65536, with 23-45% of
+        its memory. By dtype, L = 1024-16384 (benchmarks/bench_backends.py, session 8, before the
+        native kernels): chunked faster in 30 of 32 cases over two runs; the two exceptions, float64
+        at L <= 4096, were faster in the other run."""
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
         why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
         if why and self.backend == "chunked":

@@ -64,7 +64,7 @@ def _load():
     if not cc:
         return None, "no C compiler (cc, gcc or $CC) on PATH"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + FLAGS).encode() + _cpu_id().encode())
-    cache = Path(os.environ.get("DIAGSSM_CACHE") or Path.home() / ".cache" / "diagssm")
+    cache = Path(os.environ.get("DIAGSSM_CACHE") or "~/.cache/diagssm").expanduser()  # as tasks.cache's
     so = cache / f"native-{key.hexdigest()[:16]}.so"
     try:
         if not so.exists():
@@ -155,6 +155,20 @@ def _red(lib, G, A, Bm, tri=0):
     lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, 0, Bsz * n, 0, H, tri)
 
 
+def _carry(lib, X, ar, ai):
+    """X (B, n + 1, 2M, H): chunk input sums -> the states entering each chunk (`carry_fwd`)."""
+    Bsz, n1, P, H = X.shape
+    lib.carry_fwd(X.data_ptr(), X.stride(0), X.stride(1), ar.data_ptr(), ai.data_ptr(), P // 2, H, n1 - 1, 0, Bsz)
+
+
+def _carry_back(lib, Lm, X, ar, ai, gA):
+    """Lm (B, n + 1, 2M, H): the states' gradients through their chunks' outputs (and the next
+    block's) -> their total gradients; gA (B, 2M, H) += the gradient of A^T (`carry_bwd`)."""
+    Bsz, n1, P, H = Lm.shape
+    lib.carry_bwd(Lm.data_ptr(), Lm.stride(0), Lm.stride(1), X.data_ptr(), X.stride(0), X.stride(1),
+                  ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n1 - 1, 0, Bsz)
+
+
 def _pairs_lanes(z):
     """(H, B, M) complex -> (B, 2M, H) real rows (Re z_m, Im z_m) interleaved, channel innermost."""
     H, Bsz, M = z.shape
@@ -187,7 +201,7 @@ class ChunkedNative(torch.autograd.Function):
         X[:, 0] = _pairs_lanes(x0)
         U = u.view(Bsz, nc, T, H)
         _mm(lib, X[:, 1:], U, _tiles(Winto))  # X[:, c + 1] <- chunk c's input sum
-        lib.carry_fwd(X.data_ptr(), X.stride(0), X.stride(1), ar.data_ptr(), ai.data_ptr(), M, H, nc, 0, Bsz)
+        _carry(lib, X, ar, ai)
         y = u.new_empty(Bsz, L, 1, H)
         _mm(lib, y.view(Bsz, nc, T, H), U, _tiles(Wtoe), A2=X[:, :nc], W2=_tiles(Wout), tri=1)
         ctx.save_for_backward(u, X, W, into, ar, ai)
@@ -222,8 +236,7 @@ class ChunkedNative(torch.autograd.Function):
                 Lb[:, n] = Lb[:, nbk]
             L_ = Lb[:, :n + 1]
             _mm(lib, L_[:, :n], G[:, c0:c1], outT)  # through the block's outputs
-            lib.carry_bwd(L_.data_ptr(), L_.stride(0), L_.stride(1), X[:, c0:].data_ptr(), X.stride(0), X.stride(1),
-                          ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n, 0, Bsz)
+            _carry_back(lib, L_, X[:, c0:], ar, ai, gA)
             _mm(lib, GU[:, c0:c1], G[:, c0:c1], toeT, A2=L_[:, 1:], W2=intoT, tri=2)
             _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1)
             _red(lib, g_out, X[:, c0:c1], G[:, c0:c1])
