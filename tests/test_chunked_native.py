@@ -173,3 +173,13 @@ def test_logs_which_kernels_run(caplog, monkeypatch):
         with caplog.at_level("INFO", logger="diagssm.ops.chunked"):
             diagonal_chunked(as32(u), *(as32(p[k]) for k in ("w", "B_bar", "C")))
         assert caplog.records[-1].getMessage() == "chunked SSM op: native kernels"
+
+
+@needs_native
+def test_double_backward_is_an_error_not_a_wrong_answer():
+    p = {k: as32(v).requires_grad_() for k, v in system().items()}
+    u = randn(2, 64, 16, dtype=torch.float32, seed=19).requires_grad_()
+    y, _ = diagonal_chunked(u, p["w"], p["B_bar"], p["C"], chunk=16, native=True)
+    (g,) = torch.autograd.grad((y ** 2).sum(), [u], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
