@@ -41,6 +41,9 @@ def run(fn, u, h0, params, gy, gh, **kw):
     (2, 160, 16, 4, 16, 2 * 2 * 8 * 16),  # 10 chunks in blocks of 2
     (3, 120, 32, 2, 8, 3 * 3 * 4 * 32),  # 15 chunks in blocks of 3: the first block in time is shorter
     (1, 256, 16, 8, 64, None),  # the default chunk length
+    (2, 100, 16, 4, 16, None),  # a last chunk of 4 real steps
+    (3, 130, 32, 2, 8, 3 * 3 * 4 * 32),  # 17 chunks, the last of 2 steps, blocks of 3
+    (2, 5, 16, 4, None, None),  # shorter than one chunk (T = 8)
 ])
 def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, monkeypatch):
     if block_numbers:
@@ -61,8 +64,8 @@ def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbe
 @needs_native
 def test_matches_the_pytorch_path():
     p = {k: as32(v) for k, v in system(32, 8, seed=3).items()}
-    u, h0 = randn(2, 512, 32, dtype=torch.float32, seed=9), randn(2, 32, 8, dtype=C64, seed=10)
-    gy, gh = randn(2, 512, 1, 32, dtype=torch.float32, seed=11), randn(2, 32, 8, dtype=C64, seed=12)
+    u, h0 = randn(2, 1000, 32, dtype=torch.float32, seed=9), randn(2, 32, 8, dtype=C64, seed=10)
+    gy, gh = randn(2, 1000, 1, 32, dtype=torch.float32, seed=11), randn(2, 32, 8, dtype=C64, seed=12)
     native, torch_path = (run(diagonal_chunked, u, h0, p, gy, gh, native=n) for n in (True, False))
     for a, b in zip(native[:2] + native[2], torch_path[:2] + torch_path[2]):
         assert_close(a, b, scale=100)
@@ -100,21 +103,21 @@ def test_backward_keeps_u_and_the_chunk_states_only():
 @pytest.mark.parametrize("case,why", [
     (dict(dtype=torch.float64), "float32 on the CPU only"),
     (dict(H=3), "H must be a multiple of 16"),
-    (dict(L=100), "the chunk length must be a multiple of 4 dividing L"),
+    (dict(chunk=6), "the chunk length must be a multiple of 4"),
     (dict(C_out=2), "one output channel only"),
     (dict(M=3), "an even number of modes"),
 ])
 def test_falls_back_where_it_cannot_run_and_says_why(case, why):
-    H, M, L, C_out = case.get("H", 16), case.get("M", 4), case.get("L", 64), case.get("C_out", 1)
+    H, M, L, C_out, T = case.get("H", 16), case.get("M", 4), 64, case.get("C_out", 1), case.get("chunk", 16)
     dt = case.get("dtype", torch.float32)
     p = system(H, M)
     w, B_bar = p["w"].to(C64 if dt == torch.float32 else C128), p["B_bar"].to(C64 if dt == torch.float32 else C128)
     C = randn(C_out, H, M, dtype=B_bar.dtype, seed=15)
     u = randn(2, L, H, dtype=dt, seed=16)
-    assert why in chunked_native.unsupported(u, C_out, 16, M)
+    assert why in chunked_native.unsupported(u, C_out, T, M)
     with pytest.raises(ValueError, match="native=True"):
-        diagonal_chunked(u, w, B_bar, C, chunk=16, native=True)
-    y, _ = diagonal_chunked(u, w, B_bar, C, chunk=16)  # the PyTorch path
+        diagonal_chunked(u, w, B_bar, C, chunk=T, native=True)
+    y, _ = diagonal_chunked(u, w, B_bar, C, chunk=T)  # the PyTorch path
     y_ref, _ = diagonal_chunked_ref(u.double(), w.to(C128), B_bar.to(C128), C.to(C128))
     assert_close(y, y_ref, scale=100)
 

@@ -16,7 +16,7 @@ W = [Toeplitz^T ; out-of-state] ((T + 2M) x C'T). Every heavy step is a batched 
 multiply, which CPUs (and GPUs' tensor cores) run far faster than FFTs or elementwise scans; the
 work is O(B L H (T + M)) and nothing is approximated.
 
-Kernels: where it can (float32 on the CPU, one output channel, T dividing L; `native=`), the op
+Kernels: where it can (float32 on the CPU, one output channel; `chunked_native.unsupported`), the op
 runs these contractions on the native kernels of `chunked_native`, which work on the (B, L, H)
 layout directly with the channel as the vector lane and skip the zero half of each Toeplitz block.
 Elsewhere it runs `_Chunked` below, PyTorch's batched matmuls on chunk-layout copies of u and y.
@@ -293,7 +293,8 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
             raise ValueError(f"diagonal_chunked(native=True): {why}")
         _log_kernels(why)
         if not why:
-            y, x_last = chunked_native.ChunkedNative.apply(u, W, into, torch.exp(w * T), x0, T)
+            y, x_last = chunked_native.ChunkedNative.apply(u, W, into, torch.exp(w * T), into_r, torch.exp(w * r),
+                                                           x0, T)
             return y, x_last.transpose(0, 1)
     block = block or block_size(nc, H * Bsz * T)
     y, x_last = _Chunked.apply(u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T, block)

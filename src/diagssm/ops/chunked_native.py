@@ -11,8 +11,8 @@ The library is compiled on first use with the machine's C compiler (`cc`, or $CC
 runs on (-march=native), into $DIAGSSM_CACHE (default ~/.cache/diagssm) under a name keyed by the
 source, the flags and the CPU; it is written to a temporary file and renamed into place. Without a
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
-Float32 on the CPU only, and one output channel (C' = 1), a chunk length dividing L and a multiple of 4,
-H a multiple of 16 and an even number of modes: `unsupported` says which condition fails.
+Float32 on the CPU only, and one output channel (C' = 1), a chunk length that is a multiple of 4, H a
+multiple of 16 and an even number of modes: `unsupported` says which condition fails.
 """
 import ctypes
 import hashlib
@@ -109,8 +109,8 @@ def unsupported(u, Cp, T, M):
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
     if Cp != 1:
         return f"one output channel only (got C' = {Cp})"
-    if T % 4 or L % T:
-        return f"the chunk length must be a multiple of 4 dividing L (got T = {T}, L = {L})"
+    if T % 4:
+        return f"the chunk length must be a multiple of 4 (got T = {T})"
     if H % LANES:
         return f"H must be a multiple of {LANES} (got {H})"
     if M % 2:
@@ -181,30 +181,55 @@ def _complex_of_lanes(x):
     return torch.view_as_complex(x.view(Bsz, P // 2, 2, H).permute(3, 0, 1, 2).contiguous())
 
 
+def _lanes(a):
+    """(H, M) complex -> its real and imaginary parts as (M, H) lanes."""
+    return a.real.t().contiguous(), a.imag.t().contiguous()
+
+
+def _split(x, T, r):
+    """x (B, L, H), L = (n - 1) T + r -> its n - 1 full chunks (B, n - 1, T, H) (a view) and its
+    last chunk (B, 1, T, H), a copy zero past its r real steps."""
+    Bsz, L, H = x.shape
+    full = L - r
+    last = x.new_zeros(Bsz, 1, T, H)
+    last[:, 0, :r] = x[:, full:]
+    return x[:, :full].view(Bsz, full // T, T, H), last
+
+
+def _complex_grad(g, P, H):
+    """(B, 2M, H) per-batch-row gradient pairs -> the (H, M) complex gradient, summed over B."""
+    return torch.view_as_complex(g.sum(0).view(P // 2, 2, H).permute(2, 0, 1).contiguous())
+
+
 class ChunkedNative(torch.autograd.Function):
-    """Same inputs and outputs as `chunked._Chunked` for C' = 1 and T dividing L (so into_r = into,
-    a_r = A^T): u (B, L, H), W (H, T + 2M, T), into (H, T, 2M), aT (H, M) complex, x0 (H, B, M)
-    complex -> y (B, L, 1, H), x_last (H, B, M). Saves u and the states entering each chunk
-    (B, L/T + 1, 2M, H); the backward runs in time blocks, last first, so that its scratch (the
-    states' gradients) is one block's."""
+    """Same inputs and outputs as `chunked._Chunked` for C' = 1: u (B, L, H), W (H, T + 2M, T), into
+    (H, T, 2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H,
+    B, M) complex -> y (B, L, 1, H), x_last (H, B, M). The last chunk of each batch row goes
+    through a small zero-padded copy. Saves u and the states entering each chunk (B, n + 1, 2M, H);
+    the backward runs in time blocks, last first, so that its scratch (the states' gradients) is
+    one block's."""
 
     @staticmethod
-    def forward(ctx, u, W, into, aT, x0, T):
+    def forward(ctx, u, W, into, aT, into_r, a_r, x0, T):
         lib = library()
         u = u.contiguous()
         Bsz, L, H = u.shape
-        nc, M = L // T, aT.shape[1]
-        Wtoe, Wout = W[:, :T].permute(1, 2, 0), W[:, T:].permute(1, 2, 0)  # (T s, T t, H), (2M, T t, H)
-        Winto = into.permute(1, 2, 0)  # (T s, 2M, H)
-        ar, ai = aT.real.t().contiguous(), aT.imag.t().contiguous()  # (M, H)
+        nc, M = -(-L // T), aT.shape[1]
+        r = L - (nc - 1) * T  # real steps of the last chunk, 1..T
+        Wtoe, Wout = _tiles(W[:, :T].permute(1, 2, 0)), _tiles(W[:, T:].permute(1, 2, 0))  # (T s, T t), (2M, T t)
         X = u.new_empty(Bsz, nc + 1, 2 * M, H)  # states entering chunk c; X[:, nc] the final one
         X[:, 0] = _pairs_lanes(x0)
-        U = u.view(Bsz, nc, T, H)
-        _mm(lib, X[:, 1:], U, _tiles(Winto))  # X[:, c + 1] <- chunk c's input sum
-        _carry(lib, X, ar, ai)
+        U, U_last = _split(u, T, r)
+        _mm(lib, X[:, 1:nc], U, _tiles(into.permute(1, 2, 0)))  # X[:, c + 1] <- chunk c's input sum
+        _mm(lib, X[:, nc:], U_last, _tiles(into_r.permute(1, 2, 0)))  # the last chunk's, to the final state
+        _carry(lib, X[:, :nc], *_lanes(aT))
+        _carry(lib, X[:, nc - 1:], *_lanes(a_r))
         y = u.new_empty(Bsz, L, 1, H)
-        _mm(lib, y.view(Bsz, nc, T, H), U, _tiles(Wtoe), A2=X[:, :nc], W2=_tiles(Wout), tri=1)
-        ctx.save_for_backward(u, X, W, into, ar, ai)
+        _mm(lib, y[:, :L - r].view(U.shape), U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1)
+        Y_last = u.new_empty(Bsz, 1, T, H)
+        _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1)
+        y[:, L - r:, 0] = Y_last[:, 0, :r]
+        ctx.save_for_backward(u, X, W, into, aT, into_r, a_r)
         ctx.T = T
         return y, _complex_of_lanes(X[:, nc])
 
@@ -212,28 +237,41 @@ class ChunkedNative(torch.autograd.Function):
     @torch.autograd.function.once_differentiable  # the kernels are not differentiable: an error, not a wrong answer
     def backward(ctx, gy, g_last):
         lib = library()
-        u, X, W, into, ar, ai = ctx.saved_tensors
+        u, X, W, into, aT, into_r, a_r = ctx.saved_tensors
         T = ctx.T
         Bsz, L, H = u.shape
-        nc, P = L // T, X.shape[2]
-        U, G = u.view(Bsz, nc, T, H), gy.reshape(Bsz, L, H).contiguous().view(Bsz, nc, T, H)
+        nc, P = -(-L // T), X.shape[2]
+        r = L - (nc - 1) * T
+        (U, U_last), (G, G_last) = _split(u, T, r), _split(gy.reshape(Bsz, L, H).contiguous(), T, r)
         gu = torch.empty_like(u)
-        GU = gu.view(Bsz, nc, T, H)
+        GU = gu[:, :L - r].view(U.shape)
         outT = _tiles(W[:, T:].permute(2, 1, 0))  # (T t, 2M, H): G rows -> the states' gradients
-        toeT, intoT = _tiles(W[:, :T].permute(2, 1, 0)), _tiles(into.permute(2, 1, 0))  # (T t, T s), (2M, T s)
-        g_toe, g_out, g_into = (u.new_zeros(H // LANES, K, I, LANES) for K, I in ((T, T), (P, T), (T, P)))
-        gA = u.new_zeros(Bsz, P, H)  # the gradient of A^T per batch row, (Re, Im) row pairs
+        toeT = _tiles(W[:, :T].permute(2, 1, 0))  # (T t, T s)
+        g_toe, g_out, g_into, g_into_r = (u.new_zeros(H // LANES, K, I, LANES)
+                                          for K, I in ((T, T), (P, T), (T, P), (T, P)))
+        gA, gA_r = u.new_zeros(Bsz, P, H), u.new_zeros(Bsz, P, H)  # gradients of A^T, a_r per batch row
+        # the last chunk: its outputs and the final state, through into_r and a_r
+        L_last = u.new_empty(Bsz, 2, P, H)  # gradients of the states entering the last chunk and leaving it
+        L_last[:, 1] = 0 if g_last is None else _pairs_lanes(g_last.resolve_conj())
+        _mm(lib, L_last[:, :1], G_last, outT)
+        _carry_back(lib, L_last, X[:, nc - 1:], *_lanes(a_r), gA_r)
+        GU_last = u.new_empty(Bsz, 1, T, H)
+        _mm(lib, GU_last, G_last, toeT, A2=L_last[:, 1:], W2=_tiles(into_r.permute(2, 1, 0)), tri=2)
+        gu[:, L - r:] = GU_last[:, 0, :r]
+        _red(lib, g_toe, U_last, G_last, tri=1)
+        _red(lib, g_out, X[:, nc - 1:nc], G_last)
+        _red(lib, g_into_r, U_last, L_last[:, 1:])
+        # the full chunks, in time blocks, last first
+        ar, ai = _lanes(aT)
+        intoT = _tiles(into.permute(2, 1, 0))  # (2M, T s)
         nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))
         Lb = u.new_empty(Bsz, nbk + 1, P, H)  # the states' gradients of one block, and of the next chunk
-        if g_last is None:
-            Lb[:, nbk] = 0
-        else:
-            Lb[:, nbk] = _pairs_lanes(g_last.resolve_conj())
-        c1 = nc
+        Lb[:, nbk] = L_last[:, 0]
+        c1 = nc - 1
         while c1 > 0:
             c0 = max(0, c1 - nbk)
             n = c1 - c0
-            if n < nbk:  # the first block in time is shorter: its "next chunk" slot is n
+            if n < nbk:  # a shorter block: its "next chunk" slot is n
                 Lb[:, n] = Lb[:, nbk]
             L_ = Lb[:, :n + 1]
             _mm(lib, L_[:, :n], G[:, c0:c1], outT)  # through the block's outputs
@@ -245,5 +283,5 @@ class ChunkedNative(torch.autograd.Function):
             Lb[:, nbk] = L_[:, 0]  # the total gradient of the state entering chunk c0, for the next block
             c1 = c0
         gW = torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1)  # (H, T + 2M, T)
-        g_aT = torch.view_as_complex(gA.sum(0).view(P // 2, 2, H).permute(2, 0, 1).contiguous())  # (H, M)
-        return gu, gW, _untile(g_into).permute(2, 0, 1), g_aT, _complex_of_lanes(Lb[:, nbk]), None
+        return (gu, gW, _untile(g_into).permute(2, 0, 1), _complex_grad(gA, P, H), _untile(g_into_r).permute(2, 0, 1),
+                _complex_grad(gA_r, P, H), _complex_of_lanes(Lb[:, nbk]), None)
