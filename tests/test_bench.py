@@ -203,7 +203,7 @@ def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
     import diagssm.ops.chunked as chunked
     script = benchmark_script("bench_chunked")
     before = chunked._load
-    assert script.main(["--L", "300", "--repeats", "2", "--threads", "1", "--sections"]) == 0
+    assert script.main(["--L", "300", "--repeats", "2", "--threads", "1", "--sections", "--kernels", "torch"]) == 0
     assert chunked._load is before  # the wrappers are gone
     line = capsys.readouterr().out.splitlines()[-1]
     ms = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+)", line.split(":", 1)[1])}
