@@ -78,7 +78,9 @@ def _load():
     lib.rows_red.argtypes = [P, P, N, N, P, N, N, N, N, N, N, N, N, N, N, N]
     lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N, N]
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N, N]
-    for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd):
+    lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
+    lib.scan_bwd.argtypes = [P, P, P, P, P, P, P, N, N, N, N]
+    for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd):
         f.restype = None
     return lib, ""
 

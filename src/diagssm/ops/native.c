@@ -180,3 +180,75 @@ void carry_bwd(float *Lm, long sLb, long sLc, const float *X, long sXb, long sXc
             }
         }
 }
+
+/* The time-invariant diagonal scan of ops/scan.py on complex64 (B, L, P) tensors, (Re, Im)
+ * interleaved: h[l] = a h[l-1] + x[l] over l (descending when rev), from h0 (B, P) or zero.
+ * Each batch row is one sequential loop over L, vectorised over its P modes; rows split over
+ * OpenMP threads. a: P complex numbers, (Re, Im) interleaved. */
+void scan_fwd(float *h, const float *x, const float *a, const float *h0, long Bn, long L, long P,
+              long rev) {
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        const float *prev = h0 ? h0 + b * 2 * P : 0;
+        for (long s = 0; s < L; s++) {
+            long l = rev ? L - 1 - s : s;
+            const float *xl = x + (b * L + l) * 2 * P;
+            float *hl = h + (b * L + l) * 2 * P;
+            if (!prev) {
+                for (long p = 0; p < 2 * P; p++)
+                    hl[p] = xl[p];
+            } else {
+                for (long p = 0; p < P; p++) {
+                    float ar = a[2 * p], ai = a[2 * p + 1], pr = prev[2 * p], pi = prev[2 * p + 1];
+                    hl[2 * p] = xl[2 * p] + ar * pr - ai * pi;
+                    hl[2 * p + 1] = xl[2 * p + 1] + ar * pi + ai * pr;
+                }
+            }
+            prev = hl;
+        }
+    }
+}
+
+/* The adjoint of scan_fwd: lam[l] = g[l] + conj(a) lam[l+1] (l walked the other way), the
+ * gradient of x; ga[b] (P complex) = sum_l lam[l] conj(h[l-1]) with h[-1] = h0 (or zero), and
+ * gh0[b] = conj(a) lam[first] when gh0 is given: PyTorch's convention for complex gradients. */
+void scan_bwd(float *lam, const float *g, const float *h, const float *a, const float *h0, float *ga,
+              float *gh0, long Bn, long L, long P, long rev) {
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        const float *next = 0;
+        float *gab = ga + b * 2 * P;
+        for (long p = 0; p < 2 * P; p++)
+            gab[p] = 0;
+        for (long s = 0; s < L; s++) {
+            long l = rev ? s : L - 1 - s; /* the scan's own order, backwards */
+            long lp = rev ? l + 1 : l - 1; /* the step before l in the scan's order */
+            const float *gl = g + (b * L + l) * 2 * P;
+            float *ll = lam + (b * L + l) * 2 * P;
+            const float *hp = (lp >= 0 && lp < L) ? h + (b * L + lp) * 2 * P : (h0 ? h0 + b * 2 * P : 0);
+            for (long p = 0; p < P; p++) {
+                float lr = gl[2 * p], li = gl[2 * p + 1];
+                if (next) {
+                    float ar = a[2 * p], ai = a[2 * p + 1], nr = next[2 * p], ni = next[2 * p + 1];
+                    lr += ar * nr + ai * ni;
+                    li += ar * ni - ai * nr;
+                }
+                ll[2 * p] = lr;
+                ll[2 * p + 1] = li;
+                if (hp) {
+                    float xr = hp[2 * p], xi = hp[2 * p + 1];
+                    gab[2 * p] += lr * xr + li * xi;
+                    gab[2 * p + 1] += li * xr - lr * xi;
+                }
+            }
+            next = ll;
+        }
+        if (gh0)
+            for (long p = 0; p < P; p++) { /* conj(a) lam at the scan's first step */
+                const float *l0 = lam + (b * L + (rev ? L - 1 : 0)) * 2 * P;
+                float ar = a[2 * p], ai = a[2 * p + 1];
+                gh0[b * 2 * P + 2 * p] = ar * l0[2 * p] + ai * l0[2 * p + 1];
+                gh0[b * 2 * P + 2 * p + 1] = ar * l0[2 * p + 1] - ai * l0[2 * p];
+            }
+    }
+}
