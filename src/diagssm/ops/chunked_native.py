@@ -12,7 +12,8 @@ runs on (-march=native), into $DIAGSSM_CACHE (default ~/.cache/diagssm) under a 
 source, the flags and the CPU; it is written to a temporary file and renamed into place. Without a
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
 Float32 on the CPU only, and one output channel (C' = 1), a chunk length that is a multiple of 4, H a
-multiple of 16 and an even number of modes: `unsupported` says which condition fails.
+multiple of 16 and an even number of modes: `unsupported` says which condition fails. The same
+library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64).
 """
 import ctypes
 import hashlib
@@ -90,7 +91,7 @@ def library():
     if "lib" not in _state:
         _state["lib"], _state["why"] = _load()
         if _state["lib"] is None:
-            log.info("native chunked kernels unavailable: %s", _state["why"])
+            log.info("native kernels (ops/native.c) unavailable: %s", _state["why"])
     return _state["lib"]
 
 
