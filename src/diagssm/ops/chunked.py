@@ -287,17 +287,15 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     lag = torch.clamp(r - 1 - j, min=0)  # the last chunk: B A^(r-1-j) for its r real steps j < r
     into_r = _pairs(B_bar[..., None] * torch.exp(w[..., None] * lag) * (j < r)).transpose(-1, -2)  # (H, T, 2M)
     x0 = u.new_zeros(H, Bsz, M, dtype=w.dtype) if h0 is None else h0.transpose(0, 1)  # (H, B, M)
-    if native is not False:
-        why = chunked_native.unsupported(u, Cp, T, M)
-        if native and why:
-            raise ValueError(f"diagonal_chunked(native=True): {why}")
-        _log_kernels(why)
-        if not why:
-            y, x_last = chunked_native.ChunkedNative.apply(u, W, into, torch.exp(w * T), into_r, torch.exp(w * r),
-                                                           x0, T)
-            return y, x_last.transpose(0, 1)
-    block = block or block_size(nc, H * Bsz * T)
-    y, x_last = _Chunked.apply(u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T, block)
+    why = "native=False" if native is False else chunked_native.unsupported(u, Cp, T, M)
+    if native and why:
+        raise ValueError(f"diagonal_chunked(native=True): {why}")
+    _log_kernels(why)
+    args = (u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T)
+    if why:
+        y, x_last = _Chunked.apply(*args, block or block_size(nc, H * Bsz * T))
+    else:
+        y, x_last = chunked_native.ChunkedNative.apply(*args)
     return y, x_last.transpose(0, 1)
 
 

@@ -75,10 +75,10 @@ def _load():
         detail = getattr(e, "stderr", "") or str(e)
         return None, f"could not build {SOURCE.name} with {cc}: {detail.strip()[:500]}"
     P, N = ctypes.c_void_p, ctypes.c_long
-    lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N, N]
-    lib.rows_red.argtypes = [P, P, N, N, P, N, N, N, N, N, N, N, N, N, N, N]
-    lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N, N]
-    lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N, N]
+    lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N]
+    lib.rows_red.argtypes = [P, P, N, N, P, N, N, N, N, N, N, N, N]
+    lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N]
+    lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
     lib.scan_bwd.argtypes = [P, P, P, P, P, P, P, N, N, N, N]
     for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd):
@@ -148,20 +148,20 @@ def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0):
     Bsz, n, I, H = C.shape
     r2 = _rows(A2) if A2 is not None else (None, 0, 0)
     w2, K2 = (W2.data_ptr(), W2.shape[1]) if W2 is not None else (None, 0)
-    lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, 0, Bsz * n)
+    lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, Bsz * n)
 
 
 def _red(lib, G, A, Bm, tri=0):
     """G (tiled, (H/16, K, I, 16)) += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
     tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed)."""
     Bsz, n, K, H = A.shape
-    lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, 0, Bsz * n, 0, H, tri)
+    lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, Bsz * n, tri)
 
 
 def _carry(lib, X, ar, ai):
     """X (B, n + 1, 2M, H): chunk input sums -> the states entering each chunk (`carry_fwd`)."""
     Bsz, n1, P, H = X.shape
-    lib.carry_fwd(X.data_ptr(), X.stride(0), X.stride(1), ar.data_ptr(), ai.data_ptr(), P // 2, H, n1 - 1, 0, Bsz)
+    lib.carry_fwd(X.data_ptr(), X.stride(0), X.stride(1), ar.data_ptr(), ai.data_ptr(), P // 2, H, n1 - 1, Bsz)
 
 
 def _carry_back(lib, Lm, X, ar, ai, gA):
@@ -169,7 +169,7 @@ def _carry_back(lib, Lm, X, ar, ai, gA):
     block's) -> their total gradients; gA (B, 2M, H) += the gradient of A^T (`carry_bwd`)."""
     Bsz, n1, P, H = Lm.shape
     lib.carry_bwd(Lm.data_ptr(), Lm.stride(0), Lm.stride(1), X.data_ptr(), X.stride(0), X.stride(1),
-                  ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n1 - 1, 0, Bsz)
+                  ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n1 - 1, Bsz)
 
 
 def _pairs_lanes(z):

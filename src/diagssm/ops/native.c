@@ -4,26 +4,27 @@
  * A "row" is one chunk of one batch row: rows (b, c) at base + b sb + c sc, each a (K, H) block of
  * floats with the channel innermost (a (T, H) chunk of u or y, a (2M, H) state). Weights (and
  * weight gradients) are (H/16, K, I, 16): a (K, I) block of 16 lanes per tile of 16 channels, so
- * that one tile's weights are contiguous. Three kinds of work:
+ * that one tile's weights are contiguous. The work:
  *   rows_mm   C[r][i][h]  = sum_k A1[r][k][h] W1[k][i][h] + sum_k A2[r][k][h] W2[k][i][h]
  *   rows_red  G[k][i][h] += sum_r A[r][k][h] Bm[r][i][h]      (a weight gradient)
  * A triangular W1 (tri1 = 1: zero where k > i, the causal Toeplitz block; 2: zero where k < i, its
  * transpose) skips the zero blocks of 4, and rows_red with tri = 1 only fills G[k][i] for k <= i
  * (to within a block of 4): half the work of the Toeplitz parts.
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
- * Each entry point splits its work (row blocks, lane tiles or batch rows) over OpenMP threads. Built
+ *   scan_fwd / scan_bwd    ops/scan.py's scan with a constant A_bar, on complex64 (B, L, P).
+ * Each entry point does all its rows and splits them (row blocks, lane tiles or batch rows) over
+ * OpenMP threads. Built
  * with -fopenmp, it shares the OpenMP runtime torch has loaded (the same libgomp.so.1), so it runs
  * on torch's threads instead of competing with them. H must be a multiple of 16, I of 4.
  * float32 only; GCC/Clang vector extensions (no intrinsics), compiled for the machine it runs on.
  */
-#include <stddef.h>
-
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 #define LANES 16
 #define LD(p) (*(const vf *)(p))
 /* Rows per block: rows_mm reads one lane tile's weights (from L2) for RB rows at a time; rows_red
- * keeps RBR rows' lanes in L1 while it sweeps the gradient tiles. Measured at B = 16, H = 128,
- * T = 2M = 64 on 2 cores (RB 8-64 within 10%; RBR 8: 156 GFLOP/s, 16: 134, 64: 93, 256: 85). */
+ * keeps RBR rows' lanes in L1 while it sweeps the gradient tiles. Chosen by timing the kernels by
+ * hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-64 within 10%; RBR 8 the fastest, 64 and
+ * more about 40% slower. `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
 #define RB 32
 #define RBR 8
 
@@ -53,10 +54,10 @@ static inline void fma_k(vf acc[MR][4], const float *const *a, const float *w, l
 void rows_mm(float *C, long sCb, long sCc,
              const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1,
              const float *A2, long sA2b, long sA2c, const float *W2, long K2,
-             long I, long H, long nc, long r0, long r1) {
+             long I, long H, long nc, long nrows) {
 #pragma omp parallel for schedule(static)
-    for (long rb = r0; rb < r1; rb += RB) {
-        long re = rb + RB < r1 ? rb + RB : r1;
+    for (long rb = 0; rb < nrows; rb += RB) {
+        long re = rb + RB < nrows ? rb + RB : nrows;
         for (long ho = 0; ho < H; ho += LANES) {
             for (long r = rb; r < re; r += MR) {
                 long n = re - r < MR ? re - r : MR; /* rows past n repeat the last row, not stored */
@@ -86,14 +87,16 @@ void rows_mm(float *C, long sCb, long sCc,
     }
 }
 
-/* G[k][i][h] += sum over rows r0..r1 of A[r][k][h] Bm[r][i][h], for the lanes h0 <= h < h1. */
+/* G[k][i][h] += sum over the nrows rows of A[r][k][h] Bm[r][i][h]: a 4 x 4 tile of G per lane
+ * tile in registers while RBR rows go by. Unrolled by hand: the loop form of rows_mm's fma_k ran
+ * this kernel at 137-142 GFLOP/s against 148-150 (`bench_chunked.py --parts`, two runs each). */
 void rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long sBb, long sBc,
-              long K, long I, long H, long nc, long r0, long r1, long h0, long h1, long tri) {
+              long K, long I, long H, long nc, long nrows, long tri) {
 #pragma omp parallel for schedule(static)
-    for (long ho = h0; ho < h1; ho += LANES) {
+    for (long ho = 0; ho < H; ho += LANES) {
         const float *pa[RBR], *pb[RBR];
-        for (long rb = r0; rb < r1; rb += RBR) {
-            long n = rb + RBR < r1 ? RBR : r1 - rb;
+        for (long rb = 0; rb < nrows; rb += RBR) {
+            long n = rb + RBR < nrows ? RBR : nrows - rb;
             for (long j = 0; j < n; j++) {
                 pa[j] = row(A, rb + j, nc, sAb, sAc);
                 pb[j] = row(Bm, rb + j, nc, sBb, sBc);
@@ -133,9 +136,9 @@ void rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, lon
  * initial state and X[b][c] (c >= 1) the input sum of chunk c - 1; on return X[b][c] is the state
  * entering chunk c (X[b][nc]: the final state): X[c] = a X[c-1] + X[c], a = ar + i ai (M, H). */
 void carry_fwd(float *X, long sb, long sc, const float *ar, const float *ai, long M, long H,
-               long nc, long b0, long b1) {
+               long nc, long Bn) {
 #pragma omp parallel for schedule(static)
-    for (long b = b0; b < b1; b++)
+    for (long b = 0; b < Bn; b++)
         for (long c = 1; c <= nc; c++) {
             const float *p = X + b * sb + (c - 1) * sc;
             float *x = X + b * sb + c * sc;
@@ -158,10 +161,9 @@ void carry_fwd(float *X, long sb, long sc, const float *ar, const float *ai, lon
  * (Re, Im) pairs) accumulates sum_j Lm[j+1] conj(X[j]), the gradient of a in PyTorch's convention
  * for complex gradients, X the states from carry_fwd (X pointing at chunk c0). */
 void carry_bwd(float *Lm, long sLb, long sLc, const float *X, long sXb, long sXc,
-               const float *ar, const float *ai, float *gA, long sGb, long M, long H, long n,
-               long b0, long b1) {
+               const float *ar, const float *ai, float *gA, long sGb, long M, long H, long n, long Bn) {
 #pragma omp parallel for schedule(static)
-    for (long b = b0; b < b1; b++)
+    for (long b = 0; b < Bn; b++)
         for (long j = n - 1; j >= 0; j--) {
             const float *q = Lm + b * sLb + (j + 1) * sLc, *x = X + b * sXb + j * sXc;
             float *l = Lm + b * sLb + j * sLc;
