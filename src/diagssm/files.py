@@ -10,6 +10,11 @@ from pathlib import Path
 import torch
 
 
+def cache_dir():
+    """The cache folder: $DIAGSSM_CACHE, default ~/.cache/diagssm (task caches, the native kernels)."""
+    return Path(os.environ.get("DIAGSSM_CACHE", "~/.cache/diagssm")).expanduser()
+
+
 def atomic_save(obj, path):
     """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring)."""
     _atomic_write(path, lambda f: torch.save(obj, f))

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from diagssm.files import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -65,8 +67,7 @@ def _load():
     if not cc:
         return None, "no C compiler (cc, gcc or $CC) on PATH"
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + FLAGS).encode() + _cpu_id().encode())
-    cache = Path(os.environ.get("DIAGSSM_CACHE") or "~/.cache/diagssm").expanduser()  # as tasks.cache's
-    so = cache / f"native-{key.hexdigest()[:16]}.so"
+    so = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
     try:
         if not so.exists():
             _compile(cc, so)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from diagssm.files import atomic_save
+from diagssm.files import atomic_save, cache_dir
 
 FORMAT = 1
 _SHOW_PROGRESS = False
@@ -32,11 +32,6 @@ _FORCE = False
 class DataError(ValueError):
     """A file (input or cache) that is missing, truncated or corrupt, or data failing a check.
     The message names the file and what was expected."""
-
-
-def cache_dir():
-    """The cache folder: $DIAGSSM_CACHE, default ~/.cache/diagssm."""
-    return Path(os.environ.get("DIAGSSM_CACHE", "~/.cache/diagssm")).expanduser()
 
 
 def cache_path(name, params, version):
