@@ -18,12 +18,16 @@ is time-invariant, h is also the causal convolution of Bu with the per-mode kern
 computed by complex FFT (`ops.modal_conv`). Variable step sizes (irregularly sampled series)
 give a time-varying Lambda_bar_k and force the scan.
 """
+import logging
+
 import torch
 from torch import nn
 
 from diagssm import init as inits
 from diagssm.layers.base import SSMLayer, as_complex, complex_parameter, log_uniform
-from diagssm.ops import discretize, modal_conv, scan
+from diagssm.ops import discretize, modal_conv, s5_native, scan
+
+log = logging.getLogger(__name__)
 
 C_INITS = ("trunc_standard_normal", "lecun_normal", "complex_normal")
 INITS = ("hippo_n", "rand")
@@ -71,16 +75,34 @@ def init_C(C_init, channels, H, V):
     return C @ V  # (C', H, M)
 
 
+def in_weight(B):
+    """The real (H, 2M) matrix of B u: B (M, H) complex -> [Re, Im] per mode, so that B u = u W."""
+    return torch.view_as_real(B).permute(1, 0, 2).reshape(B.shape[1], -1)  # (H, 2M)
+
+
+def out_weight(C):
+    """The real (H, 2M) matrix of Re(C h): C (H, M) complex -> Re(C h) = [Re h, Im h] W^T."""
+    return torch.stack([C.real, -C.imag], dim=-1).reshape(C.shape[0], -1)  # (H, 2M)
+
+
 def mix_in(u, B):
     """B u for real u and complex B, as one real matmul. u (..., H), B (M, H) -> (..., M) complex."""
-    W = torch.view_as_real(B).permute(1, 0, 2).reshape(B.shape[1], -1)  # (H, 2M): [Re, Im] per mode
-    return torch.view_as_complex((u @ W).unflatten(-1, (-1, 2)))  # (..., M)
+    return torch.view_as_complex((u @ in_weight(B)).unflatten(-1, (-1, 2)))  # (..., M)
 
 
 def mix_out(h, C):
     """Re(C h) for complex h and C, as one real matmul. h (..., M), C (H, M) -> (..., H) real."""
-    W = torch.stack([C.real, -C.imag], dim=-1).reshape(C.shape[0], -1)  # (H, 2M)
-    return torch.view_as_real(h).flatten(-2) @ W.T  # (..., H)
+    return torch.view_as_real(h).flatten(-2) @ out_weight(C).T  # (..., H)
+
+
+_last_path = [None]
+
+
+def _log_path(why):
+    """Log (at INFO) which path the S5 scan runs, whenever it changes."""
+    if why != _last_path[0]:
+        _last_path[0] = why
+        log.info("S5 scan: %s", "fused native op (ops.s5_native)" if not why else f"PyTorch ops ({why})")
 
 
 class S5(SSMLayer):
@@ -194,13 +216,21 @@ class S5(SSMLayer):
         time_varying = dt is not None or resets is not None
         run = modal_conv if self._use_conv(time_varying) else scan
         A_bar, B_scale = self.discrete(rate, dt)  # (M,) or (B, L, M)
+        C = as_complex(self.C)  # (C', H, M)
+        if run is scan and not time_varying:
+            why = "bidirectional" if self.bidirectional else ""
+            W_in = in_weight(B_scale[:, None] * as_complex(self.B))  # (H, 2M)
+            why = why or s5_native.unsupported(u, W_in, state)
+            _log_path(why)
+            if not why:  # projections, scan and skip term fused, one pass over u and y
+                y, last = s5_native.S5Fused.apply(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D, state)
+                return (y, last) if return_state else y
         if B_scale.dim() == 1:  # time-invariant: scale B (M, H), not Bu (B, L, M): one pass over Bu less
             Bu = mix_in(u, B_scale[:, None] * as_complex(self.B))  # (B, L, M)
         else:
             Bu = B_scale * mix_in(u, as_complex(self.B))  # (B, L, M)
         if resets is not None:
             A_bar = torch.where(resets[..., None], torch.zeros_like(A_bar), A_bar)  # (B, L, M)
-        C = as_complex(self.C)  # (C', H, M)
         h = run(A_bar, Bu, state)  # (B, L, M)
         y = mix_out(h, self.factor * C[0]).addcmul_(u, self.D)  # (B, L, H); in place: no pass over a new tensor
         if self.bidirectional:

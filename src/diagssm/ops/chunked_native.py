@@ -82,7 +82,10 @@ def _load():
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
     lib.scan_bwd.argtypes = [P, P, P, P, P, P, P, N, N, N, N]
-    for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd):
+    lib.s5_fwd.argtypes = [P] * 9 + [N] * 5
+    lib.s5_bwd.argtypes = [P] * 16 + [N] * 5
+    for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd, lib.s5_fwd,
+              lib.s5_bwd):
         f.restype = None
     return lib, ""
 

@@ -254,3 +254,174 @@ void scan_bwd(float *lam, const float *g, const float *h, const float *a, const 
             }
     }
 }
+
+/* ---- The fused S5 layer (ops/s5_native.py): y = Re-projection of the scan of B u, plus D u. ----
+ * Per batch row, in time blocks of TB steps that stay in cache: Bu = u W_in (a GEMM, into the saved
+ * states xs), the scan in place (complex, (Re, Im) interleaved), y = xs W_out^T + D u (a GEMM).
+ * The backward walks the blocks in reverse the same way. Rows split over OpenMP threads by batch row.
+ * H and P2 = 2 x modes must be multiples of 16. */
+
+/* GEMM tile: C[i][0 : 16 NV] (= or +=) sum_k A[i sai + k sak] W[k sw + 0 : 16 NV], rows i < n <= GR.
+ * A's entries are broadcast, W's rows are vectors: GR x NV accumulators. */
+#define GR 4
+#define GEMM_TILE(NAME, NV)                                                                          \
+    static inline void NAME(float *C, long sc, const float *A, long sai, long sak, const float *W,    \
+                            long sw, long K, long n, int add) {                                       \
+        const float *a[GR];                                                                          \
+        vf acc[GR][NV];                                                                              \
+        for (int i = 0; i < GR; i++) {                                                               \
+            a[i] = A + (i < n ? i : n - 1) * sai; /* rows past n repeat the last one, not stored */   \
+            for (int q = 0; q < NV; q++)                                                             \
+                acc[i][q] = add && i < n ? LD(C + i * sc + q * LANES) : (vf){0};                     \
+        }                                                                                            \
+        for (long k = 0; k < K; k++) {                                                               \
+            const float *wk = W + k * sw;                                                            \
+            vf w[NV];                                                                                \
+            for (int q = 0; q < NV; q++)                                                             \
+                w[q] = LD(wk + q * LANES);                                                           \
+            for (int i = 0; i < GR; i++) {                                                           \
+                float s = a[i][k * sak];                                                             \
+                for (int q = 0; q < NV; q++)                                                         \
+                    acc[i][q] += w[q] * s;                                                           \
+            }                                                                                        \
+        }                                                                                            \
+        for (long i = 0; i < n; i++)                                                                 \
+            for (int q = 0; q < NV; q++)                                                             \
+                *(vf *)(C + i * sc + q * LANES) = acc[i][q];                                         \
+    }
+GEMM_TILE(gtile4, 4)
+GEMM_TILE(gtile1, 1)
+
+/* C (rows x N, row stride sc) (= or +=) A (rows x K, strides sai, sak) W (K x N, row stride sw);
+ * N a multiple of 16. Column tiles outside, so that one W panel (K x 64) serves every row. */
+static void gemm(float *C, long sc, const float *A, long sai, long sak, const float *W, long sw,
+                 long rows, long K, long N, int add) {
+    long j = 0;
+    for (; j + 4 * LANES <= N; j += 4 * LANES)
+        for (long i = 0; i < rows; i += GR)
+            gtile4(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
+    for (; j < N; j += LANES)
+        for (long i = 0; i < rows; i += GR)
+            gtile1(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
+}
+
+/* z = a * p (+ z), complex, (Re, Im) interleaved, P complex numbers */
+static inline void cmul_add(float *z, const float *a, const float *p, long P) {
+    for (long m = 0; m < P; m++) {
+        float ar = a[2 * m], ai = a[2 * m + 1], pr = p[2 * m], pi = p[2 * m + 1];
+        z[2 * m] += ar * pr - ai * pi;
+        z[2 * m + 1] += ar * pi + ai * pr;
+    }
+}
+
+/* z += conj(a) * p */
+static inline void cmulc_add(float *z, const float *a, const float *p, long P) {
+    for (long m = 0; m < P; m++) {
+        float ar = a[2 * m], ai = a[2 * m + 1], pr = p[2 * m], pi = p[2 * m + 1];
+        z[2 * m] += ar * pr + ai * pi;
+        z[2 * m + 1] += ar * pi - ai * pr;
+    }
+}
+
+/* z += p * conj(x) */
+static inline void cmul_conj_add(float *z, const float *p, const float *x, long P) {
+    for (long m = 0; m < P; m++) {
+        float pr = p[2 * m], pi = p[2 * m + 1], xr = x[2 * m], xi = x[2 * m + 1];
+        z[2 * m] += pr * xr + pi * xi;
+        z[2 * m + 1] += pi * xr - pr * xi;
+    }
+}
+
+/* Forward. u, y (B, L, H); xs (B, L, P2) the states (saved for the backward); hlast (B, P2);
+ * Win (H, P2) with B u = u Win; WoutT (P2, H) with y = xs WoutT + D u; a (P2) the complex A_bar;
+ * h0 (B, P2) or NULL (zero). */
+void s5_fwd(float *y, float *xs, float *hlast, const float *u, const float *Win, const float *WoutT,
+            const float *D, const float *a, const float *h0, long Bn, long L, long H, long P2, long TB) {
+    long P = P2 / 2;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        const float *prev = h0 ? h0 + b * P2 : 0;
+        for (long l0 = 0; l0 < L; l0 += TB) {
+            long n = L - l0 < TB ? L - l0 : TB;
+            const float *ub = u + (b * L + l0) * H;
+            float *xb = xs + (b * L + l0) * P2, *yb = y + (b * L + l0) * H;
+            gemm(xb, P2, ub, H, 1, Win, P2, n, H, P2, 0);
+            for (long t = 0; t < n; t++) {
+                if (prev)
+                    cmul_add(xb + t * P2, a, prev, P);
+                prev = xb + t * P2;
+            }
+            gemm(yb, H, xb, P2, 1, WoutT, H, n, P2, H, 0);
+            for (long t = 0; t < n; t++)
+                for (long h = 0; h < H; h += LANES)
+                    *(vf *)(yb + t * H + h) += LD(D + h) * LD(ub + t * H + h);
+        }
+        for (long p = 0; p < P2; p++)
+            hlast[b * P2 + p] = prev[p];
+    }
+}
+
+/* Backward. gy (B, L, H), ghlast (B, P2) or NULL; lam (B, TB, P2) scratch (one block per batch
+ * row); outputs gu (B, L, H) and, per batch row (summed by the caller), gWin (B, H, P2), gWout
+ * (B, H, P2) (the gradient of Wout = WoutT^T), gD (B, H), ga (B, P2); gh0 (B, P2) when h0 is given
+ * and gh0 is not NULL. Wout (H, P2), WinT (P2, H). PyTorch's convention for complex gradients:
+ * lam[l] = g[l] + conj(a) lam[l+1], ga = sum_l lam[l] conj(x[l-1]), gh0 = conj(a) lam[0]. */
+void s5_bwd(float *gu, float *gWin, float *gWout, float *gD, float *ga, float *gh0, float *lam,
+            const float *gy, const float *ghlast, const float *u, const float *xs, const float *Wout,
+            const float *WinT, const float *D, const float *a, const float *h0, long Bn, long L,
+            long H, long P2, long TB) {
+    long P = P2 / 2;
+#pragma omp parallel for schedule(static)
+    for (long b = 0; b < Bn; b++) {
+        float *lb = lam + b * TB * P2, *gWi = gWin + b * H * P2, *gWo = gWout + b * H * P2;
+        float *gDb = gD + b * H, *gab = ga + b * P2;
+        for (long p = 0; p < H * P2; p++)
+            gWi[p] = gWo[p] = 0;
+        for (long p = 0; p < H; p++)
+            gDb[p] = 0;
+        for (long p = 0; p < P2; p++)
+            gab[p] = 0;
+        long last = ((L - 1) / TB) * TB;
+        for (long l0 = last; l0 >= 0; l0 -= TB) {
+            long n = L - l0 < TB ? L - l0 : TB;
+            const float *ub = u + (b * L + l0) * H, *gyb = gy + (b * L + l0) * H, *xb = xs + (b * L + l0) * P2;
+            float *gub = gu + (b * L + l0) * H;
+            /* lam = gy Wout (the gradient of the states through y), then the reverse scan; lb[0]
+             * of the block after this one is still in lb[0] on entry: keep it */
+            float carry[P2];
+            for (long p = 0; p < P2; p++)
+                carry[p] = l0 == last ? (ghlast ? ghlast[b * P2 + p] : 0) : lb[p];
+            gemm(lb, P2, gyb, H, 1, Wout, P2, n, H, P2, 0);
+            for (long t = n - 1; t >= 0; t--) {
+                float *lt = lb + t * P2;
+                if (t == n - 1) {
+                    if (l0 == last) {
+                        for (long p = 0; p < P2; p++)
+                            lt[p] += carry[p];
+                    } else {
+                        cmulc_add(lt, a, carry, P);
+                    }
+                } else {
+                    cmulc_add(lt, a, lt + P2, P);
+                }
+                const float *xp = t > 0 ? xb + (t - 1) * P2 : (l0 > 0 ? xb - P2 : (h0 ? h0 + b * P2 : 0));
+                if (xp)
+                    cmul_conj_add(gab, lt, xp, P);
+            }
+            gemm(gub, H, lb, P2, 1, WinT, H, n, P2, H, 0);
+            for (long t = 0; t < n; t++)
+                for (long h = 0; h < H; h += LANES) {
+                    vf g = LD(gyb + t * H + h), x = LD(ub + t * H + h);
+                    *(vf *)(gub + t * H + h) += LD(D + h) * g;
+                    *(vf *)(gDb + h) += g * x;
+                }
+            gemm(gWi, P2, ub, 1, H, lb, P2, H, n, P2, 1);
+            gemm(gWo, P2, gyb, 1, H, xb, P2, H, n, P2, 1);
+        }
+        if (h0 && gh0) {
+            for (long p = 0; p < P2; p++)
+                gh0[b * P2 + p] = 0;
+            cmulc_add(gh0 + b * P2, a, lb, P);
+        }
+    }
+}

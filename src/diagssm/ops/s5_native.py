@@ -1,0 +1,105 @@
+"""The time-invariant S5 layer as one fused native op: projections, scan and skip term together.
+
+    Bu = u W_in,   x_k = a x_(k-1) + Bu_k,   y = x W_out^T + D u           (per batch row)
+
+with u, y (B, L, H) real, the P = P2/2 complex modes of x stored as (Re, Im) pairs (B, L, P2), and
+the projections as real matrices: W_in (H, P2) (`layers.s5.mix_in`'s), W_out (H, P2)
+(`layers.s5.mix_out`'s, conj_sym's factor included). Composed from PyTorch ops (`s5_fused_ref`),
+each of the four steps is a pass over a (B, L, .) tensor in memory, and its backward adds seven
+more. `s5_fused` runs them per batch row in time blocks of TB steps (`s5_fwd` / `s5_bwd` in
+native.c): a block's u, x and y stay in cache between the two GEMMs, the scan and the skip term, so
+u is read and y written once, and only the states x go to memory (saved for the backward).
+
+The GEMMs are native too (a 4 x 64 register tile with A's entries broadcast; weights of 32 KB stay
+in L1). Float32 on the CPU, H and P2 multiples of 16, the native library built: `unsupported` says
+which condition fails, and `layers.S5` then composes the PyTorch ops as before.
+"""
+import torch
+
+from . import chunked_native
+from .scan import scan_ref
+
+LANES = chunked_native.LANES
+TB = 64  # time steps per block: u, x and y of one block are 32 + 16 + 32 KB at H = 128, P2 = 64
+
+
+def unsupported(u, W_in, h0):
+    """Why `s5_fused` cannot run this problem ('' when it can)."""
+    H, P2 = W_in.shape
+    if u.device.type != "cpu" or u.dtype != torch.float32:
+        return f"float32 on the CPU only (got {u.dtype} on {u.device})"
+    if H % LANES or P2 % LANES:
+        return f"H and 2 x modes must be multiples of {LANES} (got H = {H}, {P2})"
+    if h0 is not None and h0.shape != (u.shape[0], P2 // 2):
+        return "h0 must be (B, modes)"
+    return "" if chunked_native.available() else chunked_native.why_unavailable()
+
+
+def _real(z):
+    return torch.view_as_real(z.resolve_conj().contiguous()).reshape(*z.shape[:-1], -1)
+
+
+class S5Fused(torch.autograd.Function):
+    """(u, W_in, a, W_out, D, h0) -> (y, x_(L-1)) on the native kernels (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, u, W_in, a, W_out, D, h0):
+        lib = chunked_native.library()
+        u, W_in, D = u.contiguous(), W_in.contiguous(), D.contiguous()
+        W_outT, a_r = W_out.t().contiguous(), _real(a)
+        h0_r = None if h0 is None else _real(h0)
+        B, L, H = u.shape
+        P2 = W_in.shape[1]
+        y, xs, last = u.new_empty(B, L, H), u.new_empty(B, L, P2), u.new_empty(B, P2)
+        lib.s5_fwd(y.data_ptr(), xs.data_ptr(), last.data_ptr(), u.data_ptr(), W_in.data_ptr(),
+                   W_outT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
+        ctx.save_for_backward(u, xs, W_in, a_r, W_out.contiguous(), D, h0_r)
+        return y, torch.view_as_complex(last.view(B, -1, 2))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, g_last):
+        lib = chunked_native.library()
+        u, xs, W_in, a_r, W_out, D, h0_r = ctx.saved_tensors
+        B, L, H = u.shape
+        P2 = W_in.shape[1]
+        gy = gy.contiguous()
+        g_last = None if g_last is None else _real(g_last)
+        gu, lam = torch.empty_like(u), u.new_empty(B, TB, P2)
+        g_in, g_out, gD, ga = u.new_empty(B, H, P2), u.new_empty(B, H, P2), u.new_empty(B, H), u.new_empty(B, P2)
+        gh0 = u.new_empty(B, P2) if h0_r is not None and ctx.needs_input_grad[5] else None
+        W_inT = W_in.t().contiguous()  # bound to a name: it must live through the call
+        lib.s5_bwd(gu.data_ptr(), g_in.data_ptr(), g_out.data_ptr(), gD.data_ptr(), ga.data_ptr(), _ptr(gh0),
+                   lam.data_ptr(), gy.data_ptr(), _ptr(g_last), u.data_ptr(), xs.data_ptr(), W_out.data_ptr(),
+                   W_inT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
+
+        def cplx(g):
+            return torch.view_as_complex(g.view(*g.shape[:-1], -1, 2))
+
+        return (gu, g_in.sum(0), cplx(ga.sum(0)), g_out.sum(0), gD.sum(0),
+                None if gh0 is None else cplx(gh0))
+
+
+def _ptr(t):
+    return None if t is None else t.data_ptr()
+
+
+def s5_fused(u, W_in, a, W_out, D, h0=None):
+    """y = mix_out(scan(a, mix_in(u)), W_out) + D u and the final state, on the native kernels.
+
+    Shapes: u (B, L, H) float32; W_in, W_out (H, P2) real, P2 = 2 x modes; a (P2/2,) complex64;
+    D (H,); h0 (B, P2/2) complex64 or None (zero) -> y (B, L, H), x_(L-1) (B, P2/2) complex64.
+    Raises ValueError where `unsupported` gives a reason.
+    """
+    why = unsupported(u, W_in, h0)
+    if why:
+        raise ValueError(f"s5_fused: {why}")
+    return S5Fused.apply(u, W_in, a, W_out, D, h0)
+
+
+def s5_fused_ref(u, W_in, a, W_out, D, h0=None):
+    """Reference twin of `s5_fused`: the real matmuls, `scan_ref` and the skip term, as PyTorch ops."""
+    Bu = torch.view_as_complex((u @ W_in).unflatten(-1, (-1, 2)))  # (B, L, P)
+    x = scan_ref(a, Bu, h0)  # (B, L, P)
+    y = torch.view_as_real(x).flatten(-2) @ W_out.T + D * u  # (B, L, H)
+    return y, x[:, -1]
