@@ -3,6 +3,7 @@ gradients, float64), the odd-even associative scan equals the loop, and the driv
 import argparse
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -174,8 +175,22 @@ def test_bench_s5_times_each_piece(capsys):
     assert script.main(["--L", "64", "--repeats", "1", "--threads", "1"]) == 0
     line = capsys.readouterr().out.strip()
     ms = dict(re.findall(r"(\w+) ([0-9.]+)(?:,|;|$)", line.split("): ", 1)[1]))
-    assert set(ms) == {"mix_in", "mix_out", "scan", "skip", "loss", "sum"}
+    from diagssm.ops import chunked_native
+    fused = {"fused"} if chunked_native.available() else set()
+    assert set(ms) == {"mix_in", "mix_out", "scan", "skip", "loss", "sum"} | fused
     assert all(float(v) > 0 for v in ms.values())
+
+
+def test_bench_s5_times_the_fused_op_per_block_size(capsys, monkeypatch):
+    from diagssm.ops import chunked_native, s5_native
+    if not chunked_native.available():
+        pytest.skip(f"native kernels unavailable: {chunked_native.why_unavailable()}")
+    monkeypatch.setattr(s5_native, "TB", s5_native.TB)  # the script sets it: restored after the test
+    script = benchmark_script("bench_s5")
+    assert script.main(["--L", "64", "--repeats", "1", "--threads", "1", "--tb", "16", "32"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in out] == ["fused TB=16", "fused TB=32"]
+    assert all(float(x) > 0 for line in out for x in re.findall(r"([0-9.]+) ms", line))
 
 
 def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):

@@ -20,7 +20,11 @@ from . import chunked_native
 from .scan import scan_ref
 
 LANES = chunked_native.LANES
-TB = 64  # time steps per block: u, x and y of one block are 32 + 16 + 32 KB at H = 128, P2 = 64
+# time steps per block: u, x and y of one block are 64 + 32 + 64 KB at H = 128, P2 = 64, in L2.
+# Fwd / bwd ms at B = 16, L = 16384 on 2 cores, two runs in opposite orders
+# (`benchmarks/bench_s5.py --tb 32 64 128 256`): TB = 32 41-46 / 78-119, 64 34-39 / 66-67,
+# 128 32-34 / 60-62, 256 34-36 / 59-61.
+TB = 128
 
 
 def unsupported(u, W_in, h0):
