@@ -132,6 +132,18 @@ def test_a_subprocess_case_reports_memory_and_its_settings():
     assert "skipped" not in r, r.get("skipped")
     assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] >= 0
     assert r["thp"] == "1" and r["flush_denormal"] is True and r["threads"] == 1
+    assert r["allocator"] == bench.allocator()
+
+
+def test_the_header_names_the_allocator(monkeypatch):
+    args = argparse.Namespace(inline=False, repeats=1, threads=1)
+    row = dict(layer="s5", impl="scan", L=64, flush_denormal=True, thp="1")
+    assert "Allocator: the C library's malloc." in bench.header(args, [dict(row, allocator="")])
+    monkeypatch.setenv("LD_PRELOAD", "/lib/libjemalloc.so.2")
+    monkeypatch.setenv("MALLOC_CONF", "retain:true")
+    assert bench.allocator() == "LD_PRELOAD=/lib/libjemalloc.so.2 MALLOC_CONF=retain:true"
+    assert "Allocator: LD_PRELOAD=/lib/libjemalloc.so.2 MALLOC_CONF=retain:true." in bench.header(
+        args, [dict(row, allocator=bench.allocator())])
 
 
 def benchmark_script(name):
@@ -249,7 +261,9 @@ def test_one_case_with_profile_prints_its_op_table(capsys):
     out, err = capsys.readouterr()
     r = json.loads(out.strip().splitlines()[-1])
     assert r["layer"] == "s5" and r["impl"] == "scan" and r["fwdbwd_ms"] > 0
-    assert "Self CPU" in err and "aten::mm" in err  # the projections B u and Re(C x)
+    from diagssm.ops import chunked_native
+    # the fused S5 op where the native kernels are built, else the projections B u and Re(C x)
+    assert "Self CPU" in err and ("S5Fused" if chunked_native.available() else "aten::mm") in err
     with pytest.raises(SystemExit):
         bench.parse_args(["--profile"])
 

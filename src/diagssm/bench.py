@@ -189,7 +189,13 @@ def setup_process(threads):
     """Threads, flush-to-zero of denormals; returns what took effect (recorded with each case)."""
     torch.set_num_threads(threads)
     return dict(threads=torch.get_num_threads(), flush_denormal=torch.set_flush_denormal(True),
-                thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""))
+                thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""), allocator=allocator())
+
+
+def allocator():
+    """The memory allocator in effect: a preloaded one (LD_PRELOAD, MALLOC_CONF) or '' (the C library's)."""
+    pre, conf = os.environ.get("LD_PRELOAD", ""), os.environ.get("MALLOC_CONF", "")
+    return f"LD_PRELOAD={pre}" + (f" MALLOC_CONF={conf}" if conf else "") if pre else ""
 
 
 def median_ms(fn, repeats, warmup):
@@ -407,11 +413,14 @@ def header(args, results, saved=None):
     fz = all(r.get("flush_denormal") for r in done)
     thp = all(r.get("thp") == "1" for r in done)
     where = "in this process (--inline: no memory figures)" if args.inline else "each in a fresh subprocess"
+    allocators = sorted({r.get("allocator", "") for r in done})
+    alloc = "; ".join(a or "the C library's malloc" for a in allocators) or "the C library's malloc"
     return "\n".join([
         "# diagssm layers: fast paths vs naive formulations (CPU, float32)", "",
         f"torch {version}, threads = {args.threads}, CPU: {cpu}. "
         f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; "
-        f"THP_MEM_ALLOC_ENABLE=1: {'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}.",
+        f"THP_MEM_ALLOC_ENABLE=1: {'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}. "
+        f"Allocator: {alloc}.",
         f"Sizes: B={B}, H={H}, d_state={N} ({M} complex modes; S5: P={N}, one MIMO state), check_finite=False. "
         f"Cases {where}; median of {args.repeats} after one warm-up.",
         "fwd: forward under no_grad; fwd+bwd: gradients of u and all parameters. Speed-up: naive fwd+bwd "
