@@ -13,7 +13,8 @@ source, the flags and the CPU; it is written to a temporary file and renamed int
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
 Float32 on the CPU only, and one output channel (C' = 1), a chunk length that is a multiple of 4, H a
 multiple of 16 and an even number of modes: `unsupported` says which condition fails. The same
-library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64).
+library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64) and the
+fused S5 op of `ops.s5_native` (`s5_fwd`, `s5_bwd`).
 """
 import ctypes
 import hashlib

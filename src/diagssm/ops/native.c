@@ -12,6 +12,8 @@
  * (to within a block of 4): half the work of the Toeplitz parts.
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
  *   scan_fwd / scan_bwd    ops/scan.py's scan with a constant A_bar, on complex64 (B, L, P).
+ *   s5_fwd / s5_bwd        the fused S5 layer of ops/s5_native.py (GEMMs, scan and skip term per
+ *                          time block of one batch row; `gemm` broadcasts its row operand).
  * Each entry point does all its rows and splits them (row blocks, lane tiles or batch rows) over
  * OpenMP threads. Built
  * with -fopenmp, it shares the OpenMP runtime torch has loaded (the same libgomp.so.1), so it runs

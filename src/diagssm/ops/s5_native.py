@@ -17,7 +17,7 @@ which condition fails, and `layers.S5` then composes the PyTorch ops as before.
 import torch
 
 from . import chunked_native
-from .scan import scan_ref
+from .scan import _ptr, scan_ref
 
 LANES = chunked_native.LANES
 # time steps per block: u, x and y of one block are 64 + 32 + 64 KB at H = 128, P2 = 64, in L2.
@@ -82,10 +82,6 @@ class S5Fused(torch.autograd.Function):
 
         return (gu, g_in.sum(0), cplx(ga.sum(0)), g_out.sum(0), gD.sum(0),
                 None if gh0 is None else cplx(gh0))
-
-
-def _ptr(t):
-    return None if t is None else t.data_ptr()
 
 
 def s5_fused(u, W_in, a, W_out, D, h0=None):
