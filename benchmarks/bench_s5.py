@@ -66,14 +66,17 @@ def block_sizes(Bsz, L, H, M, sizes, repeats):
     u, w, W_in, W_out, D = (torch.randn(*s, generator=g) for s in [(Bsz, L, H), (Bsz, L, H), (H, 2 * M), (H, 2 * M), (H,)])
     A_bar = torch.complex(0.05 + 0.9 * torch.rand(M, generator=g), 0.1 * torch.randn(M, generator=g))
     leaves = [t.requires_grad_() for t in (u, W_in, A_bar, W_out, D)]
-    lines = []
-    for tb in sizes:
-        s5_native.TB = tb
-        with torch.no_grad():
-            fwd = median_ms(lambda: s5_native.s5_fused(*leaves), repeats, warmup=1)
-        y = s5_native.s5_fused(*leaves)[0]
-        bwd = median_ms(lambda: torch.autograd.grad(y, leaves, w, retain_graph=True), repeats, warmup=1)
-        lines.append(f"fused TB={tb}: fwd {fwd:.1f} ms, bwd {bwd:.1f} ms")
+    lines, default = [], s5_native.TB
+    try:
+        for tb in sizes:
+            s5_native.TB = tb
+            with torch.no_grad():
+                fwd = median_ms(lambda: s5_native.s5_fused(*leaves), repeats, warmup=1)
+            y = s5_native.s5_fused(*leaves)[0]
+            bwd = median_ms(lambda: torch.autograd.grad(y, leaves, w, retain_graph=True), repeats, warmup=1)
+            lines.append(f"fused TB={tb}: fwd {fwd:.1f} ms, bwd {bwd:.1f} ms")
+    finally:
+        s5_native.TB = default
     return lines
 
 

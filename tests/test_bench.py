@@ -193,13 +193,14 @@ def test_bench_s5_times_each_piece(capsys):
     assert all(float(v) > 0 for v in ms.values())
 
 
-def test_bench_s5_times_the_fused_op_per_block_size(capsys, monkeypatch):
+def test_bench_s5_times_the_fused_op_per_block_size(capsys):
     from diagssm.ops import chunked_native, s5_native
     if not chunked_native.available():
         pytest.skip(f"native kernels unavailable: {chunked_native.why_unavailable()}")
-    monkeypatch.setattr(s5_native, "TB", s5_native.TB)  # the script sets it: restored after the test
+    default = s5_native.TB
     script = benchmark_script("bench_s5")
     assert script.main(["--L", "64", "--repeats", "1", "--threads", "1", "--tb", "16", "32"]) == 0
+    assert s5_native.TB == default  # the script puts the block size back
     out = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in out] == ["fused TB=16", "fused TB=32"]
     assert all(float(x) > 0 for line in out for x in re.findall(r"([0-9.]+) ms", line))

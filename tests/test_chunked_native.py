@@ -163,8 +163,7 @@ def test_built_once_into_the_cache(fresh_build):
 
 
 def test_logs_which_kernels_run(caplog, monkeypatch):
-    from diagssm.ops import chunked
-    monkeypatch.setattr(chunked, "_last_kernels", [None])
+    monkeypatch.setattr(chunked_native, "_paths", {})
     p = system()
     u = randn(2, 64, 16, seed=18)
     with caplog.at_level("INFO", logger="diagssm.ops.chunked"):

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from diagssm.layers import S5
-from diagssm.layers import s5 as s5_module
 from diagssm.ops import chunked_native, s5_native
 from diagssm.ops.s5_native import s5_fused, s5_fused_ref
 from helpers import assert_close, randn
@@ -103,7 +102,7 @@ def test_the_layer_on_the_fused_op_matches_its_pytorch_ops_and_float64(conj_sym,
     u, gy = randn(B, L, 32, seed=1), randn(B, L, 32, seed=2)
     state, g_last = randn(B, M, dtype=C128, seed=3), randn(B, M, dtype=C128, seed=4)
     with caplog.at_level(logging.INFO, logger="diagssm.layers.s5"):
-        monkeypatch.setattr(s5_module, "_last_path", [None])
+        monkeypatch.setattr(chunked_native, "_paths", {})
         fused = layer_run(layer, lower(u), lower(state), lower(gy), lower(g_last))
     assert "S5 scan: fused native op" in caplog.text
     assert type(fused[0].grad_fn).__name__ == "S5FusedBackward"
@@ -118,7 +117,7 @@ def test_the_layer_on_the_fused_op_matches_its_pytorch_ops_and_float64(conj_sym,
 
 def test_the_layer_logs_why_it_composes_pytorch_ops(monkeypatch, caplog):
     layer = S5(32, 16, bidirectional=True, check_finite=False)
-    monkeypatch.setattr(s5_module, "_last_path", [None])
+    monkeypatch.setattr(chunked_native, "_paths", {})
     with caplog.at_level(logging.INFO, logger="diagssm.layers.s5"):
         y = layer(randn(2, 20, 32, dtype=F32, seed=5))
     assert "S5 scan: PyTorch ops (bidirectional)" in caplog.text

@@ -25,7 +25,7 @@ from torch import nn
 
 from diagssm import init as inits
 from diagssm.layers.base import SSMLayer, as_complex, complex_parameter, log_uniform
-from diagssm.ops import discretize, modal_conv, s5_native, scan
+from diagssm.ops import chunked_native, discretize, modal_conv, s5_native, scan
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,6 @@ def mix_out(h, C):
     return torch.view_as_real(h).flatten(-2) @ out_weight(C).T  # (..., H)
 
 
-_last_path = [None]
-
-
-def _log_path(why):
-    """Log (at INFO) which path the S5 scan runs, whenever it changes."""
-    if why != _last_path[0]:
-        _last_path[0] = why
-        log.info("S5 scan: %s", "fused native op (ops.s5_native)" if not why else f"PyTorch ops ({why})")
-
-
 class S5(SSMLayer):
     """S5 layer: (B, L, H) -> (B, L, H). The SSM and its D skip term only.
 
@@ -148,9 +138,12 @@ class S5(SSMLayer):
     Fused op. The time-invariant scan (no dt, no resets), one direction, float32 on the CPU, H and
     2M multiples of 16: the projections, the scan and the D u term run as one native op
     (`ops.s5_fused`, per batch row in cache-sized time blocks), and `forward` logs which path it
-    takes and why. Forward + backward at B = 16, H = 128, P = 64, L = 16384 on 2 cores: ~120 ms
-    against ~250 ms composed from PyTorch ops (`benchmarks/bench_s5.py`). Otherwise (bidirectional,
-    dt or resets, float64, a GPU, no C compiler) the PyTorch ops as written below.
+    takes and why. Forward + backward of the layer at B = 16, H = 128, P = 64, L = 16384 on 2
+    cores: 118.6 and 122.6 ms in two runs of `diagssm bench` (README, "Layers"). The fused op
+    alone took 96 ms against 250 ms for the same steps as PyTorch ops (267 with the loss piece),
+    in the cleaner of two runs of `benchmarks/bench_s5.py` (the other: 196 vs 482 with the loss,
+    this VM's page faults on fresh memory). Otherwise (bidirectional, dt or resets, float64, a
+    GPU, no C compiler) the PyTorch ops as written below.
 
     Shapes: u (B, L, H) -> y (B, L, H); state (B, M) complex; dt (B, L) >= 0; resets (B, L) bool.
     """
@@ -225,16 +218,16 @@ class S5(SSMLayer):
         run = modal_conv if self._use_conv(time_varying) else scan
         A_bar, B_scale = self.discrete(rate, dt)  # (M,) or (B, L, M)
         C = as_complex(self.C)  # (C', H, M)
-        if run is scan and not time_varying:
-            why = "bidirectional" if self.bidirectional else ""
-            W_in = in_weight(B_scale[:, None] * as_complex(self.B))  # (H, 2M)
-            why = why or s5_native.unsupported(u, W_in, state)
-            _log_path(why)
-            if not why:  # projections, scan and skip term fused, one pass over u and y
-                y, last = s5_native.S5Fused.apply(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D, state)
-                return (y, last) if return_state else y
         if B_scale.dim() == 1:  # time-invariant: scale B (M, H), not Bu (B, L, M): one pass over Bu less
-            Bu = mix_in(u, B_scale[:, None] * as_complex(self.B))  # (B, L, M)
+            B_bar = B_scale[:, None] * as_complex(self.B)  # (M, H)
+            if run is scan and resets is None:
+                W_in = in_weight(B_bar)  # (H, 2M)
+                why = "bidirectional" if self.bidirectional else s5_native.unsupported(u, W_in, state)
+                chunked_native.log_path(log, "S5 scan", "fused native op (ops.s5_native)", "PyTorch ops", why)
+                if not why:  # projections, scan and skip term fused, one pass over u and y
+                    y, last = s5_native.S5Fused.apply(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D, state)
+                    return (y, last) if return_state else y
+            Bu = mix_in(u, B_bar)  # (B, L, M)
         else:
             Bu = B_scale * mix_in(u, as_complex(self.B))  # (B, L, M)
         if resets is not None:

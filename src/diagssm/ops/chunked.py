@@ -248,16 +248,6 @@ class _Chunked(torch.autograd.Function):
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
-def _log_kernels(why):
-    """Say (at INFO, when it changes) whether the op runs on the native kernels, and if not why."""
-    if _last_kernels[0] != why:
-        _last_kernels[0] = why
-        log.info("chunked SSM op: %s", "native kernels" if not why else f"PyTorch kernels ({why})")
-
-
-_last_kernels = [None]
-
-
 def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None, native=None):
     """Outputs and final state of H diagonal SSMs, by chunked matrix multiplies (module docstring).
 
@@ -290,7 +280,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     why = "native=False" if native is False else chunked_native.unsupported(u, Cp, T, M)
     if native and why:
         raise ValueError(f"diagonal_chunked(native=True): {why}")
-    _log_kernels(why)
+    chunked_native.log_path(log, "chunked SSM op", "native kernels", "PyTorch kernels", why)
     args = (u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T)
     if why:
         y, x_last = _Chunked.apply(*args, block or block_size(nc, H * Bsz * T))

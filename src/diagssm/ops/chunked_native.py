@@ -109,6 +109,16 @@ def why_unavailable():
     return _state["why"]
 
 
+_paths = {}  # what -> the reason last logged by `log_path` ('' for the native path)
+
+
+def log_path(logger, what, native, fallback, why):
+    """Say at INFO, whenever it changes, which path `what` runs: `native` ('' why) or `fallback` (why)."""
+    if what not in _paths or _paths[what] != why:
+        _paths[what] = why
+        logger.info("%s: %s", what, native if not why else f"{fallback} ({why})")
+
+
 def unsupported(u, Cp, T, M):
     """Why the native kernels cannot run this problem of M modes, C' output channels and chunk
     length T ('' when they can)."""

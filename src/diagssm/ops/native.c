@@ -185,6 +185,33 @@ void carry_bwd(float *Lm, long sLb, long sLc, const float *X, long sXb, long sXc
         }
 }
 
+/* Complex helpers, (Re, Im) interleaved, P complex numbers. z += a * p */
+static inline void cmul_add(float *z, const float *a, const float *p, long P) {
+    for (long m = 0; m < P; m++) {
+        float ar = a[2 * m], ai = a[2 * m + 1], pr = p[2 * m], pi = p[2 * m + 1];
+        z[2 * m] += ar * pr - ai * pi;
+        z[2 * m + 1] += ar * pi + ai * pr;
+    }
+}
+
+/* z += conj(a) * p */
+static inline void cmulc_add(float *z, const float *a, const float *p, long P) {
+    for (long m = 0; m < P; m++) {
+        float ar = a[2 * m], ai = a[2 * m + 1], pr = p[2 * m], pi = p[2 * m + 1];
+        z[2 * m] += ar * pr + ai * pi;
+        z[2 * m + 1] += ar * pi - ai * pr;
+    }
+}
+
+/* z += p * conj(x) */
+static inline void cmul_conj_add(float *z, const float *p, const float *x, long P) {
+    for (long m = 0; m < P; m++) {
+        float pr = p[2 * m], pi = p[2 * m + 1], xr = x[2 * m], xi = x[2 * m + 1];
+        z[2 * m] += pr * xr + pi * xi;
+        z[2 * m + 1] += pi * xr - pr * xi;
+    }
+}
+
 /* The time-invariant diagonal scan of ops/scan.py on complex64 (B, L, P) tensors, (Re, Im)
  * interleaved: h[l] = a h[l-1] + x[l] over l (descending when rev), from h0 (B, P) or zero.
  * Each batch row is one sequential loop over L, vectorised over its P modes; rows split over
@@ -198,16 +225,10 @@ void scan_fwd(float *h, const float *x, const float *a, const float *h0, long Bn
             long l = rev ? L - 1 - s : s;
             const float *xl = x + (b * L + l) * 2 * P;
             float *hl = h + (b * L + l) * 2 * P;
-            if (!prev) {
-                for (long p = 0; p < 2 * P; p++)
-                    hl[p] = xl[p];
-            } else {
-                for (long p = 0; p < P; p++) {
-                    float ar = a[2 * p], ai = a[2 * p + 1], pr = prev[2 * p], pi = prev[2 * p + 1];
-                    hl[2 * p] = xl[2 * p] + ar * pr - ai * pi;
-                    hl[2 * p + 1] = xl[2 * p + 1] + ar * pi + ai * pr;
-                }
-            }
+            for (long p = 0; p < 2 * P; p++)
+                hl[p] = xl[p];
+            if (prev)
+                cmul_add(hl, a, prev, P);
             prev = hl;
         }
     }
@@ -230,30 +251,19 @@ void scan_bwd(float *lam, const float *g, const float *h, const float *a, const 
             const float *gl = g + (b * L + l) * 2 * P;
             float *ll = lam + (b * L + l) * 2 * P;
             const float *hp = (lp >= 0 && lp < L) ? h + (b * L + lp) * 2 * P : (h0 ? h0 + b * 2 * P : 0);
-            for (long p = 0; p < P; p++) {
-                float lr = gl[2 * p], li = gl[2 * p + 1];
-                if (next) {
-                    float ar = a[2 * p], ai = a[2 * p + 1], nr = next[2 * p], ni = next[2 * p + 1];
-                    lr += ar * nr + ai * ni;
-                    li += ar * ni - ai * nr;
-                }
-                ll[2 * p] = lr;
-                ll[2 * p + 1] = li;
-                if (hp) {
-                    float xr = hp[2 * p], xi = hp[2 * p + 1];
-                    gab[2 * p] += lr * xr + li * xi;
-                    gab[2 * p + 1] += li * xr - lr * xi;
-                }
-            }
+            for (long p = 0; p < 2 * P; p++)
+                ll[p] = gl[p];
+            if (next)
+                cmulc_add(ll, a, next, P);
+            if (hp)
+                cmul_conj_add(gab, ll, hp, P);
             next = ll;
         }
-        if (gh0)
-            for (long p = 0; p < P; p++) { /* conj(a) lam at the scan's first step */
-                const float *l0 = lam + (b * L + (rev ? L - 1 : 0)) * 2 * P;
-                float ar = a[2 * p], ai = a[2 * p + 1];
-                gh0[b * 2 * P + 2 * p] = ar * l0[2 * p] + ai * l0[2 * p + 1];
-                gh0[b * 2 * P + 2 * p + 1] = ar * l0[2 * p + 1] - ai * l0[2 * p];
-            }
+        if (gh0) { /* conj(a) lam at the scan's first step */
+            for (long p = 0; p < 2 * P; p++)
+                gh0[b * 2 * P + p] = 0;
+            cmulc_add(gh0 + b * 2 * P, a, lam + (b * L + (rev ? L - 1 : 0)) * 2 * P, P);
+        }
     }
 }
 
@@ -305,33 +315,6 @@ static void gemm(float *C, long sc, const float *A, long sai, long sak, const fl
     for (; j < N; j += LANES)
         for (long i = 0; i < rows; i += GR)
             gtile1(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
-}
-
-/* z = a * p (+ z), complex, (Re, Im) interleaved, P complex numbers */
-static inline void cmul_add(float *z, const float *a, const float *p, long P) {
-    for (long m = 0; m < P; m++) {
-        float ar = a[2 * m], ai = a[2 * m + 1], pr = p[2 * m], pi = p[2 * m + 1];
-        z[2 * m] += ar * pr - ai * pi;
-        z[2 * m + 1] += ar * pi + ai * pr;
-    }
-}
-
-/* z += conj(a) * p */
-static inline void cmulc_add(float *z, const float *a, const float *p, long P) {
-    for (long m = 0; m < P; m++) {
-        float ar = a[2 * m], ai = a[2 * m + 1], pr = p[2 * m], pi = p[2 * m + 1];
-        z[2 * m] += ar * pr + ai * pi;
-        z[2 * m + 1] += ar * pi - ai * pr;
-    }
-}
-
-/* z += p * conj(x) */
-static inline void cmul_conj_add(float *z, const float *p, const float *x, long P) {
-    for (long m = 0; m < P; m++) {
-        float pr = p[2 * m], pi = p[2 * m + 1], xr = x[2 * m], xi = x[2 * m + 1];
-        z[2 * m] += pr * xr + pi * xi;
-        z[2 * m + 1] += pi * xr - pr * xi;
-    }
 }
 
 /* Forward. u, y (B, L, H); xs (B, L, P2) the states (saved for the backward); hlast (B, P2);
@@ -394,18 +377,17 @@ void s5_bwd(float *gu, float *gWin, float *gWout, float *gD, float *ga, float *g
             for (long p = 0; p < P2; p++)
                 carry[p] = l0 == last ? (ghlast ? ghlast[b * P2 + p] : 0) : lb[p];
             gemm(lb, P2, gyb, H, 1, Wout, P2, n, H, P2, 0);
+            float *lend = lb + (n - 1) * P2; /* the block's last step: the gradient from beyond it */
+            if (l0 == last) {
+                for (long p = 0; p < P2; p++)
+                    lend[p] += carry[p];
+            } else {
+                cmulc_add(lend, a, carry, P);
+            }
             for (long t = n - 1; t >= 0; t--) {
                 float *lt = lb + t * P2;
-                if (t == n - 1) {
-                    if (l0 == last) {
-                        for (long p = 0; p < P2; p++)
-                            lt[p] += carry[p];
-                    } else {
-                        cmulc_add(lt, a, carry, P);
-                    }
-                } else {
+                if (t < n - 1)
                     cmulc_add(lt, a, lt + P2, P);
-                }
                 const float *xp = t > 0 ? xb + (t - 1) * P2 : (l0 > 0 ? xb - P2 : (h0 ? h0 + b * P2 : 0));
                 if (xp)
                     cmul_conj_add(gab, lt, xp, P);
