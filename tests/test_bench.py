@@ -11,7 +11,7 @@ from helpers import assert_close, randn
 
 from diagssm import bench
 from diagssm.layers import DSS, S4D, S5
-from diagssm.ops import scan_ref
+from diagssm.ops import chunked_native, scan_ref
 
 Bsz, H, L, N = 2, 4, 100, 8
 
@@ -86,7 +86,11 @@ def test_cost_of_the_chunked_path_is_the_documented_formula():
     flops, nbytes = bench.cost("s4d", "chunked", 1024)
     B, H_, M, T = 16, 128, 32, 64
     assert flops == 2 * B * 1024 * H_ * (T / 2 + 4 * M)  # the Toeplitz block's causal half (native kernels)
-    assert nbytes == 4 * B * 1024 * H_ * 8 + 8 * B * H_ * M * (1024 / T) * 4
+    assert nbytes == 4 * B * 1024 * H_ * 8 + 8 * B * H_ * M * (1024 / T) * 4  # PyTorch kernels' layout copies
+    assert bench.cost("s4d", "chunked", 1024, native=True) == (flops, 4 * B * 1024 * H_ * 3 + 8 * B * H_ * M * (1024 / T) * 4)
+    flops, nbytes = bench.cost("s5", "scan", 1024)
+    assert nbytes == 4 * B * 1024 * H_ * 2 + 8 * B * 1024 * M * 6  # B u, h and the scan's passes in memory
+    assert bench.cost("s5", "scan", 1024, native=True) == (flops, 4 * B * 1024 * H_ * 2 + 8 * B * 1024 * M)
     for impl in ("fft", "scan", "conv", "dplr"):
         f, b = bench.cost("x", impl, 1024)
         assert f > 0 and b > 0 and math.isfinite(f + b)
@@ -103,6 +107,9 @@ def test_main_inline_runs_every_case_and_writes_numbers(tmp_path, capsys):
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] is None
     assert [r["impl"] for r in report["limits"]] == ["chunked", "fft"]
     assert all(r["gflop"] > 0 and r["over_floor"] > 0 for r in report["limits"])
+    native = report["results"][0]["paths"] == {"chunked SSM op": ""}  # the native kernels ran (where built)
+    assert native == chunked_native.available()
+    assert [r["native"] for r in report["limits"]] == [native, False]
     (t,) = report["throughput"]
     assert t["step_tokens_s"] > 0 and t["step_1thread_tokens_s"] > 0 and t["full_tokens_s"] > 0
     text = capsys.readouterr().out

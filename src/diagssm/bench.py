@@ -23,13 +23,18 @@ the forward's dominant terms and take forward+backward = 3x forward (the usual r
 an FFT's backward is two transforms per forward transform). M = d_state/2 modes, T = 64 the chunk,
 n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
 
-    chunked  FLOPs 2 B L H (T + 4M)              (in-chunk Toeplitz T, into- and out-of-state 2M each)
-             bytes 4 B L H * 8 + 8 B H M (L/T) * 4  ((B, L, H) float32 touched ~8 times; chunk states)
+    chunked  FLOPs 2 B L H (T/2 + 4M)            (in-chunk Toeplitz, its causal half; into- and out-of-
+                                                   state 2M each)
+             bytes 4 B L H * 8 + 8 B H M (L/T) * 4  (PyTorch kernels: (B, L, H) float32 touched ~8 times,
+                                                   with the layout copies; chunk states 4 times)
+                   4 B L H * 3 + 8 B H M (L/T) * 4  (native kernels, on (B, L, H) itself: u read twice,
+                                                   y written once)
              (the backward reuses the chunk states the forward kept: nothing recomputed)
     fft      FLOPs (2 B H + H) 2.5 n log2 n + 6 B H n/2 + 4 H M L   (rfft u, rfft K, irfft; product; kernel)
              bytes 4 B L H * 14                     (u, its spectrum, product, irfft output, crop, D u)
     scan     FLOPs 8 B L H M + 24 B L M             (B u and Re(C h) as real matmuls; 3 passes of h = a h + b)
-             bytes 4 B L H * 2 + 8 B L M * 6
+             bytes 4 B L H * 2 + 8 B L M * 6        (PyTorch ops: B u, h and its passes in memory)
+                   4 B L H * 2 + 8 B L M            (fused native op: u read, y written, h written once)
     conv     FLOPs 8 B L H M + (2 B M + M) 5 n log2 n + 6 B M n
              bytes 4 B L H * 2 + 8 B M (3 n + 3 L)
     dplr     the fft path's terms + Cauchy H N (L/2) (10 + 8*4) (1/(z - w), four Cauchy products)
@@ -53,6 +58,7 @@ import time
 import torch
 
 from diagssm.layers import DSS, S4, S4D, S5
+from diagssm.ops import chunked_native
 from diagssm.ops.chunked import chunk_size
 
 B, H, N = 16, 128, 64
@@ -233,7 +239,9 @@ def _inputs(L):
 
 
 def measure_case(name, impl, L, repeats, memory=True):
-    """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case."""
+    """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case, and the
+    paths its ops took ("paths": `chunked_native.log_path`'s record, '' for a native one)."""
+    chunked_native._paths.clear()
     run, fwd_bwd = _case(name, impl)
     u, w = _inputs(L)
     base = maxrss_mb()
@@ -244,7 +252,8 @@ def measure_case(name, impl, L, repeats, memory=True):
     with torch.no_grad():
         fwd = median_ms(lambda: run(u), repeats, warmup=1)
     fb = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=0)
-    return dict(layer=name, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first, peak_mb=peak)
+    return dict(layer=name, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first, peak_mb=peak,
+                paths=dict(chunked_native._paths))
 
 
 def profile_case(name, impl, L, rows=20):
@@ -358,18 +367,19 @@ def run_layer(name, args):
 
 
 # ---------------------------------------------------------------- FLOP and byte estimates
-def cost(name, impl, L):
-    """(FLOPs, bytes) of one forward at B, H, N (module docstring); fwd+bwd is 3x both."""
+def cost(name, impl, L, native=False):
+    """(FLOPs, bytes) of one forward at B, H, N (module docstring); fwd+bwd is 3x both. native: the
+    case ran the native kernels (chunked) or the fused native op (scan), which move fewer bytes."""
     lg = math.log2
     n = 2 * L
     if impl == "chunked":  # per step: the causal half of a (T, T) Toeplitz block, 2M sums in, 2M out
         T = chunk_size(L)
-        return 2 * B * L * H * (T / 2 + 4 * M), 4 * B * L * H * 8 + 8 * B * H * M * (L / T) * 4
+        return 2 * B * L * H * (T / 2 + 4 * M), 4 * B * L * H * (3 if native else 8) + 8 * B * H * M * (L / T) * 4
     fft = ((2 * B * H + H) * 2.5 * n * lg(n) + 6 * B * H * n / 2, 4 * B * L * H * 14)
     if impl == "fft":
         return fft[0] + 4 * H * M * L, fft[1]
     if impl == "scan":
-        return 8 * B * L * H * M + 24 * B * L * M, 4 * B * L * H * 2 + 8 * B * L * M * 6
+        return 8 * B * L * H * M + 24 * B * L * M, 4 * B * L * H * 2 + 8 * B * L * M * (1 if native else 6)
     if impl == "conv":
         n = 2 ** math.ceil(lg(2 * L))
         return (8 * B * L * H * M + (2 * B * M + M) * 5 * n * lg(n) + 6 * B * M * n,
@@ -378,6 +388,15 @@ def cost(name, impl, L):
         k = L.bit_length() - 1 + bin(L).count("1") - 1  # matmuls of torch.linalg.matrix_power(A_bar, L)
         return fft[0] + H * N * (L / 2) * (10 + 8 * 4) + k * 8 * H * N**3, fft[1] + 8 * H * N * L
     raise ValueError(f"no cost estimate for impl={impl!r}")
+
+
+NATIVE_PATHS = {"chunked": "chunked SSM op", "scan": "S5 scan"}  # impl -> its `chunked_native.log_path` name
+
+
+def ran_native(r):
+    """Whether case r ran the native kernels / fused op (recorded in its "paths"; older results: no)."""
+    what = NATIVE_PATHS.get(r["impl"])
+    return what is not None and r.get("paths", {}).get(what) == ""
 
 
 def limits(results, args):
@@ -389,10 +408,11 @@ def limits(results, args):
             continue
         L = max(r["L"] for r in ran)
         for r in (r for r in ran if r["L"] == L):
-            flops, nbytes = (3 * c for c in cost(name, r["impl"], L))
+            flops, nbytes = (3 * c for c in cost(name, r["impl"], L, native=ran_native(r)))
             t_flop, t_mem = 1e3 * flops / (args.peak_gflops * 1e9), 1e3 * nbytes / (args.peak_gbs * 1e9)
-            rows.append(dict(layer=name, impl=r["impl"], L=L, gflop=flops / 1e9, gb=nbytes / 1e9, flop_ms=t_flop,
-                             mem_ms=t_mem, measured_ms=r["fwdbwd_ms"], over_floor=r["fwdbwd_ms"] / max(t_flop, t_mem)))
+            rows.append(dict(layer=name, impl=r["impl"], L=L, native=ran_native(r), gflop=flops / 1e9,
+                             gb=nbytes / 1e9, flop_ms=t_flop, mem_ms=t_mem, measured_ms=r["fwdbwd_ms"],
+                             over_floor=r["fwdbwd_ms"] / max(t_flop, t_mem)))
     return rows
 
 
@@ -457,7 +477,7 @@ def limits_table(rows, args):
            "| layer | impl | L | GFLOP | GB moved (1e9 B) | compute floor ms | memory floor ms | measured ms "
            "| measured / floor |",
            "|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['layer']} | {r['impl']} | {r['L']} | {r['gflop']:.1f} | {r['gb']:.2f} | {r['flop_ms']:.1f} "
+    out += [f"| {r['layer']} | {r['impl']}{' (native)' if r.get('native') else ''} | {r['L']} | {r['gflop']:.1f} | {r['gb']:.2f} | {r['flop_ms']:.1f} "
             f"| {r['mem_ms']:.1f} | {r['measured_ms']:.1f} | {r['over_floor']:.1f}x |" for r in rows]
     return "\n".join(out)
 
