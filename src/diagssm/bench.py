@@ -477,8 +477,9 @@ def limits_table(rows, args):
            "| layer | impl | L | GFLOP | GB moved (1e9 B) | compute floor ms | memory floor ms | measured ms "
            "| measured / floor |",
            "|---|---|---|---|---|---|---|---|---|"]
-    out += [f"| {r['layer']} | {r['impl']}{' (native)' if r.get('native') else ''} | {r['L']} | {r['gflop']:.1f} | {r['gb']:.2f} | {r['flop_ms']:.1f} "
-            f"| {r['mem_ms']:.1f} | {r['measured_ms']:.1f} | {r['over_floor']:.1f}x |" for r in rows]
+    out += [f"| {r['layer']} | {r['impl']}{' (native)' if r.get('native') else ''} | {r['L']} | {r['gflop']:.1f} "
+            f"| {r['gb']:.2f} | {r['flop_ms']:.1f} | {r['mem_ms']:.1f} | {r['measured_ms']:.1f} "
+            f"| {r['over_floor']:.1f}x |" for r in rows]
     return "\n".join(out)
 
 
