@@ -108,7 +108,7 @@ def test_main_inline_runs_every_case_and_writes_numbers(tmp_path, capsys):
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] is None
     assert [r["impl"] for r in report["limits"]] == ["chunked", "fft"]
     assert all(r["gflop"] > 0 and r["over_floor"] > 0 for r in report["limits"])
-    native = report["results"][0]["paths"] == {"chunked SSM op": ""}  # the native kernels ran (where built)
+    native = report["results"][0]["paths"] == {chunked_native.CHUNKED_OP: ""}  # the native kernels ran (where built)
     assert native == chunked_native.available()
     assert [r["native"] for r in report["limits"]] == [native, False]
     (t,) = report["throughput"]

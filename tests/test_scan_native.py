@@ -1,5 +1,7 @@
 """ops.scan on its native kernel (a constant A_bar, complex64, CPU) against scan_ref, its reference
 twin, in complex128; and the PyTorch scan where the kernel cannot run."""
+import logging
+
 import pytest
 import torch
 
@@ -60,3 +62,16 @@ def test_double_backward_is_an_error():
     (g,) = torch.autograd.grad((scan(a, Bu).abs() ** 2).sum(), [Bu], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.abs().sum().backward()
+
+
+@needs_native
+def test_logs_which_scan_runs(monkeypatch, caplog):
+    monkeypatch.setattr(chunked_native, "_paths", {})
+    Bu = randn(2, 20, 4, dtype=C64, seed=9)
+    with caplog.at_level(logging.INFO, logger="diagssm.ops.scan"):
+        scan(decaying(4, seed=10).to(C64), Bu)
+        scan(decaying(4, seed=10).to(C64), Bu)  # the same path: logged once
+        scan(decaying(4, seed=10).to(C128), Bu.to(C128))
+    assert [r.getMessage() for r in caplog.records] == [
+        "scan: native kernel", "scan: PyTorch loop (complex64 on the CPU only (got torch.complex128 on cpu))"]
+    assert chunked_native.paths() == {chunked_native.SCAN: "complex64 on the CPU only (got torch.complex128 on cpu)"}

@@ -241,7 +241,7 @@ def _inputs(L):
 def measure_case(name, impl, L, repeats, memory=True):
     """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case, and the
     paths its ops took ("paths": `chunked_native.log_path`'s record, '' for a native one)."""
-    chunked_native._paths.clear()
+    chunked_native.paths(forget=True)
     run, fwd_bwd = _case(name, impl)
     u, w = _inputs(L)
     base = maxrss_mb()
@@ -253,7 +253,7 @@ def measure_case(name, impl, L, repeats, memory=True):
         fwd = median_ms(lambda: run(u), repeats, warmup=1)
     fb = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=0)
     return dict(layer=name, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first, peak_mb=peak,
-                paths=dict(chunked_native._paths))
+                paths=chunked_native.paths())
 
 
 def profile_case(name, impl, L, rows=20):
@@ -390,7 +390,7 @@ def cost(name, impl, L, native=False):
     raise ValueError(f"no cost estimate for impl={impl!r}")
 
 
-NATIVE_PATHS = {"chunked": "chunked SSM op", "scan": "S5 scan"}  # impl -> its `chunked_native.log_path` name
+NATIVE_PATHS = {"chunked": chunked_native.CHUNKED_OP, "scan": chunked_native.S5_SCAN}  # impl -> its logged path
 
 
 def ran_native(r):

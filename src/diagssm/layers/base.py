@@ -153,9 +153,9 @@ class DiagonalSSM(SSMLayer):
         S4D and DSS forward + backward in float32 (docs/benchmarks/layers-cpu-2core.md, the chunked
         op on its native kernels): chunked as fast as "fft" or faster at every length measured,
         1.0x (DSS) to 2.1x (S4D) at L = 1024, 1.7-2.4x at 4096, 2.4-2.7x at 16384, 2.1-2.8x at
-        65536, with 23-40% of its memory. By dtype, L = 1024-16384 (benchmarks/bench_backends.py, session 8, before the
-        native kernels): chunked faster in 30 of 32 cases over two runs; the two exceptions, float64
-        at L <= 4096, were faster in the other run."""
+        65536, with 23-40% of its memory. By dtype, L = 1024-16384 (benchmarks/bench_backends.py,
+        session 8, before the native kernels): chunked faster in 30 of 32 cases over two runs; the
+        two exceptions, float64 at L <= 4096, were faster in the other run."""
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
         why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
         if why and self.backend == "chunked":

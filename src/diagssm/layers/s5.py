@@ -223,7 +223,8 @@ class S5(SSMLayer):
             if run is scan and resets is None:
                 W_in = in_weight(B_bar)  # (H, 2M)
                 why = "bidirectional" if self.bidirectional else s5_native.unsupported(u, W_in, state)
-                chunked_native.log_path(log, "S5 scan", "fused native op (ops.s5_native)", "PyTorch ops", why)
+                chunked_native.log_path(log, chunked_native.S5_SCAN, "fused native op (ops.s5_native)", "PyTorch ops",
+                                        why)
                 if not why:  # projections, scan and skip term fused, one pass over u and y
                     y, last = s5_native.S5Fused.apply(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D, state)
                     return (y, last) if return_state else y

@@ -280,7 +280,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     why = "native=False" if native is False else chunked_native.unsupported(u, Cp, T, M)
     if native and why:
         raise ValueError(f"diagonal_chunked(native=True): {why}")
-    chunked_native.log_path(log, "chunked SSM op", "native kernels", "PyTorch kernels", why)
+    chunked_native.log_path(log, chunked_native.CHUNKED_OP, "native kernels", "PyTorch kernels", why)
     args = (u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T)
     if why:
         y, x_last = _Chunked.apply(*args, block or block_size(nc, H * Bsz * T))

@@ -110,6 +110,17 @@ def why_unavailable():
 
 
 _paths = {}  # what -> the reason last logged by `log_path` ('' for the native path)
+# the names under which the ops log their paths (`log_path`'s `what`)
+CHUNKED_OP, S5_SCAN, SCAN = "chunked SSM op", "S5 scan", "scan"
+
+
+def paths(forget=False):
+    """What `log_path` has recorded since the last `paths(forget=True)`: {what: '' for the native
+    path, else why not}. forget: start a new record (and return the old one)."""
+    taken = dict(_paths)
+    if forget:
+        _paths.clear()
+    return taken
 
 
 def log_path(logger, what, native, fallback, why):

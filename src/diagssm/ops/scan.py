@@ -26,7 +26,8 @@ with the (P, T, T) lower-triangular Toeplitz matrix of powers A^(t-s), O(B L P T
 
 Native kernel. A constant A_bar (S5's time-invariant case) in complex64 on the CPU runs on the
 native kernels of `chunked_native` (`scan_fwd`, `scan_bwd` in native.c: one sequential loop per
-batch row over its P modes, batch rows on torch's OpenMP threads) when they are built. At B = 16,
+batch row over its P modes, batch rows on torch's OpenMP threads) when they are built; `scan`
+logs (INFO, on change) which of the two it runs and why. At B = 16,
 L = 16384, P = 32 modes a forward + backward took 17-20 ms there, against ~43 ms for `_Scan`
 (`benchmarks/bench_s5.py`, the "scan" piece, before and after). Time-varying A_bar, other
 dtypes, or no compiler: `_Scan` below.
@@ -36,11 +37,14 @@ complex z = x + iy is dLoss/dx + i dLoss/dy = 2 dLoss/d(conj z) (conjugate Wirti
 y = a * h the chain rule gives grad_h = conj(a) * grad_y and grad_a = conj(h) * grad_y. For real
 tensors conj is a no-op; a real input fed into a complex scan gets the real part.
 """
+import logging
 import math
 
 import torch
 
 from . import chunked_native
+
+log = logging.getLogger(__name__)
 
 _MAX_CHUNK = 256
 
@@ -294,6 +298,8 @@ def scan(A_bar, Bu, h0=None, reverse=False):
         h:     (B, L, P), dtype promoted from A_bar, Bu (and h0)
     """
     a, b, h0 = _prepare(A_bar, Bu, h0)  # (B', L', P'), (B, L, P), (B, P)
-    if not _native_problem(a, b, h0):  # a constant A_bar in complex64 on the CPU: the native kernel
+    why = _native_problem(a, b, h0)
+    chunked_native.log_path(log, chunked_native.SCAN, "native kernel", "PyTorch loop", why)
+    if not why:  # a constant A_bar in complex64 on the CPU: the native kernel
         return _NativeScan.apply(a.reshape(-1), b, h0, reverse)  # (B, L, P)
     return _Scan.apply(a, b, h0, reverse)  # (B, L, P)
