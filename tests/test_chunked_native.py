@@ -61,6 +61,46 @@ def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbe
         assert_close(g, w, scale=300)
 
 
+def chunk_rows(B, n, K, H, seed):
+    """Rows (b, c) of a (B, n, K, H) float32 view into a longer (B, L, H) tensor, as the op passes u."""
+    x = randn(B, n * K + 8, H, dtype=torch.float32, seed=seed)
+    return x[:, :n * K].view(B, n, K, H)
+
+
+@needs_native
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("tri", [0, 1, 2])
+def test_row_kernels_match_float64_contractions(threads, tri):
+    """rows_mm and rows_red alone, on 3 x 13 rows: blocks of rows and register tiles that do not
+    divide them, two lane tiles, row strides of a (B, L, H) tensor; per thread count."""
+    B, n, K, I, H = 3, 13, 16, 12, 32
+    A1, A2, Bm = chunk_rows(B, n, K, H, 20), chunk_rows(B, n, 8, H, 21), chunk_rows(B, n, I, H, 22)
+    W1, W2 = randn(K, I, H, dtype=torch.float32, seed=23), randn(8, I, H, dtype=torch.float32, seed=24)
+    k, i = torch.arange(K)[:, None], torch.arange(I)[None, :]
+    if tri:  # the kernel reads only the triangle that it is told is non-zero
+        W1 = W1 * ((k <= i) if tri == 1 else (k >= i))[..., None]
+    lib = chunked_native.library()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        C = torch.full((B, n, I, H), float("nan"))
+        chunked_native._mm(lib, C, A1, chunked_native._tiles(W1), A2, chunked_native._tiles(W2), tri=tri)
+        G = chunked_native._tiles(randn(K, I, H, dtype=torch.float32, seed=25))
+        G0 = chunked_native._untile(G).double()
+        chunked_native._red(lib, G, A1, Bm, tri=min(tri, 1))
+        G_again = chunked_native._tiles(chunked_native._untile(G) * 0 + G0.float())
+        chunked_native._red(lib, G_again, A1, Bm, tri=min(tri, 1))
+    finally:
+        torch.set_num_threads(before)
+    want = torch.einsum("bckh,kih->bcih", A1.double(), W1.double()) + torch.einsum(
+        "bckh,kih->bcih", A2.double(), W2.double())
+    assert_close(C, want, scale=10)
+    got_G, want_G = chunked_native._untile(G), G0 + torch.einsum("bckh,bcih->kih", A1.double(), Bm.double())
+    keep = (k <= i) if tri else torch.ones(K, I, dtype=torch.bool)  # tri = 1: the rest is left partly summed
+    assert_close(got_G[keep], want_G[keep], scale=30)
+    assert torch.equal(chunked_native._untile(G_again)[keep], got_G[keep])  # the same sums, in the same order
+
+
 @needs_native
 def test_matches_the_pytorch_path():
     p = {k: as32(v) for k, v in system(32, 8, seed=3).items()}

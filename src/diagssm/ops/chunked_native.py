@@ -85,9 +85,9 @@ def _load():
     lib.scan_bwd.argtypes = [P, P, P, P, P, P, P, N, N, N, N]
     lib.s5_fwd.argtypes = [P] * 9 + [N] * 5
     lib.s5_bwd.argtypes = [P] * 16 + [N] * 5
-    for f in (lib.rows_mm, lib.rows_red, lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd, lib.s5_fwd,
-              lib.s5_bwd):
+    for f in (lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd, lib.s5_fwd, lib.s5_bwd):
         f.restype = None
+    lib.rows_mm.restype = lib.rows_red.restype = ctypes.c_int  # -1: a thread's scratch not allocated
     return lib, ""
 
 
@@ -168,20 +168,26 @@ def _untile(g):
     return g.permute(1, 2, 0, 3).reshape(K, I, n * LANES)
 
 
+def _check(status):
+    """Raise if a kernel could not allocate its scratch (it then wrote nothing)."""
+    if status != 0:
+        raise MemoryError("native kernel (ops/native.c): a thread could not allocate its scratch")
+
+
 def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0):
     """Rows of C = rows of A1 @ W1 (+ rows of A2 @ W2); C, A1, A2 (B, n, K, H) views with the same
     (B, n), W tiled (`_tiles`); tri: W1 is zero below (1: where k > i) or above (2: k < i) its diagonal."""
     Bsz, n, I, H = C.shape
     r2 = _rows(A2) if A2 is not None else (None, 0, 0)
     w2, K2 = (W2.data_ptr(), W2.shape[1]) if W2 is not None else (None, 0)
-    lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, Bsz * n)
+    _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, Bsz * n))
 
 
 def _red(lib, G, A, Bm, tri=0):
     """G (tiled, (H/16, K, I, 16)) += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
     tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed)."""
     Bsz, n, K, H = A.shape
-    lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, Bsz * n, tri)
+    _check(lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, Bsz * n, tri))
 
 
 def _carry(lib, X, ar, ai):

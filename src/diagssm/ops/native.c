@@ -14,37 +14,64 @@
  *   scan_fwd / scan_bwd    ops/scan.py's scan with a constant A_bar, on complex64 (B, L, P).
  *   s5_fwd / s5_bwd        the fused S5 layer of ops/s5_native.py (GEMMs, scan and skip term per
  *                          time block of one batch row; `gemm` broadcasts its row operand).
- * Each entry point does all its rows and splits them (row blocks, lane tiles or batch rows) over
+ * rows_mm and rows_red first copy a block of rows into a lane-major scratch (`pack_block`: one
+ * sequential read of the rows, then contiguous lanes; reading the lanes in place strides by H floats,
+ * which runs the L1's sets short and the prefetchers blind). They return 0, or -1 when a thread could
+ * not allocate its scratch (nothing is then written).
+ * Each entry point does all its rows and splits them (row blocks or batch rows) over
  * OpenMP threads. Built
  * with -fopenmp, it shares the OpenMP runtime torch has loaded (the same libgomp.so.1), so it runs
  * on torch's threads instead of competing with them. H must be a multiple of 16, I of 4.
  * float32 only; GCC/Clang vector extensions (no intrinsics), compiled for the machine it runs on.
  */
+#include <omp.h>
+#include <stdlib.h>
 typedef float vf __attribute__((vector_size(64), aligned(4)));
 #define LANES 16
 #define LD(p) (*(const vf *)(p))
-/* Rows per block: rows_mm reads one lane tile's weights (from L2) for RB rows at a time; rows_red
- * keeps RBR rows' lanes in L1 while it sweeps the gradient tiles. Chosen by timing the kernels by
- * hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-64 within 10%; RBR 8 the fastest, 64 and
- * more about 40% slower. `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
-#define RB 32
-#define RBR 8
+/* Rows per block: rows_mm packs RB rows of each operand (their lanes of all channels: RB (K1 + K2)
+ * H floats, 512 KB at K1 = K2 = 64, H = 128, in L2) and sweeps the lane tiles over them; rows_red
+ * packs RBR rows and adds their products into a per-thread copy of G. Chosen by timing the kernels
+ * by hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-32 within 5%, RBR 16-32 within 5% and
+ * 8 about 15% slower. `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
+#define RB 8
+#define RBR 16
+/* rows per register tile of rows_mm: 4 rows x 4 outputs = 16 accumulators (6 rows: slower) */
+#define MR 4
 
 static inline const float *row(const float *base, long r, long nc, long sb, long sc) {
     return base + (r / nc) * sb + (r % nc) * sc;
 }
 
-/* rows per register tile of rows_mm: 4 rows x 4 outputs = 16 accumulators (6 rows: within 5%) */
-#define MR 4
-/* acc[j][q] += sum over k in [lo, hi) of A_j[k] W[k][i0 + q] (one lane tile, MR rows, 4 outputs) */
-static inline void fma_k(vf acc[MR][4], const float *const *a, const float *w, long K, long I, long H,
-                         long i0, long ho, long lo, long hi) {
-    for (long k = lo; k < hi; k++) {
-        const float *wp = w + ho * K * I + (k * I + i0) * LANES; /* ho / 16 tiles of K I 16 */
+/* The lanes of rows r0 .. r0 + n - 1 of A (n <= nb) into q, lane tile t's block (nb K 16 floats) at
+ * q + t nb K 16, each entry a vector of 16 lanes, in one of two orders:
+ *   by rows (kq = 0): groups of g rows, row j at k at [j / g][k][j % g]; rows up to the next multiple
+ *                     of g repeat the last one (rows_mm's register tile of g rows);
+ *   by k (kq = 1):    groups of 4 k, at [k / 4][j][k % 4] (rows_red's 4 x 4 tile of G). */
+static void pack_block(float *q, const float *A, long sb, long sc, long K, long H, long nc, long r0,
+                       long n, long nb, long g, int kq) {
+    long rows = kq ? n : (n + g - 1) / g * g;
+    for (long j = 0; j < rows; j++) {
+        const float *ra = row(A, r0 + (j < n ? j : n - 1), nc, sb, sc);
+        for (long k = 0; k < K; k++) {
+            float *qk = q + (kq ? (k / 4 * nb + j) * 4 + k % 4 : (j / g * K + k) * g + j % g) * LANES;
+            for (long t = 0; t < H / LANES; t++)
+                *(vf *)(qk + t * nb * K * LANES) = LD(ra + k * H + t * LANES);
+        }
+    }
+}
+
+/* acc[j][q] += sum over k in [lo, hi) of A_j[k] W[k][i0 + q] (one lane tile, MR rows, 4 outputs);
+ * pa: the MR rows' packed lanes, row j at k at pa + (k MR + j) 16 */
+static inline void fma_k(vf acc[MR][4], const float *pa, const float *w, long K, long I, long i0, long ho,
+                         long lo, long hi) {
+    const float *wp = w + ho * K * I + (lo * I + i0) * LANES; /* ho / 16 tiles of K I 16 */
+    for (long k = lo; k < hi; k++, wp += I * LANES) {
         vf w0 = LD(wp), w1 = LD(wp + LANES), w2 = LD(wp + 2 * LANES), w3 = LD(wp + 3 * LANES);
+        __asm__("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3)); /* held in registers, not reloaded per row */
 #pragma GCC unroll 8
         for (int j = 0; j < MR; j++) {
-            vf x = LD(a[j] + k * H + ho);
+            vf x = LD(pa + (k * MR + j) * LANES);
             acc[j][0] += w0 * x;
             acc[j][1] += w1 * x;
             acc[j][2] += w2 * x;
@@ -53,85 +80,131 @@ static inline void fma_k(vf acc[MR][4], const float *const *a, const float *w, l
     }
 }
 
-void rows_mm(float *C, long sCb, long sCc,
-             const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1,
-             const float *A2, long sA2b, long sA2c, const float *W2, long K2,
-             long I, long H, long nc, long nrows) {
-#pragma omp parallel for schedule(static)
-    for (long rb = 0; rb < nrows; rb += RB) {
-        long re = rb + RB < nrows ? rb + RB : nrows;
-        for (long ho = 0; ho < H; ho += LANES) {
-            for (long r = rb; r < re; r += MR) {
-                long n = re - r < MR ? re - r : MR; /* rows past n repeat the last row, not stored */
-                const float *p1[MR], *p2[MR];
-                float *pc[MR];
-                for (long j = 0; j < MR; j++) {
-                    long rr = r + (j < n ? j : n - 1);
-                    p1[j] = row(A1, rr, nc, sA1b, sA1c);
-                    p2[j] = A2 ? row(A2, rr, nc, sA2b, sA2c) : 0;
-                    pc[j] = (float *)row(C, rr, nc, sCb, sCc);
-                }
-                for (long i0 = 0; i0 < I; i0 += 4) {
-                    vf acc[MR][4];
+int rows_mm(float *C, long sCb, long sCc,
+            const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1,
+            const float *A2, long sA2b, long sA2c, const float *W2, long K2,
+            long I, long H, long nc, long nrows) {
+    int fail = 0;
+#pragma omp parallel
+    {
+        float *q1 = aligned_alloc(64, (K1 + K2) * RB * H * sizeof(float)), *q2 = q1 ? q1 + K1 * RB * H : 0;
+        if (!q1) {
+#pragma omp atomic write
+            fail = 1;
+        }
+#pragma omp barrier
+        if (!fail) {
+#pragma omp for schedule(static)
+            for (long rb = 0; rb < nrows; rb += RB) {
+                long re = rb + RB < nrows ? rb + RB : nrows;
+                pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, re - rb, RB, MR, 0);
+                if (A2)
+                    pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, re - rb, RB, MR, 0);
+                for (long ho = 0; ho < H; ho += LANES) {
+                    for (long r = rb; r < re; r += MR) {
+                        long n = re - r < MR ? re - r : MR; /* rows past n repeat the last row, not stored */
+                        long at = ho / LANES * RB + (r - rb); /* the group's rows in the packed tile */
+                        const float *pk1 = q1 + at * K1 * LANES, *pk2 = q2 + at * K2 * LANES;
+                        float *pc[MR];
+                        for (long j = 0; j < MR; j++)
+                            pc[j] = (float *)row(C, r + (j < n ? j : n - 1), nc, sCb, sCc);
+                        for (long i0 = 0; i0 < I; i0 += 4) {
+                            vf acc[MR][4];
 #pragma GCC unroll 8
-                    for (int j = 0; j < MR; j++)
-                        acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = (vf){0};
-                    long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + 4 < K1 ? i0 + 4 : K1;
-                    fma_k(acc, p1, W1, K1, I, H, i0, ho, lo, hi);
-                    if (A2)
-                        fma_k(acc, p2, W2, K2, I, H, i0, ho, 0, K2);
-                    for (long j = 0; j < n; j++)
-                        for (long q = 0; q < 4; q++)
-                            *(vf *)(pc[j] + (i0 + q) * H + ho) = acc[j][q];
+                            for (int j = 0; j < MR; j++)
+                                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = (vf){0};
+                            long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + 4 < K1 ? i0 + 4 : K1;
+                            fma_k(acc, pk1, W1, K1, I, i0, ho, lo, hi);
+                            if (A2)
+                                fma_k(acc, pk2, W2, K2, I, i0, ho, 0, K2);
+                            for (long j = 0; j < n; j++)
+                                for (long q = 0; q < 4; q++)
+                                    *(vf *)(pc[j] + (i0 + q) * H + ho) = acc[j][q];
+                        }
+                    }
                 }
             }
         }
+        free(q1);
     }
+    return fail ? -1 : 0;
 }
 
-/* G[k][i][h] += sum over the nrows rows of A[r][k][h] Bm[r][i][h]: a 4 x 4 tile of G per lane
- * tile in registers while RBR rows go by. Unrolled by hand: the loop form of rows_mm's fma_k ran
- * this kernel at 137-142 GFLOP/s against 148-150 (`bench_chunked.py --parts`, two runs each). */
-void rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long sBb, long sBc,
-              long K, long I, long H, long nc, long nrows, long tri) {
-#pragma omp parallel for schedule(static)
-    for (long ho = 0; ho < H; ho += LANES) {
-        const float *pa[RBR], *pb[RBR];
-        for (long rb = 0; rb < nrows; rb += RBR) {
-            long n = rb + RBR < nrows ? RBR : nrows - rb;
-            for (long j = 0; j < n; j++) {
-                pa[j] = row(A, rb + j, nc, sAb, sAc);
-                pb[j] = row(Bm, rb + j, nc, sBb, sBc);
-            }
-            for (long k0 = 0; k0 < K; k0 += 4) {
-                for (long i0 = 0; i0 < I; i0 += 4) {
-                    if (tri == 1 && k0 >= i0 + 4)
-                        continue; /* G[k][i] with k > i not wanted */
-                    float *g = G + ho * K * I + (k0 * I + i0) * LANES;
+/* G[k][i][h] += sum over the nrows rows of A[r][k][h] Bm[r][i][h]. Each thread sums its row blocks
+ * into its own copy of G (thread 0 into G itself), RBR rows at a time with a 4 x 4 tile of G per lane
+ * tile in registers; the copies are then added to G in thread order, so that the result does not
+ * change from run to run (it does with the number of threads, as the order of the sums does).
+ * Unrolled by hand: the loop form of fma_k ran this kernel at 137-142 GFLOP/s against 148-150
+ * (`bench_chunked.py --parts`, two runs each, before the packing). */
+int rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long sBb, long sBc,
+             long K, long I, long H, long nc, long nrows, long tri) {
+    long size = K * I * H;
+    int nth = omp_get_max_threads(), fail = 0;
+    float **parts = calloc(nth, sizeof *parts);
+    if (!parts)
+        return -1;
+#pragma omp parallel num_threads(nth)
+    {
+        int id = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *qa = aligned_alloc(64, RBR * (K + I) * H * sizeof(float)), *qb = qa ? qa + RBR * K * H : 0;
+        float *Gp = id == 0 ? G : aligned_alloc(64, size * sizeof(float));
+        if (Gp && id > 0)
+            for (long p = 0; p < size; p++)
+                Gp[p] = 0;
+        parts[id] = Gp;
+        if (!qa || !Gp) {
+#pragma omp atomic write
+            fail = 1;
+        }
+#pragma omp barrier
+        if (!fail) {
+#pragma omp for schedule(static)
+            for (long rb = 0; rb < nrows; rb += RBR) {
+                long n = rb + RBR < nrows ? RBR : nrows - rb;
+                pack_block(qa, A, sAb, sAc, K, H, nc, rb, n, RBR, 1, 1);
+                pack_block(qb, Bm, sBb, sBc, I, H, nc, rb, n, RBR, 1, 1);
+                for (long ho = 0; ho < H; ho += LANES) {
+                    const float *qat = qa + ho * RBR * K, *qbt = qb + ho * RBR * I;
+                    for (long k0 = 0; k0 < K; k0 += 4) {
+                        for (long i0 = 0; i0 < I; i0 += 4) {
+                            if (tri == 1 && k0 >= i0 + 4)
+                                continue; /* G[k][i] with k > i not wanted */
+                            float *g = Gp + ho * K * I + (k0 * I + i0) * LANES;
 #define GP(kk, ii) (g + ((kk) * I + (ii)) * LANES)
-                    vf a00 = LD(GP(0, 0)), a01 = LD(GP(0, 1)), a02 = LD(GP(0, 2)), a03 = LD(GP(0, 3));
-                    vf a10 = LD(GP(1, 0)), a11 = LD(GP(1, 1)), a12 = LD(GP(1, 2)), a13 = LD(GP(1, 3));
-                    vf a20 = LD(GP(2, 0)), a21 = LD(GP(2, 1)), a22 = LD(GP(2, 2)), a23 = LD(GP(2, 3));
-                    vf a30 = LD(GP(3, 0)), a31 = LD(GP(3, 1)), a32 = LD(GP(3, 2)), a33 = LD(GP(3, 3));
-                    for (long j = 0; j < n; j++) {
-                        const float *xa = pa[j] + k0 * H + ho, *xb = pb[j] + i0 * H + ho;
-                        vf x0 = LD(xa), x1 = LD(xa + H), x2 = LD(xa + 2 * H), x3 = LD(xa + 3 * H);
-                        vf w0 = LD(xb), w1 = LD(xb + H), w2 = LD(xb + 2 * H), w3 = LD(xb + 3 * H);
-                        a00 += w0 * x0; a01 += w1 * x0; a02 += w2 * x0; a03 += w3 * x0;
-                        a10 += w0 * x1; a11 += w1 * x1; a12 += w2 * x1; a13 += w3 * x1;
-                        a20 += w0 * x2; a21 += w1 * x2; a22 += w2 * x2; a23 += w3 * x2;
-                        a30 += w0 * x3; a31 += w1 * x3; a32 += w2 * x3; a33 += w3 * x3;
-                    }
-                    vf acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
-                                    {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-                    for (long kk = 0; kk < 4; kk++)
-                        for (long ii = 0; ii < 4; ii++)
-                            *(vf *)GP(kk, ii) = acc[kk][ii];
+                            vf a00 = LD(GP(0, 0)), a01 = LD(GP(0, 1)), a02 = LD(GP(0, 2)), a03 = LD(GP(0, 3));
+                            vf a10 = LD(GP(1, 0)), a11 = LD(GP(1, 1)), a12 = LD(GP(1, 2)), a13 = LD(GP(1, 3));
+                            vf a20 = LD(GP(2, 0)), a21 = LD(GP(2, 1)), a22 = LD(GP(2, 2)), a23 = LD(GP(2, 3));
+                            vf a30 = LD(GP(3, 0)), a31 = LD(GP(3, 1)), a32 = LD(GP(3, 2)), a33 = LD(GP(3, 3));
+                            const float *xa = qat + k0 * RBR * LANES, *xb = qbt + i0 * RBR * LANES;
+                            for (long j = 0; j < n; j++, xa += 4 * LANES, xb += 4 * LANES) {
+                                vf x0 = LD(xa), x1 = LD(xa + LANES), x2 = LD(xa + 2 * LANES), x3 = LD(xa + 3 * LANES);
+                                vf w0 = LD(xb), w1 = LD(xb + LANES), w2 = LD(xb + 2 * LANES), w3 = LD(xb + 3 * LANES);
+                                a00 += w0 * x0; a01 += w1 * x0; a02 += w2 * x0; a03 += w3 * x0;
+                                a10 += w0 * x1; a11 += w1 * x1; a12 += w2 * x1; a13 += w3 * x1;
+                                a20 += w0 * x2; a21 += w1 * x2; a22 += w2 * x2; a23 += w3 * x2;
+                                a30 += w0 * x3; a31 += w1 * x3; a32 += w2 * x3; a33 += w3 * x3;
+                            }
+                            vf acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
+                                            {a20, a21, a22, a23}, {a30, a31, a32, a33}};
+                            for (long kk = 0; kk < 4; kk++)
+                                for (long ii = 0; ii < 4; ii++)
+                                    *(vf *)GP(kk, ii) = acc[kk][ii];
 #undef GP
+                        }
+                    }
                 }
             }
+#pragma omp for schedule(static)
+            for (long p = 0; p < size; p += LANES)
+                for (int t = 1; t < nt; t++)
+                    *(vf *)(G + p) += LD(parts[t] + p);
         }
+        free(qa);
+        if (id > 0)
+            free(Gp);
     }
+    free(parts);
+    return fail ? -1 : 0;
 }
 
 /* States X (rows (b, c), c = 0..nc, each M (Re, Im) row pairs of H lanes): on entry X[b][0] is the
