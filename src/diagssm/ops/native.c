@@ -80,6 +80,20 @@ static inline void fma_k(vf acc[MR][4], const float *pa, const float *w, long K,
     }
 }
 
+/* Within a parallel region: whether every thread allocated its scratch (ok: this thread did);
+ * *fail is set when one did not. A barrier, so that all threads take the same branch. */
+static int all_allocated(int ok, int *fail) {
+    if (!ok) {
+#pragma omp atomic write
+        *fail = 1;
+    }
+#pragma omp barrier
+    int f;
+#pragma omp atomic read
+    f = *fail;
+    return !f;
+}
+
 int rows_mm(float *C, long sCb, long sCc,
             const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1,
             const float *A2, long sA2b, long sA2c, const float *W2, long K2,
@@ -88,12 +102,7 @@ int rows_mm(float *C, long sCb, long sCc,
 #pragma omp parallel
     {
         float *q1 = aligned_alloc(64, (K1 + K2) * RB * H * sizeof(float)), *q2 = q1 ? q1 + K1 * RB * H : 0;
-        if (!q1) {
-#pragma omp atomic write
-            fail = 1;
-        }
-#pragma omp barrier
-        if (!fail) {
+        if (all_allocated(q1 != 0, &fail)) {
 #pragma omp for schedule(static)
             for (long rb = 0; rb < nrows; rb += RB) {
                 long re = rb + RB < nrows ? rb + RB : nrows;
@@ -152,12 +161,7 @@ int rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long
             for (long p = 0; p < size; p++)
                 Gp[p] = 0;
         parts[id] = Gp;
-        if (!qa || !Gp) {
-#pragma omp atomic write
-            fail = 1;
-        }
-#pragma omp barrier
-        if (!fail) {
+        if (all_allocated(qa && Gp, &fail)) {
 #pragma omp for schedule(static)
             for (long rb = 0; rb < nrows; rb += RBR) {
                 long n = rb + RBR < nrows ? RBR : nrows - rb;
