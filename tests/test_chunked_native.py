@@ -72,7 +72,8 @@ def chunk_rows(B, n, K, H, seed):
 @pytest.mark.parametrize("tri", [0, 1, 2])
 def test_row_kernels_match_float64_contractions(threads, tri):
     """rows_mm and rows_red alone, on 3 x 13 rows: blocks of rows and register tiles that do not
-    divide them, two lane tiles, row strides of a (B, L, H) tensor; per thread count."""
+    divide them, two lane tiles, row strides of a (B, L, H) tensor; per thread count. rows_red also
+    as the op's backward calls it: on parts of the rows, its threads' sums kept over the calls."""
     B, n, K, I, H = 3, 13, 16, 12, 32
     A1, A2, Bm = chunk_rows(B, n, K, H, 20), chunk_rows(B, n, 8, H, 21), chunk_rows(B, n, I, H, 22)
     W1, W2 = randn(K, I, H, dtype=torch.float32, seed=23), randn(8, I, H, dtype=torch.float32, seed=24)
@@ -90,6 +91,11 @@ def test_row_kernels_match_float64_contractions(threads, tri):
         chunked_native._red(lib, G, A1, Bm, tri=min(tri, 1))
         G_again = chunked_native._tiles(G0.float())
         chunked_native._red(lib, G_again, A1, Bm, tri=min(tri, 1))
+        G_twice = chunked_native._tiles(G0.float())  # as the op's backward: two calls, one set of thread sums
+        parts = chunked_native._partials(lib, G_twice)
+        for _ in range(2):
+            chunked_native._red(lib, G_twice, A1, Bm, tri=min(tri, 1), parts=parts)
+        chunked_native._add_parts(G_twice, parts)
     finally:
         torch.set_num_threads(before)
     want = torch.einsum("bckh,kih->bcih", A1.double(), W1.double()) + torch.einsum(
@@ -99,6 +105,7 @@ def test_row_kernels_match_float64_contractions(threads, tri):
     keep = (k <= i) if tri else torch.ones(K, I, dtype=torch.bool)  # tri = 1: the rest is left partly summed
     assert_close(got_G[keep], want_G[keep], scale=30)
     assert torch.equal(chunked_native._untile(G_again)[keep], got_G[keep])  # the same sums, in the same order
+    assert_close(chunked_native._untile(G_twice)[keep], (2 * want_G - G0)[keep], scale=30)
 
 
 @needs_native

@@ -78,7 +78,8 @@ def _load():
         return None, f"could not build {SOURCE.name} with {cc}: {detail.strip()[:500]}"
     P, N = ctypes.c_void_p, ctypes.c_long
     lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N]
-    lib.rows_red.argtypes = [P, P, N, N, P, N, N, N, N, N, N, N, N]
+    lib.rows_red.argtypes = [P, P, N, P, N, N, P, N, N, N, N, N, N, N, N]
+    lib.rows_red_block.restype = N
     lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N]
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
@@ -183,11 +184,35 @@ def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0):
     _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, Bsz * n))
 
 
-def _red(lib, G, A, Bm, tri=0):
+def _red(lib, G, A, Bm, tri=0, parts=None):
     """G (tiled, (H/16, K, I, 16)) += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
-    tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed)."""
+    tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed). The threads
+    beyond the first add into `parts` (`_partials`), which a caller that makes several calls for
+    the same G passes to each and adds with `_add_parts` at the end; without them the call uses
+    its own and adds them before it returns."""
     Bsz, n, K, H = A.shape
-    _check(lib.rows_red(G.data_ptr(), *_rows(A), *_rows(Bm), K, G.shape[2], H, n, Bsz * n, tri))
+    own = parts is None
+    if own:
+        parts = _partials(lib, G, Bsz * n)
+    _check(lib.rows_red(G.data_ptr(), parts.data_ptr(), parts.shape[0], *_rows(A), *_rows(Bm), K, G.shape[2], H, n,
+                        Bsz * n, tri))
+    if own:
+        _add_parts(G, parts)
+
+
+def _partials(lib, G, rows=None):
+    """Zeroed partial sums of G for `rows_red`'s threads beyond the first, one per thread that can
+    get a block of the `rows` (any number of rows: every thread)."""
+    threads = torch.get_num_threads()
+    if rows is not None:
+        threads = min(threads, -(-rows // lib.rows_red_block()))
+    return G.new_zeros(max(threads - 1, 0), *G.shape)
+
+
+def _add_parts(G, parts):
+    """G += the partial sums of `_partials`, in thread order (the same sums in the same order on every run)."""
+    for p in parts:
+        G += p
 
 
 def _carry(lib, X, ar, ai):
@@ -285,6 +310,7 @@ class ChunkedNative(torch.autograd.Function):
         g_toe, g_out, g_into, g_into_r = (u.new_zeros(H // LANES, K, I, LANES)
                                           for K, I in ((T, T), (P, T), (T, P), (T, P)))
         gA, gA_r = u.new_zeros(Bsz, P, H), u.new_zeros(Bsz, P, H)  # gradients of A^T, a_r per batch row
+        p_toe, p_out, p_into = (_partials(lib, g) for g in (g_toe, g_out, g_into))  # rows_red's threads' sums
         # the last chunk: its outputs and the final state, through into_r and a_r
         L_last = u.new_empty(Bsz, 2, P, H)  # gradients of the states entering the last chunk and leaving it
         L_last[:, 1] = 0 if g_last is None else _pairs_lanes(g_last.resolve_conj())
@@ -293,8 +319,8 @@ class ChunkedNative(torch.autograd.Function):
         GU_last = u.new_empty(Bsz, 1, T, H)
         _mm(lib, GU_last, G_last, toeT, A2=L_last[:, 1:], W2=_tiles(into_r.permute(2, 1, 0)), tri=2)
         gu[:, L - r:] = GU_last[:, 0, :r]
-        _red(lib, g_toe, U_last, G_last, tri=1)
-        _red(lib, g_out, X[:, nc - 1:nc], G_last)
+        _red(lib, g_toe, U_last, G_last, tri=1, parts=p_toe)
+        _red(lib, g_out, X[:, nc - 1:nc], G_last, parts=p_out)
         _red(lib, g_into_r, U_last, L_last[:, 1:])
         # the full chunks, in time blocks, last first
         ar, ai = _lanes(aT)
@@ -312,11 +338,13 @@ class ChunkedNative(torch.autograd.Function):
             _mm(lib, L_[:, :n], G[:, c0:c1], outT)  # through the block's outputs
             _carry_back(lib, L_, X[:, c0:], ar, ai, gA)
             _mm(lib, GU[:, c0:c1], G[:, c0:c1], toeT, A2=L_[:, 1:], W2=intoT, tri=2)
-            _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1)
-            _red(lib, g_out, X[:, c0:c1], G[:, c0:c1])
-            _red(lib, g_into, U[:, c0:c1], L_[:, 1:])
+            _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1, parts=p_toe)
+            _red(lib, g_out, X[:, c0:c1], G[:, c0:c1], parts=p_out)
+            _red(lib, g_into, U[:, c0:c1], L_[:, 1:], parts=p_into)
             Lb[:, nbk] = L_[:, 0]  # the total gradient of the state entering chunk c0, for the next block
             c1 = c0
+        for g, p in ((g_toe, p_toe), (g_out, p_out), (g_into, p_into)):
+            _add_parts(g, p)
         gW = torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1)  # (H, T + 2M, T)
         return (gu, gW, _untile(g_into).permute(2, 0, 1), _complex_grad(gA, P, H), _untile(g_into_r).permute(2, 0, 1),
                 _complex_grad(gA_r, P, H), _complex_of_lanes(Lb[:, nbk]), None)

@@ -17,7 +17,9 @@
  * rows_mm and rows_red first copy a block of rows into a lane-major scratch (`pack_block`: one
  * sequential read of the rows, then contiguous lanes; reading the lanes in place strides by H floats,
  * which runs the L1's sets short and the prefetchers blind). They return 0, or -1 when a thread could
- * not allocate its scratch (nothing is then written).
+ * not allocate its scratch (nothing is then written). rows_red's threads beyond the first sum into
+ * partial copies of G that the caller owns, so that a backward pass zeroes and adds them once, not on
+ * each of its calls.
  * Each entry point does all its rows and splits them (row blocks or batch rows) over
  * OpenMP threads. Built
  * with -fopenmp, it shares the OpenMP runtime torch has loaded (the same libgomp.so.1), so it runs
@@ -32,10 +34,12 @@ typedef float vf __attribute__((vector_size(64), aligned(4)));
 /* Rows per block: rows_mm packs RB rows of each operand (their lanes of all channels: RB (K1 + K2)
  * H floats, 512 KB at K1 = K2 = 64, H = 128, in L2) and sweeps the lane tiles over them; rows_red
  * packs RBR rows and adds their products into a per-thread copy of G. Chosen by timing the kernels
- * by hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-32 within 5%, RBR 16-32 within 5% and
- * 8 about 15% slower. `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
+ * by hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-32 within 5%, RBR 8 about 15% slower
+ * than 16; since each row's lanes stay in registers (below), RBR 32 a few % faster than 16 (each
+ * block of rows reads and writes the thread's whole G, 2 MB here, more than L2).
+ * `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
 #define RB 8
-#define RBR 16
+#define RBR 32
 /* rows per register tile of rows_mm: 4 rows x 4 outputs = 16 accumulators (6 rows: slower) */
 #define MR 4
 
@@ -72,6 +76,9 @@ static inline void fma_k(vf acc[MR][4], const float *pa, const float *w, long K,
 #pragma GCC unroll 8
         for (int j = 0; j < MR; j++) {
             vf x = LD(pa + (k * MR + j) * LANES);
+            /* loaded once: GCC folds the load into each of the 4 multiply-adds otherwise, 20 loads per 16
+             * multiply-adds, which the load ports cannot feed (+10-30% for both kernels, by hand) */
+            __asm__("" : "+v"(x));
             acc[j][0] += w0 * x;
             acc[j][1] += w1 * x;
             acc[j][2] += w2 * x;
@@ -139,29 +146,25 @@ int rows_mm(float *C, long sCb, long sCc,
     return fail ? -1 : 0;
 }
 
-/* G[k][i][h] += sum over the nrows rows of A[r][k][h] Bm[r][i][h]. Each thread sums its row blocks
- * into its own copy of G (thread 0 into G itself), RBR rows at a time with a 4 x 4 tile of G per lane
- * tile in registers; the copies are then added to G in thread order, so that the result does not
- * change from run to run (it does with the number of threads, as the order of the sums does).
+/* G[k][i][h] += sum over the nrows rows of A[r][k][h] Bm[r][i][h]. Thread 0 sums its row blocks into
+ * G itself, thread t > 0 into parts[t - 1] (nparts <= the number of threads - 1, each K I H floats in
+ * G's layout), RBR rows at a time with a 4 x 4 tile of G per lane tile in registers. The parts are the
+ * caller's: it zeroes them, may pass them to several calls, and adds them to G in order at the end
+ * (chunked_native._red), so that the result does not change from run to run (it does with the number
+ * of threads, as the order of the sums does).
  * Unrolled by hand: the loop form of fma_k ran this kernel at 137-142 GFLOP/s against 148-150
  * (`bench_chunked.py --parts`, two runs each, before the packing). */
-int rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long sBb, long sBc,
-             long K, long I, long H, long nc, long nrows, long tri) {
-    long size = K * I * H;
-    int nth = omp_get_max_threads(), fail = 0;
-    float **parts = calloc(nth, sizeof *parts);
-    if (!parts)
-        return -1;
-#pragma omp parallel num_threads(nth)
+long rows_red_block(void) { return RBR; }
+
+int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long sAc, const float *Bm, long sBb,
+             long sBc, long K, long I, long H, long nc, long nrows, long tri) {
+    int fail = 0;
+#pragma omp parallel num_threads(nparts + 1)
     {
-        int id = omp_get_thread_num(), nt = omp_get_num_threads();
+        int id = omp_get_thread_num();
         float *qa = aligned_alloc(64, RBR * (K + I) * H * sizeof(float)), *qb = qa ? qa + RBR * K * H : 0;
-        float *Gp = id == 0 ? G : aligned_alloc(64, size * sizeof(float));
-        if (Gp && id > 0)
-            for (long p = 0; p < size; p++)
-                Gp[p] = 0;
-        parts[id] = Gp;
-        if (all_allocated(qa && Gp, &fail)) {
+        float *Gp = id == 0 ? G : parts + (id - 1) * K * I * H;
+        if (all_allocated(qa != 0, &fail)) {
 #pragma omp for schedule(static)
             for (long rb = 0; rb < nrows; rb += RBR) {
                 long n = rb + RBR < nrows ? RBR : nrows - rb;
@@ -183,6 +186,8 @@ int rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long
                             for (long j = 0; j < n; j++, xa += 4 * LANES, xb += 4 * LANES) {
                                 vf x0 = LD(xa), x1 = LD(xa + LANES), x2 = LD(xa + 2 * LANES), x3 = LD(xa + 3 * LANES);
                                 vf w0 = LD(xb), w1 = LD(xb + LANES), w2 = LD(xb + 2 * LANES), w3 = LD(xb + 3 * LANES);
+                                __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(w0), "+v"(w1), "+v"(w2),
+                                        "+v"(w3)); /* as in fma_k */
                                 a00 += w0 * x0; a01 += w1 * x0; a02 += w2 * x0; a03 += w3 * x0;
                                 a10 += w0 * x1; a11 += w1 * x1; a12 += w2 * x1; a13 += w3 * x1;
                                 a20 += w0 * x2; a21 += w1 * x2; a22 += w2 * x2; a23 += w3 * x2;
@@ -198,16 +203,9 @@ int rows_red(float *G, const float *A, long sAb, long sAc, const float *Bm, long
                     }
                 }
             }
-#pragma omp for schedule(static)
-            for (long p = 0; p < size; p += LANES)
-                for (int t = 1; t < nt; t++)
-                    *(vf *)(G + p) += LD(parts[t] + p);
         }
         free(qa);
-        if (id > 0)
-            free(Gp);
     }
-    free(parts);
     return fail ? -1 : 0;
 }
 
