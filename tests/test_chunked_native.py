@@ -92,7 +92,7 @@ def test_row_kernels_match_float64_contractions(threads, tri):
         G_again = chunked_native._tiles(G0.float())
         chunked_native._red(lib, G_again, A1, Bm, tri=min(tri, 1))
         G_twice = chunked_native._tiles(G0.float())  # as the op's backward: two calls, one set of thread sums
-        parts = chunked_native._partials(lib, G_twice)
+        parts = chunked_native._partials(lib, G_twice, B * n)
         for _ in range(2):
             chunked_native._red(lib, G_twice, A1, Bm, tri=min(tri, 1), parts=parts)
         chunked_native._add_parts(G_twice, parts)

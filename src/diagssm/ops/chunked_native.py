@@ -200,12 +200,10 @@ def _red(lib, G, A, Bm, tri=0, parts=None):
         _add_parts(G, parts)
 
 
-def _partials(lib, G, rows=None):
-    """Zeroed partial sums of G for `rows_red`'s threads beyond the first, one per thread that can
-    get a block of the `rows` (any number of rows: every thread)."""
-    threads = torch.get_num_threads()
-    if rows is not None:
-        threads = min(threads, -(-rows // lib.rows_red_block()))
+def _partials(lib, G, rows):
+    """Zeroed partial sums of G for `rows_red`'s threads beyond the first: one per thread that can get
+    a block of a call's rows, for calls of at most `rows` rows."""
+    threads = min(torch.get_num_threads(), -(-rows // lib.rows_red_block()))
     return G.new_zeros(max(threads - 1, 0), *G.shape)
 
 
@@ -310,7 +308,9 @@ class ChunkedNative(torch.autograd.Function):
         g_toe, g_out, g_into, g_into_r = (u.new_zeros(H // LANES, K, I, LANES)
                                           for K, I in ((T, T), (P, T), (T, P), (T, P)))
         gA, gA_r = u.new_zeros(Bsz, P, H), u.new_zeros(Bsz, P, H)  # gradients of A^T, a_r per batch row
-        p_toe, p_out, p_into = (_partials(lib, g) for g in (g_toe, g_out, g_into))  # rows_red's threads' sums
+        nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))  # chunks per time block
+        # rows_red's threads' sums, for as many threads as the largest call (Bsz nbk rows) has blocks of rows
+        p_toe, p_out, p_into = (_partials(lib, g, Bsz * nbk) for g in (g_toe, g_out, g_into))
         # the last chunk: its outputs and the final state, through into_r and a_r
         L_last = u.new_empty(Bsz, 2, P, H)  # gradients of the states entering the last chunk and leaving it
         L_last[:, 1] = 0 if g_last is None else _pairs_lanes(g_last.resolve_conj())
@@ -325,7 +325,6 @@ class ChunkedNative(torch.autograd.Function):
         # the full chunks, in time blocks, last first
         ar, ai = _lanes(aT)
         intoT = _tiles(into.permute(2, 1, 0))  # (2M, T s)
-        nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))
         Lb = u.new_empty(Bsz, nbk + 1, P, H)  # the states' gradients of one block, and of the next chunk
         Lb[:, nbk] = L_last[:, 0]
         c1 = nc - 1
