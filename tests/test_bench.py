@@ -179,7 +179,6 @@ def test_bench_chunked_script_times_the_op_and_an_older_file(tmp_path, capsys):
 
 
 def test_bench_chunked_script_picks_the_kernels(capsys):
-    from diagssm.ops import chunked_native
     script = benchmark_script("bench_chunked")
     kernels = ["torch"] + (["native"] if chunked_native.available() else [])
     for k in kernels:
@@ -190,19 +189,17 @@ def test_bench_chunked_script_picks_the_kernels(capsys):
 
 
 def test_bench_s5_times_each_piece(capsys):
-    import re
     script = benchmark_script("bench_s5")
     assert script.main(["--L", "64", "--repeats", "1", "--threads", "1"]) == 0
     line = capsys.readouterr().out.strip()
     ms = dict(re.findall(r"(\w+) ([0-9.]+)(?:,|;|$)", line.split("): ", 1)[1]))
-    from diagssm.ops import chunked_native
     fused = {"fused"} if chunked_native.available() else set()
     assert set(ms) == {"mix_in", "mix_out", "scan", "skip", "loss", "sum"} | fused
     assert all(float(v) > 0 for v in ms.values())
 
 
 def test_bench_s5_times_the_fused_op_per_block_size(capsys):
-    from diagssm.ops import chunked_native, s5_native
+    from diagssm.ops import s5_native
     if not chunked_native.available():
         pytest.skip(f"native kernels unavailable: {chunked_native.why_unavailable()}")
     default = s5_native.TB
@@ -215,7 +212,6 @@ def test_bench_s5_times_the_fused_op_per_block_size(capsys):
 
 
 def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
-    import re
     script = benchmark_script("bench_chunked")
     assert script.main(["--L", "256", "--repeats", "1", "--threads", "1", "--parts"]) == 0
     out = capsys.readouterr().out.splitlines()
@@ -226,7 +222,6 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
     layout = [line for line in out if "layout pass" in line]
     assert len(layout) == 1 and re.search(r"of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", layout[0])
     native = [line for line in out if "native" in line]
-    from diagssm.ops import chunked_native
     if chunked_native.available():
         assert len(native) == 2 and all(re.search(r"[0-9.]+ GFLOP/s$", line) for line in native)
     else:
@@ -234,7 +229,6 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
 
 
 def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
-    import re
 
     import diagssm.ops.chunked as chunked
     script = benchmark_script("bench_chunked")
@@ -251,7 +245,6 @@ def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
 @pytest.mark.skipif(not __import__("diagssm.ops.chunked_native").ops.chunked_native.available(),
                     reason="native kernels unavailable")
 def test_bench_chunked_sections_of_the_native_path(capsys):
-    import re
 
     import diagssm.ops.chunked_native as chunked_native
     script = benchmark_script("bench_chunked")
@@ -270,7 +263,6 @@ def test_one_case_with_profile_prints_its_op_table(capsys):
     out, err = capsys.readouterr()
     r = json.loads(out.strip().splitlines()[-1])
     assert r["layer"] == "s5" and r["impl"] == "scan" and r["fwdbwd_ms"] > 0
-    from diagssm.ops import chunked_native
     # the fused S5 op where the native kernels are built, else the projections B u and Re(C x)
     assert "Self CPU" in err and ("S5Fused" if chunked_native.available() else "aten::mm") in err
     with pytest.raises(SystemExit):

@@ -73,7 +73,7 @@ def chunk_rows(B, n, K, H, seed):
 def test_row_kernels_match_float64_contractions(threads, tri):
     """rows_mm and rows_red alone, on 3 x 13 rows: blocks of rows and register tiles that do not
     divide them, two lane tiles, row strides of a (B, L, H) tensor; per thread count. rows_red also
-    as the op's backward calls it: on parts of the rows, its threads' sums kept over the calls."""
+    as the op's backward calls it: twice, its threads' sums kept over both calls and added at the end."""
     B, n, K, I, H = 3, 13, 16, 12, 32
     A1, A2, Bm = chunk_rows(B, n, K, H, 20), chunk_rows(B, n, 8, H, 21), chunk_rows(B, n, I, H, 22)
     W1, W2 = randn(K, I, H, dtype=torch.float32, seed=23), randn(8, I, H, dtype=torch.float32, seed=24)

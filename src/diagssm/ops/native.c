@@ -33,8 +33,8 @@ typedef float vf __attribute__((vector_size(64), aligned(4)));
 #define LD(p) (*(const vf *)(p))
 /* Rows per block: rows_mm packs RB rows of each operand (their lanes of all channels: RB (K1 + K2)
  * H floats, 512 KB at K1 = K2 = 64, H = 128, in L2) and sweeps the lane tiles over them; rows_red
- * packs RBR rows and adds their products into a per-thread copy of G. Chosen by timing the kernels
- * by hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-32 within 5%, RBR 8 about 15% slower
+ * packs RBR rows and adds their products into its thread's sum (G itself for thread 0). Chosen by
+ * timing the kernels by hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-32 within 5%, RBR 8 about 15% slower
  * than 16; since each row's lanes stay in registers (below), RBR 32 a few % faster than 16 (each
  * block of rows reads and writes the thread's whole G, 2 MB here, more than L2).
  * `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
