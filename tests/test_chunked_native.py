@@ -1,6 +1,11 @@
 """ops.chunked_native: the chunked SSM on native kernels, against the recurrence (its reference twin)
 and the PyTorch path; its build, cache and fallbacks."""
 import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,3 +237,50 @@ def test_double_backward_is_an_error_not_a_wrong_answer():
     (g,) = torch.autograd.grad((y ** 2).sum(), [u], create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         g.sum().backward()
+
+
+# the x86-64 targets that give native.c's tiles each vector width (floats, `vector_floats()`), and the
+# CPU flags a machine needs to run each
+MARCHES = {"x86-64": (4, set()), "haswell": (8, {"avx2", "fma"}),
+           "skylake-avx512": (16, {"avx512f", "avx512bw", "avx512dq", "avx512vl"})}
+x86_with_cc = pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("cc"),
+                                 reason="the x86-64 targets need an x86-64 machine with cc")
+
+
+def cpu_flags():
+    with open("/proc/cpuinfo") as f:
+        return set(next((line for line in f if line.startswith("flags")), "").split())
+
+
+@x86_with_cc
+@pytest.mark.parametrize("march", MARCHES)
+def test_builds_for_every_vector_width_without_a_warning(march, tmp_path):
+    """native.c's register tiles are sized per vector width; a tile sized for AVX-512 once failed
+    to build on an AVX2 machine, which then ran the slower PyTorch path."""
+    cmd = ["cc", f"-march={march}", *chunked_native.FLAGS, "-Wall", "-Wextra", "-Werror", "-o",
+           str(tmp_path / "k.so"), str(chunked_native.SOURCE)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@x86_with_cc
+@needs_native
+@pytest.mark.parametrize("march", MARCHES)
+def test_other_vector_widths_pass_the_native_tests(march, tmp_path):
+    """The native kernels' tests again, in a process whose kernels are built for `march`, where this
+    CPU runs it and its tiles differ from those of this process's build (which this run tests)."""
+    floats, needs = MARCHES[march]
+    if floats == chunked_native.vector_floats():
+        pytest.skip(f"{march}: the vector width of this process's build")
+    if not needs <= cpu_flags():
+        pytest.skip(f"this CPU cannot run {march} code")
+    env = dict(os.environ, DIAGSSM_NATIVE_MARCH=march, DIAGSSM_CACHE=str(tmp_path))
+    root = Path(__file__).resolve().parents[1]
+    probe = "from diagssm.ops import chunked_native as c; print(c.available() and c.vector_floats())"
+    built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert built.stdout.strip() == str(floats), built.stderr[-3000:]
+    files = ["tests/test_chunked_native.py", "tests/test_s5_native.py", "tests/test_scan_native.py"]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k",
+                           "not vector_width"], cwd=root, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]
+    assert "skipped" not in done.stdout, done.stdout[-3000:]

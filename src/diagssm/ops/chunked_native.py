@@ -8,8 +8,10 @@ in `native.c` instead run the same contractions with the channel h as the vector
 layout pass is left, and the chunk states are carried by a native loop as well.
 
 The library is compiled on first use with the machine's C compiler (`cc`, or $CC) for the CPU it
-runs on (-march=native), into $DIAGSSM_CACHE (default ~/.cache/diagssm) under a name keyed by the
-source, the flags and the CPU; it is written to a temporary file and renamed into place. Without a
+runs on (-march=native; $DIAGSSM_NATIVE_MARCH names another target, e.g. x86-64 or haswell), into
+$DIAGSSM_CACHE (default ~/.cache/diagssm) under a name keyed by the source, the flags and the CPU;
+it is written to a temporary file and renamed into place. Its register tiles follow the target's
+vector width (`vector_floats()`: 16 floats with AVX-512, 8 with AVX2, else 4). Without a
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
 Float32 on the CPU only, and one output channel (C' = 1), a chunk length that is a multiple of 4, H a
 multiple of 16 and an even number of modes: `unsupported` says which condition fails. The same
@@ -33,7 +35,7 @@ from diagssm.files import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-std=gnu11", "-fopenmp", "-shared", "-fPIC")
 LANES = 16
 _state = {}  # "lib": the loaded library or None, "why": why not
 
@@ -49,12 +51,17 @@ def _cpu_id():
     return f"{platform.machine()} {platform.processor()} {flags}"
 
 
+def flags():
+    """The compiler's flags: FLAGS, for the CPU that $DIAGSSM_NATIVE_MARCH names (default native)."""
+    return (f"-march={os.environ.get('DIAGSSM_NATIVE_MARCH') or 'native'}",) + FLAGS
+
+
 def _compile(cc, so):
     so.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=so.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags(), "-o", tmp, str(SOURCE)], check=True, capture_output=True, text=True)
         os.replace(tmp, so)
     finally:
         if os.path.exists(tmp):
@@ -67,7 +74,7 @@ def _load():
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return None, "no C compiler (cc, gcc or $CC) on PATH"
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + FLAGS).encode() + _cpu_id().encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc,) + flags()).encode() + _cpu_id().encode())
     so = cache_dir() / f"native-{key.hexdigest()[:16]}.so"
     try:
         if not so.exists():
@@ -79,7 +86,7 @@ def _load():
     P, N = ctypes.c_void_p, ctypes.c_long
     lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N]
     lib.rows_red.argtypes = [P, P, N, P, N, N, P, N, N, N, N, N, N, N, N]
-    lib.rows_red_block.restype = N
+    lib.rows_red_block.restype = lib.vector_floats.restype = N
     lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N]
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
@@ -103,6 +110,11 @@ def library():
 
 def available():
     return library() is not None
+
+
+def vector_floats():
+    """Floats per vector register in the loaded kernels' tiles (16: AVX-512, 8: AVX/AVX2, 4: other)."""
+    return library().vector_floats()
 
 
 def why_unavailable():

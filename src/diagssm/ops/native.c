@@ -28,19 +28,54 @@
  */
 #include <omp.h>
 #include <stdlib.h>
-typedef float vf __attribute__((vector_size(64), aligned(4)));
+typedef float vf __attribute__((vector_size(64), aligned(4))); /* a lane tile: 16 channels */
 #define LANES 16
 #define LD(p) (*(const vf *)(p))
+/* The register tiles (rows_mm, rows_red, the S5 gemm) are written in the machine's own vector, vn
+ * of NL floats, and sized for its register file: with AVX-512, vn is vf and 32 registers hold
+ * tiles of 4 x 4 vectors; with AVX/AVX2 (8 floats, 16 registers) and otherwise (4 floats, SSE or
+ * NEON) a lane tile is LANES / NL vectors and the tiles are 4 x 2. Sized for 32 registers, a tile
+ * of 16 accumulators plus its operands spills on a 16-register machine (GCC cannot even keep the
+ * operands in registers: the build failed on AVX2 with the AVX-512 tile).
+ * HOLD(x): keep a loaded vector in a register. GCC otherwise folds the load into each multiply-add
+ * that uses it (a memory operand), so that a 4 x 4 tile issued 20 loads per 16 multiply-adds, more
+ * than the load ports feed (+10-30% for both row kernels with AVX-512, by hand). */
+#if defined(__AVX512F__)
+#define NL 16
+#define HOLD(x) __asm__("" : "+v"(x))
+#elif defined(__AVX__)
+#define NL 8
+#define HOLD(x) __asm__("" : "+x"(x))
+#elif defined(__SSE2__)
+#define NL 4
+#define HOLD(x) __asm__("" : "+x"(x))
+#else
+#define NL 4
+#define HOLD(x) ((void)0)
+#endif
+typedef float vn __attribute__((vector_size(NL * sizeof(float)), aligned(4)));
+#define LDN(p) (*(const vn *)(p))
+/* tile widths: rows_mm's outputs per tile (of MR rows), rows_red's i per tile (of 4 k), the gemm's
+ * vectors per wide tile (of GR rows) */
+#if NL == 16
+#define NO 4
+#define IR 4
+#define GW 4
+#else
+#define NO 2
+#define IR 2
+#define GW 2
+#endif
 /* Rows per block: rows_mm packs RB rows of each operand (their lanes of all channels: RB (K1 + K2)
  * H floats, 512 KB at K1 = K2 = 64, H = 128, in L2) and sweeps the lane tiles over them; rows_red
  * packs RBR rows and adds their products into its thread's sum (G itself for thread 0). Chosen by
- * timing the kernels by hand at B = 16, H = 128, T = 2M = 64 on 2 cores: RB 8-32 within 5%, RBR 8 about 15% slower
- * than 16; since each row's lanes stay in registers (below), RBR 32 a few % faster than 16 (each
- * block of rows reads and writes the thread's whole G, 2 MB here, more than L2).
+ * timing the kernels by hand at B = 16, H = 128, T = 2M = 64 on 2 cores with AVX-512: RB 8-32 within
+ * 5%, RBR 8 about 15% slower than 16; since each row's lanes stay in registers, RBR 32 a few % faster
+ * than 16 (each block of rows reads and writes the thread's whole G, 2 MB here, more than L2).
  * `benchmarks/bench_chunked.py --parts` times both kernels as they are. */
 #define RB 8
 #define RBR 32
-/* rows per register tile of rows_mm: 4 rows x 4 outputs = 16 accumulators (6 rows: slower) */
+/* rows per register tile of rows_mm: 4 rows x NO outputs (6 rows: slower with AVX-512) */
 #define MR 4
 
 static inline const float *row(const float *base, long r, long nc, long sb, long sc) {
@@ -65,24 +100,26 @@ static void pack_block(float *q, const float *A, long sb, long sc, long K, long 
     }
 }
 
-/* acc[j][q] += sum over k in [lo, hi) of A_j[k] W[k][i0 + q] (one lane tile, MR rows, 4 outputs);
- * pa: the MR rows' packed lanes, row j at k at pa + (k MR + j) 16 */
-static inline void fma_k(vf acc[MR][4], const float *pa, const float *w, long K, long I, long i0, long ho,
-                         long lo, long hi) {
-    const float *wp = w + ho * K * I + (lo * I + i0) * LANES; /* ho / 16 tiles of K I 16 */
+/* acc[j][q] += sum over k in [lo, hi) of A_j[k] W[k][i0 + q] (lanes s .. s + NL - 1 of one lane tile,
+ * MR rows, NO outputs); pa: the MR rows' packed lanes, row j at k at pa + (k MR + j) 16 */
+static inline void fma_k(vn acc[MR][NO], const float *pa, const float *w, long K, long I, long i0, long ho,
+                         long s, long lo, long hi) {
+    const float *wp = w + ho * K * I + (lo * I + i0) * LANES + s; /* ho / 16 tiles of K I 16 */
+    pa += s;
     for (long k = lo; k < hi; k++, wp += I * LANES) {
-        vf w0 = LD(wp), w1 = LD(wp + LANES), w2 = LD(wp + 2 * LANES), w3 = LD(wp + 3 * LANES);
-        __asm__("" : "+v"(w0), "+v"(w1), "+v"(w2), "+v"(w3)); /* held in registers, not reloaded per row */
+        vn wq[NO];
+#pragma GCC unroll 8
+        for (int q = 0; q < NO; q++) {
+            wq[q] = LDN(wp + q * LANES);
+            HOLD(wq[q]); /* held in registers, not reloaded per row */
+        }
 #pragma GCC unroll 8
         for (int j = 0; j < MR; j++) {
-            vf x = LD(pa + (k * MR + j) * LANES);
-            /* loaded once: GCC folds the load into each of the 4 multiply-adds otherwise, 20 loads per 16
-             * multiply-adds, which the load ports cannot feed (+10-30% for both kernels, by hand) */
-            __asm__("" : "+v"(x));
-            acc[j][0] += w0 * x;
-            acc[j][1] += w1 * x;
-            acc[j][2] += w2 * x;
-            acc[j][3] += w3 * x;
+            vn x = LDN(pa + (k * MR + j) * LANES);
+            HOLD(x);
+#pragma GCC unroll 8
+            for (int q = 0; q < NO; q++)
+                acc[j][q] += wq[q] * x;
         }
     }
 }
@@ -124,18 +161,22 @@ int rows_mm(float *C, long sCb, long sCc,
                         float *pc[MR];
                         for (long j = 0; j < MR; j++)
                             pc[j] = (float *)row(C, r + (j < n ? j : n - 1), nc, sCb, sCc);
-                        for (long i0 = 0; i0 < I; i0 += 4) {
-                            vf acc[MR][4];
+                        for (long i0 = 0; i0 < I; i0 += NO) {
+                            long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + NO < K1 ? i0 + NO : K1;
+                            for (long s = 0; s < LANES; s += NL) {
+                                vn acc[MR][NO];
 #pragma GCC unroll 8
-                            for (int j = 0; j < MR; j++)
-                                acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = (vf){0};
-                            long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + 4 < K1 ? i0 + 4 : K1;
-                            fma_k(acc, pk1, W1, K1, I, i0, ho, lo, hi);
-                            if (A2)
-                                fma_k(acc, pk2, W2, K2, I, i0, ho, 0, K2);
-                            for (long j = 0; j < n; j++)
-                                for (long q = 0; q < 4; q++)
-                                    *(vf *)(pc[j] + (i0 + q) * H + ho) = acc[j][q];
+                                for (int j = 0; j < MR; j++)
+#pragma GCC unroll 8
+                                    for (int q = 0; q < NO; q++)
+                                        acc[j][q] = (vn){0};
+                                fma_k(acc, pk1, W1, K1, I, i0, ho, s, lo, hi);
+                                if (A2)
+                                    fma_k(acc, pk2, W2, K2, I, i0, ho, s, 0, K2);
+                                for (long j = 0; j < n; j++)
+                                    for (long q = 0; q < NO; q++)
+                                        *(vn *)(pc[j] + (i0 + q) * H + ho + s) = acc[j][q];
+                            }
                         }
                     }
                 }
@@ -155,6 +196,7 @@ int rows_mm(float *C, long sCb, long sCc,
  * Unrolled by hand: the loop form of fma_k ran this kernel at 137-142 GFLOP/s against 148-150
  * (`bench_chunked.py --parts`, two runs each, before the packing). */
 long rows_red_block(void) { return RBR; }
+long vector_floats(void) { return NL; }
 
 int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long sAc, const float *Bm, long sBb,
              long sBc, long K, long I, long H, long nc, long nrows, long tri) {
@@ -173,32 +215,42 @@ int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long
                 for (long ho = 0; ho < H; ho += LANES) {
                     const float *qat = qa + ho * RBR * K, *qbt = qb + ho * RBR * I;
                     for (long k0 = 0; k0 < K; k0 += 4) {
-                        for (long i0 = 0; i0 < I; i0 += 4) {
-                            if (tri == 1 && k0 >= i0 + 4)
+                        for (long i0 = 0; i0 < I; i0 += IR) {
+                            if (tri == 1 && k0 >= i0 + IR)
                                 continue; /* G[k][i] with k > i not wanted */
-                            float *g = Gp + ho * K * I + (k0 * I + i0) * LANES;
-#define GP(kk, ii) (g + ((kk) * I + (ii)) * LANES)
-                            vf a00 = LD(GP(0, 0)), a01 = LD(GP(0, 1)), a02 = LD(GP(0, 2)), a03 = LD(GP(0, 3));
-                            vf a10 = LD(GP(1, 0)), a11 = LD(GP(1, 1)), a12 = LD(GP(1, 2)), a13 = LD(GP(1, 3));
-                            vf a20 = LD(GP(2, 0)), a21 = LD(GP(2, 1)), a22 = LD(GP(2, 2)), a23 = LD(GP(2, 3));
-                            vf a30 = LD(GP(3, 0)), a31 = LD(GP(3, 1)), a32 = LD(GP(3, 2)), a33 = LD(GP(3, 3));
-                            const float *xa = qat + k0 * RBR * LANES, *xb = qbt + i0 * RBR * LANES;
-                            for (long j = 0; j < n; j++, xa += 4 * LANES, xb += 4 * LANES) {
-                                vf x0 = LD(xa), x1 = LD(xa + LANES), x2 = LD(xa + 2 * LANES), x3 = LD(xa + 3 * LANES);
-                                vf w0 = LD(xb), w1 = LD(xb + LANES), w2 = LD(xb + 2 * LANES), w3 = LD(xb + 3 * LANES);
-                                __asm__("" : "+v"(x0), "+v"(x1), "+v"(x2), "+v"(x3), "+v"(w0), "+v"(w1), "+v"(w2),
-                                        "+v"(w3)); /* as in fma_k */
-                                a00 += w0 * x0; a01 += w1 * x0; a02 += w2 * x0; a03 += w3 * x0;
-                                a10 += w0 * x1; a11 += w1 * x1; a12 += w2 * x1; a13 += w3 * x1;
-                                a20 += w0 * x2; a21 += w1 * x2; a22 += w2 * x2; a23 += w3 * x2;
-                                a30 += w0 * x3; a31 += w1 * x3; a32 += w2 * x3; a33 += w3 * x3;
+                            for (long s = 0; s < LANES; s += NL) {
+                                float *g = Gp + ho * K * I + (k0 * I + i0) * LANES + s;
+                                vn acc[4][IR];
+#pragma GCC unroll 8
+                                for (int kk = 0; kk < 4; kk++)
+#pragma GCC unroll 8
+                                    for (int ii = 0; ii < IR; ii++)
+                                        acc[kk][ii] = LDN(g + (kk * I + ii) * LANES);
+                                /* the packed rows: 4 k (or 4 i) per row, from i0's group of 4 */
+                                const float *xa = qat + k0 * RBR * LANES + s;
+                                const float *xb = qbt + ((i0 & ~3L) * RBR + (i0 & 3)) * LANES + s;
+                                for (long j = 0; j < n; j++, xa += 4 * LANES, xb += 4 * LANES) {
+                                    vn x[4], w[IR];
+#pragma GCC unroll 8
+                                    for (int kk = 0; kk < 4; kk++) {
+                                        x[kk] = LDN(xa + kk * LANES);
+                                        HOLD(x[kk]);
+                                    }
+#pragma GCC unroll 8
+                                    for (int ii = 0; ii < IR; ii++) {
+                                        w[ii] = LDN(xb + ii * LANES);
+                                        HOLD(w[ii]);
+                                    }
+#pragma GCC unroll 8
+                                    for (int kk = 0; kk < 4; kk++)
+#pragma GCC unroll 8
+                                        for (int ii = 0; ii < IR; ii++)
+                                            acc[kk][ii] += w[ii] * x[kk];
+                                }
+                                for (long kk = 0; kk < 4; kk++)
+                                    for (long ii = 0; ii < IR; ii++)
+                                        *(vn *)(g + (kk * I + ii) * LANES) = acc[kk][ii];
                             }
-                            vf acc[4][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13},
-                                            {a20, a21, a22, a23}, {a30, a31, a32, a33}};
-                            for (long kk = 0; kk < 4; kk++)
-                                for (long ii = 0; ii < 4; ii++)
-                                    *(vf *)GP(kk, ii) = acc[kk][ii];
-#undef GP
                         }
                     }
                 }
@@ -348,24 +400,26 @@ void scan_bwd(float *lam, const float *g, const float *h, const float *a, const 
  * The backward walks the blocks in reverse the same way. Rows split over OpenMP threads by batch row.
  * H and P2 = 2 x modes must be multiples of 16. */
 
-/* GEMM tile: C[i][0 : 16 NV] (= or +=) sum_k A[i sai + k sak] W[k sw + 0 : 16 NV], rows i < n <= GR.
+/* GEMM tile: C[i][0 : NL NV] (= or +=) sum_k A[i sai + k sak] W[k sw + 0 : NL NV], rows i < n <= GR.
  * A's entries are broadcast, W's rows are vectors: GR x NV accumulators. */
 #define GR 4
 #define GEMM_TILE(NAME, NV)                                                                          \
-    static inline void NAME(float *C, long sc, const float *A, long sai, long sak, const float *W,    \
-                            long sw, long K, long n, int add) {                                       \
+    static inline void NAME(float *C, long sc, const float *A, long sai, long sak, const float *W,   \
+                            long sw, long K, long n, int add) {                                      \
         const float *a[GR];                                                                          \
-        vf acc[GR][NV];                                                                              \
+        vn acc[GR][NV];                                                                              \
         for (int i = 0; i < GR; i++) {                                                               \
-            a[i] = A + (i < n ? i : n - 1) * sai; /* rows past n repeat the last one, not stored */   \
+            a[i] = A + (i < n ? i : n - 1) * sai; /* rows past n repeat the last one, not stored */  \
             for (int q = 0; q < NV; q++)                                                             \
-                acc[i][q] = add && i < n ? LD(C + i * sc + q * LANES) : (vf){0};                     \
+                acc[i][q] = add && i < n ? LDN(C + i * sc + q * NL) : (vn){0};                       \
         }                                                                                            \
         for (long k = 0; k < K; k++) {                                                               \
             const float *wk = W + k * sw;                                                            \
-            vf w[NV];                                                                                \
-            for (int q = 0; q < NV; q++)                                                             \
-                w[q] = LD(wk + q * LANES);                                                           \
+            vn w[NV];                                                                                \
+            for (int q = 0; q < NV; q++) {                                                           \
+                w[q] = LDN(wk + q * NL);                                                             \
+                HOLD(w[q]);                                                                          \
+            }                                                                                        \
             for (int i = 0; i < GR; i++) {                                                           \
                 float s = a[i][k * sak];                                                             \
                 for (int q = 0; q < NV; q++)                                                         \
@@ -374,22 +428,22 @@ void scan_bwd(float *lam, const float *g, const float *h, const float *a, const 
         }                                                                                            \
         for (long i = 0; i < n; i++)                                                                 \
             for (int q = 0; q < NV; q++)                                                             \
-                *(vf *)(C + i * sc + q * LANES) = acc[i][q];                                         \
+                *(vn *)(C + i * sc + q * NL) = acc[i][q];                                            \
     }
-GEMM_TILE(gtile4, 4)
-GEMM_TILE(gtile1, 1)
+GEMM_TILE(gtile_wide, GW)
+GEMM_TILE(gtile16, LANES / NL)
 
 /* C (rows x N, row stride sc) (= or +=) A (rows x K, strides sai, sak) W (K x N, row stride sw);
- * N a multiple of 16. Column tiles outside, so that one W panel (K x 64) serves every row. */
+ * N a multiple of 16. Column tiles outside, so that one W panel (K x GW NL) serves every row. */
 static void gemm(float *C, long sc, const float *A, long sai, long sak, const float *W, long sw,
                  long rows, long K, long N, int add) {
     long j = 0;
-    for (; j + 4 * LANES <= N; j += 4 * LANES)
+    for (; j + GW * NL <= N; j += GW * NL)
         for (long i = 0; i < rows; i += GR)
-            gtile4(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
+            gtile_wide(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
     for (; j < N; j += LANES)
         for (long i = 0; i < rows; i += GR)
-            gtile1(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
+            gtile16(C + i * sc + j, sc, A + i * sai, sai, sak, W + j, sw, K, rows - i < GR ? rows - i : GR, add);
 }
 
 /* Forward. u, y (B, L, H); xs (B, L, P2) the states (saved for the backward); hlast (B, P2);
