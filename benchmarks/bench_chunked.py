@@ -191,7 +191,7 @@ def native_parts(u, T, M):
         return
     lib, nc, P = cn.library(), L // T, 2 * M
     U, X = u.view(Bsz, nc, T, H), torch.randn(Bsz, nc, P, H)
-    W, G = cn._tiles(torch.randn(T, P, H)), torch.zeros(H // cn.LANES, P, T, cn.LANES)
+    W, G = cn._tiles(torch.randn(T, P, H)), cn._tiled_zeros(torch.empty(0), P, T, H)
     flops = 2 * Bsz * L * P * H
     for name, fn in (("rows_mm (rows x T) -> 2M", lambda: cn._mm(lib, X, U, W)),
                      ("rows_red 2M x T, summed over rows", lambda: cn._red(lib, G, X, U))):

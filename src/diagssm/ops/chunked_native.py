@@ -86,7 +86,8 @@ def _load():
     P, N = ctypes.c_void_p, ctypes.c_long
     lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N]
     lib.rows_red.argtypes = [P, P, N, P, N, N, P, N, N, N, N, N, N, N, N]
-    lib.rows_red_block.restype = lib.vector_floats.restype = N
+    lib.rows_red_block.restype = lib.vector_floats.restype = lib.strip_width.restype = N
+    lib.strip_width.argtypes = [N]
     lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N]
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
@@ -170,15 +171,29 @@ def _rows(t):
 
 
 def _tiles(w):
-    """(K, I, H) weights -> (H/16, K, I, 16), the layout of the kernels' weights."""
+    """(K, I, H) weights -> (H/V, I/S, K, S, V), the layout of the kernels' weights: per tile of V
+    channels (V = `vector_floats()`), strips of S outputs (the kernels' `strip_width(I)`), each
+    strip (K, S, V) contiguous."""
     K, I, H = w.shape
-    return w.reshape(K, I, H // LANES, LANES).permute(2, 0, 1, 3).contiguous()
+    lib = library()
+    S, V = lib.strip_width(I), lib.vector_floats()
+    return w.reshape(K, I // S, S, H // V, V).permute(3, 1, 0, 2, 4).contiguous()
 
 
 def _untile(g):
-    """The inverse of `_tiles`: (H/16, K, I, 16) -> (K, I, H)."""
-    n, K, I, _ = g.shape
-    return g.permute(1, 2, 0, 3).reshape(K, I, n * LANES)
+    """The inverse of `_tiles`: (H/V, I/S, K, S, V) -> (K, I, H)."""
+    n, m, K, S, V = g.shape
+    return g.permute(2, 1, 3, 0, 4).reshape(K, m * S, n * V)
+
+
+def _tiled_zeros(like, K, I, H):
+    """Zero (K, I, H) weights (gradients) in the layout of `_tiles`."""
+    return _tiles(like.new_zeros(K, I, H))
+
+
+def _KI(w):
+    """(K, I) of weights in the layout of `_tiles`."""
+    return w.shape[2], w.shape[1] * w.shape[3]
 
 
 def _check(status):
@@ -192,12 +207,12 @@ def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0):
     (B, n), W tiled (`_tiles`); tri: W1 is zero below (1: where k > i) or above (2: k < i) its diagonal."""
     Bsz, n, I, H = C.shape
     r2 = _rows(A2) if A2 is not None else (None, 0, 0)
-    w2, K2 = (W2.data_ptr(), W2.shape[1]) if W2 is not None else (None, 0)
-    _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), W1.shape[1], tri, *r2, w2, K2, I, H, n, Bsz * n))
+    w2, K2 = (W2.data_ptr(), _KI(W2)[0]) if W2 is not None else (None, 0)
+    _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), _KI(W1)[0], tri, *r2, w2, K2, I, H, n, Bsz * n))
 
 
 def _red(lib, G, A, Bm, tri=0, parts=None):
-    """G (tiled, (H/16, K, I, 16)) += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
+    """G (K, I, H), tiled (`_tiles`), += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
     tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed). The threads
     beyond the first add into `parts` (`_partials`), which a caller that makes several calls for
     the same G passes to each and adds with `_add_parts` at the end; without them the call uses
@@ -206,7 +221,7 @@ def _red(lib, G, A, Bm, tri=0, parts=None):
     own = parts is None
     if own:
         parts = _partials(lib, G, Bsz * n)
-    _check(lib.rows_red(G.data_ptr(), parts.data_ptr(), parts.shape[0], *_rows(A), *_rows(Bm), K, G.shape[2], H, n,
+    _check(lib.rows_red(G.data_ptr(), parts.data_ptr(), parts.shape[0], *_rows(A), *_rows(Bm), K, _KI(G)[1], H, n,
                         Bsz * n, tri))
     if own:
         _add_parts(G, parts)
@@ -317,8 +332,7 @@ class ChunkedNative(torch.autograd.Function):
         GU = gu[:, :L - r].view(U.shape)
         outT = _tiles(W[:, T:].permute(2, 1, 0))  # (T t, 2M, H): G rows -> the states' gradients
         toeT = _tiles(W[:, :T].permute(2, 1, 0))  # (T t, T s)
-        g_toe, g_out, g_into, g_into_r = (u.new_zeros(H // LANES, K, I, LANES)
-                                          for K, I in ((T, T), (P, T), (T, P), (T, P)))
+        g_toe, g_out, g_into, g_into_r = (_tiled_zeros(u, K, I, H) for K, I in ((T, T), (P, T), (T, P), (T, P)))
         gA, gA_r = u.new_zeros(Bsz, P, H), u.new_zeros(Bsz, P, H)  # gradients of A^T, a_r per batch row
         nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))  # chunks per time block
         # rows_red's threads' sums, for as many threads as the largest call (Bsz nbk rows) has blocks of rows

@@ -55,17 +55,27 @@ typedef float vf __attribute__((vector_size(64), aligned(4))); /* a lane tile: 1
 #endif
 typedef float vn __attribute__((vector_size(NL * sizeof(float)), aligned(4)));
 #define LDN(p) (*(const vn *)(p))
-/* tile widths: rows_mm's outputs per tile (of MR rows), rows_red's i per tile (of 4 k), the gemm's
- * vectors per wide tile (of GR rows) */
+/* tile widths: rows_mm's outputs per tile (of MR rows) and rows_red's i per tile (of 4 k), which are
+ * also the width of the weights' strips (below); the gemm's vectors per wide tile (of GR rows) */
 #if NL == 16
 #define NO 4
-#define IR 4
 #define GW 4
 #else
 #define NO 2
-#define IR 2
 #define GW 2
 #endif
+/* Weights and their gradients, (K, I) per channel, are stored per lane tile of NL channels, in strips
+ * of SW(I) outputs, each strip (K, SW, NL) contiguous: entry (k, i) of lane tile t at t K I NL +
+ * WAT(K, I, k, i). With 8 or 4 floats per vector the strips are a tile's NO outputs, so that a tile
+ * reads its weights as one sequential stream: in (K, I, NL) order its loads strided by I NL floats,
+ * all in one set of the L1, and the op's rows_mm ran ~20% slower on AVX2 (by hand). With AVX-512 the
+ * strip is the whole row, (K, I, 16): strips were measured no faster there in the op (session 13). */
+#if NL == 16
+#define SW(I) (I)
+#else
+#define SW(I) NO
+#endif
+#define WAT(K, I, k, i) ((((i) / SW(I) * (K) + (k)) * SW(I) + (i) % SW(I)) * NL)
 /* Rows per block: rows_mm packs RB rows of each operand (their lanes of all channels: RB (K1 + K2)
  * H floats, 512 KB at K1 = K2 = 64, H = 128, in L2) and sweeps the lane tiles over them; rows_red
  * packs RBR rows and adds their products into its thread's sum (G itself for thread 0). Chosen by
@@ -93,29 +103,28 @@ static void pack_block(float *q, const float *A, long sb, long sc, long K, long 
     for (long j = 0; j < rows; j++) {
         const float *ra = row(A, r0 + (j < n ? j : n - 1), nc, sb, sc);
         for (long k = 0; k < K; k++) {
-            float *qk = q + (kq ? (k / 4 * nb + j) * 4 + k % 4 : (j / g * K + k) * g + j % g) * LANES;
-            for (long t = 0; t < H / LANES; t++)
-                *(vf *)(qk + t * nb * K * LANES) = LD(ra + k * H + t * LANES);
+            float *qk = q + (kq ? (k / 4 * nb + j) * 4 + k % 4 : (j / g * K + k) * g + j % g) * NL;
+            for (long t = 0; t < H / NL; t++)
+                *(vn *)(qk + t * nb * K * NL) = LDN(ra + k * H + t * NL);
         }
     }
 }
 
-/* acc[j][q] += sum over k in [lo, hi) of A_j[k] W[k][i0 + q] (lanes s .. s + NL - 1 of one lane tile,
- * MR rows, NO outputs); pa: the MR rows' packed lanes, row j at k at pa + (k MR + j) 16 */
+/* acc[j][q] += sum over k in [lo, hi) of A_j[k] W[k][i0 + q] (one lane tile, MR rows, NO outputs);
+ * pa: the MR rows' packed lanes, row j at k at pa + (k MR + j) NL */
 static inline void fma_k(vn acc[MR][NO], const float *pa, const float *w, long K, long I, long i0, long ho,
-                         long s, long lo, long hi) {
-    const float *wp = w + ho * K * I + (lo * I + i0) * LANES + s; /* ho / 16 tiles of K I 16 */
-    pa += s;
-    for (long k = lo; k < hi; k++, wp += I * LANES) {
+                         long lo, long hi) {
+    const float *wp = w + ho * K * I + WAT(K, I, lo, i0); /* ho / NL tiles of K I NL */
+    for (long k = lo; k < hi; k++, wp += SW(I) * NL) {
         vn wq[NO];
 #pragma GCC unroll 8
         for (int q = 0; q < NO; q++) {
-            wq[q] = LDN(wp + q * LANES);
+            wq[q] = LDN(wp + q * NL);
             HOLD(wq[q]); /* held in registers, not reloaded per row */
         }
 #pragma GCC unroll 8
         for (int j = 0; j < MR; j++) {
-            vn x = LDN(pa + (k * MR + j) * LANES);
+            vn x = LDN(pa + (k * MR + j) * NL);
             HOLD(x);
 #pragma GCC unroll 8
             for (int q = 0; q < NO; q++)
@@ -153,30 +162,28 @@ int rows_mm(float *C, long sCb, long sCc,
                 pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, re - rb, RB, MR, 0);
                 if (A2)
                     pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, re - rb, RB, MR, 0);
-                for (long ho = 0; ho < H; ho += LANES) {
+                for (long ho = 0; ho < H; ho += NL) {
                     for (long r = rb; r < re; r += MR) {
                         long n = re - r < MR ? re - r : MR; /* rows past n repeat the last row, not stored */
-                        long at = ho / LANES * RB + (r - rb); /* the group's rows in the packed tile */
-                        const float *pk1 = q1 + at * K1 * LANES, *pk2 = q2 + at * K2 * LANES;
+                        long at = ho / NL * RB + (r - rb); /* the group's rows in the packed tile */
+                        const float *pk1 = q1 + at * K1 * NL, *pk2 = q2 + at * K2 * NL;
                         float *pc[MR];
                         for (long j = 0; j < MR; j++)
                             pc[j] = (float *)row(C, r + (j < n ? j : n - 1), nc, sCb, sCc);
                         for (long i0 = 0; i0 < I; i0 += NO) {
                             long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + NO < K1 ? i0 + NO : K1;
-                            for (long s = 0; s < LANES; s += NL) {
-                                vn acc[MR][NO];
+                            vn acc[MR][NO];
 #pragma GCC unroll 8
-                                for (int j = 0; j < MR; j++)
+                            for (int j = 0; j < MR; j++)
 #pragma GCC unroll 8
-                                    for (int q = 0; q < NO; q++)
-                                        acc[j][q] = (vn){0};
-                                fma_k(acc, pk1, W1, K1, I, i0, ho, s, lo, hi);
-                                if (A2)
-                                    fma_k(acc, pk2, W2, K2, I, i0, ho, s, 0, K2);
-                                for (long j = 0; j < n; j++)
-                                    for (long q = 0; q < NO; q++)
-                                        *(vn *)(pc[j] + (i0 + q) * H + ho + s) = acc[j][q];
-                            }
+                                for (int q = 0; q < NO; q++)
+                                    acc[j][q] = (vn){0};
+                            fma_k(acc, pk1, W1, K1, I, i0, ho, lo, hi);
+                            if (A2)
+                                fma_k(acc, pk2, W2, K2, I, i0, ho, 0, K2);
+                            for (long j = 0; j < n; j++)
+                                for (long q = 0; q < NO; q++)
+                                    *(vn *)(pc[j] + (i0 + q) * H + ho) = acc[j][q];
                         }
                     }
                 }
@@ -197,6 +204,10 @@ int rows_mm(float *C, long sCb, long sCc,
  * (`bench_chunked.py --parts`, two runs each, before the packing). */
 long rows_red_block(void) { return RBR; }
 long vector_floats(void) { return NL; }
+long strip_width(long I) {
+    (void)I; /* unused where the strips are NO wide */
+    return SW(I);
+}
 
 int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long sAc, const float *Bm, long sBb,
              long sBc, long K, long I, long H, long nc, long nrows, long tri) {
@@ -212,45 +223,43 @@ int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long
                 long n = rb + RBR < nrows ? RBR : nrows - rb;
                 pack_block(qa, A, sAb, sAc, K, H, nc, rb, n, RBR, 1, 1);
                 pack_block(qb, Bm, sBb, sBc, I, H, nc, rb, n, RBR, 1, 1);
-                for (long ho = 0; ho < H; ho += LANES) {
+                for (long ho = 0; ho < H; ho += NL) {
                     const float *qat = qa + ho * RBR * K, *qbt = qb + ho * RBR * I;
                     for (long k0 = 0; k0 < K; k0 += 4) {
-                        for (long i0 = 0; i0 < I; i0 += IR) {
-                            if (tri == 1 && k0 >= i0 + IR)
+                        for (long i0 = 0; i0 < I; i0 += NO) {
+                            if (tri == 1 && k0 >= i0 + NO)
                                 continue; /* G[k][i] with k > i not wanted */
-                            for (long s = 0; s < LANES; s += NL) {
-                                float *g = Gp + ho * K * I + (k0 * I + i0) * LANES + s;
-                                vn acc[4][IR];
+                            float *g = Gp + ho * K * I + WAT(K, I, k0, i0); /* (k0 + kk, i0 + ii) at */
+                            vn acc[4][NO];                               /* g + (kk SW + ii) NL */
+#pragma GCC unroll 8
+                            for (int kk = 0; kk < 4; kk++)
+#pragma GCC unroll 8
+                                for (int ii = 0; ii < NO; ii++)
+                                    acc[kk][ii] = LDN(g + (kk * SW(I) + ii) * NL);
+                            /* the packed rows: 4 k (or 4 i) per row, from i0's group of 4 */
+                            const float *xa = qat + k0 * RBR * NL;
+                            const float *xb = qbt + ((i0 & ~3L) * RBR + (i0 & 3)) * NL;
+                            for (long j = 0; j < n; j++, xa += 4 * NL, xb += 4 * NL) {
+                                vn x[4], w[NO];
+#pragma GCC unroll 8
+                                for (int kk = 0; kk < 4; kk++) {
+                                    x[kk] = LDN(xa + kk * NL);
+                                    HOLD(x[kk]);
+                                }
+#pragma GCC unroll 8
+                                for (int ii = 0; ii < NO; ii++) {
+                                    w[ii] = LDN(xb + ii * NL);
+                                    HOLD(w[ii]);
+                                }
 #pragma GCC unroll 8
                                 for (int kk = 0; kk < 4; kk++)
 #pragma GCC unroll 8
-                                    for (int ii = 0; ii < IR; ii++)
-                                        acc[kk][ii] = LDN(g + (kk * I + ii) * LANES);
-                                /* the packed rows: 4 k (or 4 i) per row, from i0's group of 4 */
-                                const float *xa = qat + k0 * RBR * LANES + s;
-                                const float *xb = qbt + ((i0 & ~3L) * RBR + (i0 & 3)) * LANES + s;
-                                for (long j = 0; j < n; j++, xa += 4 * LANES, xb += 4 * LANES) {
-                                    vn x[4], w[IR];
-#pragma GCC unroll 8
-                                    for (int kk = 0; kk < 4; kk++) {
-                                        x[kk] = LDN(xa + kk * LANES);
-                                        HOLD(x[kk]);
-                                    }
-#pragma GCC unroll 8
-                                    for (int ii = 0; ii < IR; ii++) {
-                                        w[ii] = LDN(xb + ii * LANES);
-                                        HOLD(w[ii]);
-                                    }
-#pragma GCC unroll 8
-                                    for (int kk = 0; kk < 4; kk++)
-#pragma GCC unroll 8
-                                        for (int ii = 0; ii < IR; ii++)
-                                            acc[kk][ii] += w[ii] * x[kk];
-                                }
-                                for (long kk = 0; kk < 4; kk++)
-                                    for (long ii = 0; ii < IR; ii++)
-                                        *(vn *)(g + (kk * I + ii) * LANES) = acc[kk][ii];
+                                    for (int ii = 0; ii < NO; ii++)
+                                        acc[kk][ii] += w[ii] * x[kk];
                             }
+                            for (long kk = 0; kk < 4; kk++)
+                                for (long ii = 0; ii < NO; ii++)
+                                    *(vn *)(g + (kk * SW(I) + ii) * NL) = acc[kk][ii];
                         }
                     }
                 }
