@@ -281,3 +281,14 @@ def test_bench_backends_times_both_backends_per_dtype_and_length(capsys):
         assert chunked > 0 and fft > 0  # ms to 0.1: the ratio, from the unrounded times, agrees to that
         assert abs(ratio - fft / chunked) <= (0.05 / fft + 0.05 / chunked) * ratio + 0.005
         assert r[6].strip() == "chunked"  # what "auto" picks on the CPU
+
+
+@pytest.mark.parametrize("flags,vectors", [("fpu avx2 fma avx512f avx512bw", "AVX-512"), ("fpu avx avx2 fma", "AVX2"),
+                                           ("fpu sse2", "no AVX2")])
+def test_cpu_model_names_family_model_and_vector_width(flags, vectors, tmp_path):
+    """Machines of one name (AMD EPYC) came with and without AVX-512; the report's header tells them apart."""
+    cpu = "processor\t: {}\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nflags\t\t: {}\n\n"
+    info = tmp_path / "cpuinfo"
+    info.write_text(cpu.format(0, flags) + cpu.format(1, flags))
+    assert bench.cpu_model(str(info)) == f"AMD EPYC (2 logical CPUs; family 25 model 17, {vectors})"
+    assert bench.cpu_model(str(tmp_path / "missing")) == "unknown"

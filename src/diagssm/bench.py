@@ -417,13 +417,25 @@ def limits(results, args):
 
 
 # ---------------------------------------------------------------- output
-def cpu_model():
+def cpu_model(cpuinfo="/proc/cpuinfo"):
+    """The CPU: its name, logical CPUs, family and model, and its widest vector extension (machines of
+    one name differ: the native kernels' tiles follow the vector width)."""
     try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        return f"{names[0]} ({len(names)} logical CPUs)"
-    except (OSError, IndexError):
+        with open(cpuinfo) as f:
+            lines = [line.split(":", 1) for line in f if ":" in line]
+    except OSError:
         return "unknown"
+
+    def field(key):
+        return [value.strip() for name, value in lines if name.strip() == key]
+
+    names, family, model = field("model name"), field("cpu family"), field("model")
+    if not names:
+        return "unknown"
+    flags = set((field("flags") or [""])[0].split())
+    vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    ident = f"family {family[0]} model {model[0]}, " if family and model else ""
+    return f"{names[0]} ({len(names)} logical CPUs; {ident}{vectors})"
 
 
 def header(args, results, saved=None):

@@ -3,13 +3,13 @@
  *
  * A "row" is one chunk of one batch row: rows (b, c) at base + b sb + c sc, each a (K, H) block of
  * floats with the channel innermost (a (T, H) chunk of u or y, a (2M, H) state). Weights (and
- * weight gradients) are (H/16, K, I, 16): a (K, I) block of 16 lanes per tile of 16 channels, so
- * that one tile's weights are contiguous. The work:
+ * weight gradients) are stored per lane tile of NL channels (one machine vector, below), each tile's
+ * (K, I) block contiguous (in strips: WAT below). The work:
  *   rows_mm   C[r][i][h]  = sum_k A1[r][k][h] W1[k][i][h] + sum_k A2[r][k][h] W2[k][i][h]
  *   rows_red  G[k][i][h] += sum_r A[r][k][h] Bm[r][i][h]      (a weight gradient)
  * A triangular W1 (tri1 = 1: zero where k > i, the causal Toeplitz block; 2: zero where k < i, its
- * transpose) skips the zero blocks of 4, and rows_red with tri = 1 only fills G[k][i] for k <= i
- * (to within a block of 4): half the work of the Toeplitz parts.
+ * transpose) skips the zero blocks of a tile's outputs, and rows_red with tri = 1 only fills G[k][i]
+ * for k <= i (to within a tile): half the work of the Toeplitz parts.
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
  *   scan_fwd / scan_bwd    ops/scan.py's scan with a constant A_bar, on complex64 (B, L, P).
  *   s5_fwd / s5_bwd        the fused S5 layer of ops/s5_native.py (GEMMs, scan and skip term per
@@ -92,11 +92,11 @@ static inline const float *row(const float *base, long r, long nc, long sb, long
     return base + (r / nc) * sb + (r % nc) * sc;
 }
 
-/* The lanes of rows r0 .. r0 + n - 1 of A (n <= nb) into q, lane tile t's block (nb K 16 floats) at
- * q + t nb K 16, each entry a vector of 16 lanes, in one of two orders:
+/* The lanes of rows r0 .. r0 + n - 1 of A (n <= nb) into q, lane tile t's block (nb K NL floats) at
+ * q + t nb K NL, each entry a vector of NL lanes, in one of two orders:
  *   by rows (kq = 0): groups of g rows, row j at k at [j / g][k][j % g]; rows up to the next multiple
  *                     of g repeat the last one (rows_mm's register tile of g rows);
- *   by k (kq = 1):    groups of 4 k, at [k / 4][j][k % 4] (rows_red's 4 x 4 tile of G). */
+ *   by k (kq = 1):    groups of 4 k, at [k / 4][j][k % 4] (rows_red's 4 x NO tile of G). */
 static void pack_block(float *q, const float *A, long sb, long sc, long K, long H, long nc, long r0,
                        long n, long nb, long g, int kq) {
     long rows = kq ? n : (n + g - 1) / g * g;
@@ -196,12 +196,12 @@ int rows_mm(float *C, long sCb, long sCc,
 
 /* G[k][i][h] += sum over the nrows rows of A[r][k][h] Bm[r][i][h]. Thread 0 sums its row blocks into
  * G itself, thread t > 0 into parts[t - 1] (nparts <= the number of threads - 1, each K I H floats in
- * G's layout), RBR rows at a time with a 4 x 4 tile of G per lane tile in registers. The parts are the
+ * G's layout), RBR rows at a time with a 4 x NO tile of G per lane tile in registers. The parts are the
  * caller's: it zeroes them, may pass them to several calls, and adds them to G in order at the end
  * (chunked_native._red), so that the result does not change from run to run (it does with the number
  * of threads, as the order of the sums does).
- * Unrolled by hand: the loop form of fma_k ran this kernel at 137-142 GFLOP/s against 148-150
- * (`bench_chunked.py --parts`, two runs each, before the packing). */
+ * Its tile is written as loops that GCC unrolls completely; with AVX-512 they compile to the same
+ * inner loop as the hand-unrolled 4 x 4 tile it replaced (session 14). */
 long rows_red_block(void) { return RBR; }
 long vector_floats(void) { return NL; }
 long strip_width(long I) {
