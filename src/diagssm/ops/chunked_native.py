@@ -114,8 +114,10 @@ def available():
 
 
 def vector_floats():
-    """Floats per vector register in the loaded kernels' tiles (16: AVX-512, 8: AVX/AVX2, 4: other)."""
-    return library().vector_floats()
+    """Floats per vector register in the loaded kernels' tiles (16: AVX-512, 8: AVX/AVX2, 4: other),
+    or None where they are unavailable."""
+    lib = library()
+    return lib.vector_floats() if lib is not None else None
 
 
 def why_unavailable():
