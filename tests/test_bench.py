@@ -229,7 +229,6 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
 
 
 def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
-
     import diagssm.ops.chunked as chunked
     script = benchmark_script("bench_chunked")
     before = chunked._load
@@ -242,11 +241,8 @@ def test_bench_chunked_sections_time_the_helpers_and_restore_them(capsys):
     assert ms["_states"] < ms["forward"] and ms["_put_states"] < ms["backward"]
 
 
-@pytest.mark.skipif(not __import__("diagssm.ops.chunked_native").ops.chunked_native.available(),
-                    reason="native kernels unavailable")
+@pytest.mark.skipif(not chunked_native.available(), reason="native kernels unavailable")
 def test_bench_chunked_sections_of_the_native_path(capsys):
-
-    import diagssm.ops.chunked_native as chunked_native
     script = benchmark_script("bench_chunked")
     before = chunked_native._mm
     assert script.main(["--L", "256", "--repeats", "2", "--threads", "1", "--sections", "--kernels", "native"]) == 0

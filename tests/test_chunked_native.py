@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from diagssm.cpu import cpu_flags
 from diagssm.ops import chunked_native
 from diagssm.ops.chunked import diagonal_chunked, diagonal_chunked_ref
 from helpers import assert_close, randn
@@ -245,11 +246,6 @@ MARCHES = {"x86-64": (4, set()), "haswell": (8, {"avx2", "fma"}),
            "skylake-avx512": (16, {"avx512f", "avx512bw", "avx512dq", "avx512vl"})}
 x86_with_cc = pytest.mark.skipif(platform.machine() != "x86_64" or not shutil.which("cc"),
                                  reason="the x86-64 targets need an x86-64 machine with cc")
-
-
-def cpu_flags():
-    with open("/proc/cpuinfo") as f:
-        return set(next((line for line in f if line.startswith("flags")), "").split())
 
 
 @x86_with_cc

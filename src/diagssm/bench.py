@@ -57,6 +57,7 @@ import time
 
 import torch
 
+from diagssm.cpu import cpu_fields, cpu_flags
 from diagssm.layers import DSS, S4, S4D, S5
 from diagssm.ops import chunked_native
 from diagssm.ops.chunked import chunk_size
@@ -420,19 +421,11 @@ def limits(results, args):
 def cpu_model(cpuinfo="/proc/cpuinfo"):
     """The CPU: its name, logical CPUs, family and model, and its widest vector extension (machines of
     one name differ: the native kernels' tiles follow the vector width)."""
-    try:
-        with open(cpuinfo) as f:
-            lines = [line.split(":", 1) for line in f if ":" in line]
-    except OSError:
-        return "unknown"
-
-    def field(key):
-        return [value.strip() for name, value in lines if name.strip() == key]
-
-    names, family, model = field("model name"), field("cpu family"), field("model")
+    fields = cpu_fields(cpuinfo)
+    names, family, model = (fields.get(k) for k in ("model name", "cpu family", "model"))
     if not names:
         return "unknown"
-    flags = set((field("flags") or [""])[0].split())
+    flags = cpu_flags(cpuinfo)
     vectors = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     ident = f"family {family[0]} model {model[0]}, " if family and model else ""
     return f"{names[0]} ({len(names)} logical CPUs; {ident}{vectors})"

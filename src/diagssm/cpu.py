@@ -13,6 +13,25 @@ import os
 import torch
 
 
+def cpu_fields(cpuinfo="/proc/cpuinfo"):
+    """The fields of /proc/cpuinfo: {name: [its value for each logical CPU]} ({} where unreadable)."""
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if ":" in line:
+                    name, value = line.split(":", 1)
+                    fields.setdefault(name.strip(), []).append(value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The first logical CPU's flags (avx2, avx512f, ...) as a set; empty where unreadable."""
+    return set(cpu_fields(cpuinfo).get("flags", [""])[0].split())
+
+
 def fast_cpu_settings():
     """Flush denormals and allocate large CPU tensors on transparent huge pages.
 

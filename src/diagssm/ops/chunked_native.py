@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from diagssm.cpu import cpu_flags
 from diagssm.files import cache_dir
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,7 @@ _state = {}  # "lib": the loaded library or None, "why": why not
 
 def _cpu_id():
     """What -march=native depends on: the machine and its CPU flags."""
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()} {flags}"
+    return f"{platform.machine()} {platform.processor()} {' '.join(sorted(cpu_flags()))}"
 
 
 def flags():

@@ -28,15 +28,15 @@
  */
 #include <omp.h>
 #include <stdlib.h>
-typedef float vf __attribute__((vector_size(64), aligned(4))); /* a lane tile: 16 channels */
+typedef float vf __attribute__((vector_size(64), aligned(4))); /* 16 channels: the carries, S5's loops */
 #define LANES 16
 #define LD(p) (*(const vf *)(p))
 /* The register tiles (rows_mm, rows_red, the S5 gemm) are written in the machine's own vector, vn
  * of NL floats, and sized for its register file: with AVX-512, vn is vf and 32 registers hold
  * tiles of 4 x 4 vectors; with AVX/AVX2 (8 floats, 16 registers) and otherwise (4 floats, SSE or
- * NEON) a lane tile is LANES / NL vectors and the tiles are 4 x 2. Sized for 32 registers, a tile
- * of 16 accumulators plus its operands spills on a 16-register machine (GCC cannot even keep the
- * operands in registers: the build failed on AVX2 with the AVX-512 tile).
+ * NEON) the tiles are 4 x 2. The row kernels' lane tile is one vn (NL channels). Sized for 32
+ * registers, a tile of 16 accumulators plus its operands spills on a 16-register machine (GCC cannot
+ * even keep the operands in registers: the build failed on AVX2 with the AVX-512 tile).
  * HOLD(x): keep a loaded vector in a register. GCC otherwise folds the load into each multiply-add
  * that uses it (a memory operand), so that a 4 x 4 tile issued 20 loads per 16 multiply-adds, more
  * than the load ports feed (+10-30% for both row kernels with AVX-512, by hand). */
@@ -68,7 +68,8 @@ typedef float vn __attribute__((vector_size(NL * sizeof(float)), aligned(4)));
  * of SW(I) outputs, each strip (K, SW, NL) contiguous: entry (k, i) of lane tile t at t K I NL +
  * WAT(K, I, k, i). With 8 or 4 floats per vector the strips are a tile's NO outputs, so that a tile
  * reads its weights as one sequential stream: in (K, I, NL) order its loads strided by I NL floats,
- * all in one set of the L1, and the op's rows_mm ran ~20% slower on AVX2 (by hand). With AVX-512 the
+ * all in one set of the L1 (on AVX2 the op's row contractions took 379 ms a pass that way against 303
+ * in strips, `bench_chunked.py --sections`, with 16-channel lane tiles at the time). With AVX-512 the
  * strip is the whole row, (K, I, 16): strips were measured no faster there in the op (session 13). */
 #if NL == 16
 #define SW(I) (I)
@@ -440,7 +441,7 @@ void scan_bwd(float *lam, const float *g, const float *h, const float *a, const 
                 *(vn *)(C + i * sc + q * NL) = acc[i][q];                                            \
     }
 GEMM_TILE(gtile_wide, GW)
-GEMM_TILE(gtile16, LANES / NL)
+GEMM_TILE(gtile16, LANES / NL) /* the 16-column tail; only AVX-512's 64-column wide tile leaves one */
 
 /* C (rows x N, row stride sc) (= or +=) A (rows x K, strides sai, sak) W (K x N, row stride sw);
  * N a multiple of 16. Column tiles outside, so that one W panel (K x GW NL) serves every row. */

@@ -10,8 +10,8 @@ more. `s5_fused` runs them per batch row in time blocks of TB steps (`s5_fwd` / 
 native.c): a block's u, x and y stay in cache between the two GEMMs, the scan and the skip term, so
 u is read and y written once, and only the states x go to memory (saved for the backward).
 
-The GEMMs are native too (a 4 x 64 register tile with A's entries broadcast; weights of 32 KB stay
-in L1). Float32 on the CPU, H and P2 multiples of 16, the native library built: `unsupported` says
+The GEMMs are native too (a register tile of 4 rows x 64 columns with AVX-512, 4 x 16 below it,
+A's entries broadcast; weights of 32 KB stay in L1). Float32 on the CPU, H and P2 multiples of 16, the native library built: `unsupported` says
 which condition fails, and `layers.S5` then composes the PyTorch ops as before.
 """
 import torch
