@@ -3,6 +3,7 @@
     python benchmarks/bench_chunked.py                          # B=16, H=128, N=64, L=16384, 2 threads
     python benchmarks/bench_chunked.py --kernels torch          # the PyTorch path (default: native where it runs)
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
+    python benchmarks/bench_chunked.py --channels 2             # C' = 2 output channels
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
     python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass
     python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in the
@@ -42,6 +43,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--block", type=int)
+    ap.add_argument("--channels", type=int, default=1, help="output channels C' (y is (B, L, C', H))")
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
     ap.add_argument("--kernels", choices=("auto", "native", "torch"),
                     help="the op's native kernels (ops/chunked_native.py), its PyTorch path, or native where "
@@ -62,10 +64,10 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     w = torch.complex(-0.1 * torch.rand(H, M, generator=g), torch.randn(H, M, generator=g)).requires_grad_()
     B_bar = torch.randn(H, M, dtype=torch.complex64, generator=g).requires_grad_()
-    C = torch.randn(1, H, M, dtype=torch.complex64, generator=g).requires_grad_()
-    D = torch.randn(1, H, generator=g).requires_grad_()
+    C = torch.randn(args.channels, H, M, dtype=torch.complex64, generator=g).requires_grad_()
+    D = torch.randn(args.channels, H, generator=g).requires_grad_()
     u = torch.randn(Bsz, args.L, H, generator=g).requires_grad_()
-    weight = torch.randn(Bsz, args.L, H, generator=g)
+    weight = torch.randn(Bsz, args.L, args.channels * H, generator=g)
     kw = {k: v for k, v in (("chunk", args.chunk), ("block", args.block)) if v is not None and k in takes}
     if "native" in takes and kernels != "auto":
         kw["native"] = kernels == "native"
@@ -73,7 +75,7 @@ def main(argv=None):
     def forward():
         if "D" in takes:
             return op(u, w, B_bar, C, 2, D=D, **kw)[0]
-        return op(u, w, B_bar, C, 2, **kw)[0] + D * u[:, :, None]
+        return op(u, w, B_bar, C, 2, **kw)[0] + D * u[:, :, None]  # (B, L, C', H)
 
     def fwd_bwd():
         y = forward()  # held through the backward, as in the peaks quoted in benchmarks/README.md
@@ -84,7 +86,7 @@ def main(argv=None):
     peak = maxrss_mb() - base
     ms = median_ms(fwd_bwd, args.repeats, warmup=0)  # the memory pass was the warm-up
     print(f"diagonal_chunked{'' if args.module is None else ' from ' + args.module} B={Bsz} H={H} N={2 * M} "
-          f"L={args.L} threads={args.threads} {kw or ''}: fwd+bwd median {ms:.0f} ms, "
+          f"L={args.L} C'={args.channels} threads={args.threads} {kw or ''}: fwd+bwd median {ms:.0f} ms, "
           f"peak {peak:.0f} MB over the inputs")
     if args.parts:
         parts(u.detach(), args)

@@ -20,13 +20,13 @@ needs_native = pytest.mark.skipif(not chunked_native.available(),
                                   reason=f"native kernels unavailable: {chunked_native.why_unavailable()}")
 
 
-def system(H=16, M=4, seed=0):
-    """float64 system and inputs of an H-channel, M-mode SSM (D included)."""
+def system(H=16, M=4, seed=0, Cp=1):
+    """float64 system and inputs of an H-channel, M-mode SSM with Cp output channels (D included)."""
     g = torch.Generator().manual_seed(seed)
     w = torch.complex(-torch.rand(H, M, generator=g, dtype=torch.float64) * 0.3,
                       torch.randn(H, M, generator=g, dtype=torch.float64))
-    return dict(w=w, B_bar=randn(H, M, dtype=C128, seed=seed + 1), C=randn(1, H, M, dtype=C128, seed=seed + 2),
-                D=randn(1, H, seed=seed + 3))
+    return dict(w=w, B_bar=randn(H, M, dtype=C128, seed=seed + 1), C=randn(Cp, H, M, dtype=C128, seed=seed + 2),
+                D=randn(Cp, H, seed=seed + 3))
 
 
 def as32(t):
@@ -42,25 +42,27 @@ def run(fn, u, h0, params, gy, gh, **kw):
 
 
 @needs_native
-@pytest.mark.parametrize("B,L,H,M,chunk,block_numbers", [
-    (2, 64, 16, 4, 16, None),  # one block
-    (2, 160, 16, 4, 16, 2 * 2 * 8 * 16),  # 10 chunks in blocks of 2
-    (3, 120, 32, 2, 8, 3 * 3 * 4 * 32),  # 15 chunks in blocks of 3: the first block in time is shorter
-    (1, 256, 16, 8, 64, None),  # the default chunk length
-    (2, 100, 16, 4, 16, None),  # a last chunk of 4 real steps
-    (3, 130, 32, 2, 8, 3 * 3 * 4 * 32),  # 17 chunks, the last of 2 steps, blocks of 3
-    (2, 5, 16, 4, None, None),  # shorter than one chunk (T = 8)
+@pytest.mark.parametrize("B,L,H,M,chunk,block_numbers,Cp", [
+    (2, 64, 16, 4, 16, None, 1),  # one block
+    (2, 160, 16, 4, 16, 2 * 2 * 8 * 16, 1),  # 10 chunks in blocks of 2
+    (3, 120, 32, 2, 8, 3 * 3 * 4 * 32, 1),  # 15 chunks in blocks of 3: the first block in time is shorter
+    (1, 256, 16, 8, 64, None, 1),  # the default chunk length
+    (2, 100, 16, 4, 16, None, 1),  # a last chunk of 4 real steps
+    (3, 130, 32, 2, 8, 3 * 3 * 4 * 32, 1),  # 17 chunks, the last of 2 steps, blocks of 3
+    (2, 5, 16, 4, None, None, 1),  # shorter than one chunk (T = 8)
+    (2, 100, 16, 4, 16, None, 2),  # two output channels: chunks of y are (2 T, H) rows
+    (3, 130, 32, 2, 8, 3 * 3 * 4 * 32, 3),  # three, in time blocks, a last chunk of 2 steps
 ])
-def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, monkeypatch):
+def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, Cp, monkeypatch):
     if block_numbers:
         monkeypatch.setattr(chunked_native, "BLOCK_NUMBERS", block_numbers)
-    p = system(H, M)
+    p = system(H, M, Cp=Cp)
     u, h0 = randn(B, L, H, seed=5), randn(B, H, M, dtype=C128, seed=6)
-    gy, gh = randn(B, L, 1, H, seed=7), randn(B, H, M, dtype=C128, seed=8)
+    gy, gh = randn(B, L, Cp, H, seed=7), randn(B, H, M, dtype=C128, seed=8)
     want = run(diagonal_chunked_ref, u, h0, p, gy, gh)
     got = run(diagonal_chunked, as32(u), as32(h0), {k: as32(v) for k, v in p.items()}, as32(gy), as32(gh),
               chunk=chunk, native=True)
-    assert got[0].dtype == torch.float32 and got[0].shape == (B, L, 1, H)
+    assert got[0].dtype == torch.float32 and got[0].shape == (B, L, Cp, H)
     assert_close(got[0], want[0], scale=10)
     assert_close(got[1], want[1], scale=10)
     for g, w in zip(got[2], want[2]):  # sums over up to B L steps
@@ -115,10 +117,11 @@ def test_row_kernels_match_float64_contractions(threads, tri):
 
 
 @needs_native
-def test_matches_the_pytorch_path():
-    p = {k: as32(v) for k, v in system(32, 8, seed=3).items()}
+@pytest.mark.parametrize("Cp", [1, 2])
+def test_matches_the_pytorch_path(Cp):
+    p = {k: as32(v) for k, v in system(32, 8, seed=3, Cp=Cp).items()}
     u, h0 = randn(2, 1000, 32, dtype=torch.float32, seed=9), randn(2, 32, 8, dtype=C64, seed=10)
-    gy, gh = randn(2, 1000, 1, 32, dtype=torch.float32, seed=11), randn(2, 32, 8, dtype=C64, seed=12)
+    gy, gh = randn(2, 1000, Cp, 32, dtype=torch.float32, seed=11), randn(2, 32, 8, dtype=C64, seed=12)
     native, torch_path = (run(diagonal_chunked, u, h0, p, gy, gh, native=n) for n in (True, False))
     for a, b in zip(native[:2] + native[2], torch_path[:2] + torch_path[2]):
         assert_close(a, b, scale=100)
@@ -157,7 +160,6 @@ def test_backward_keeps_u_and_the_chunk_states_only():
     (dict(dtype=torch.float64), "float32 on the CPU only"),
     (dict(H=3), "H must be a multiple of 16"),
     (dict(chunk=6), "the chunk length must be a multiple of 4"),
-    (dict(C_out=2), "one output channel only"),
     (dict(M=3), "an even number of modes"),
 ])
 def test_falls_back_where_it_cannot_run_and_says_why(case, why):

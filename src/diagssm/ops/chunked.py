@@ -16,7 +16,7 @@ W = [Toeplitz^T ; out-of-state] ((T + 2M) x C'T). Every heavy step is a batched 
 multiply, which CPUs (and GPUs' tensor cores) run far faster than FFTs or elementwise scans; the
 work is O(B L H (T + M)) and nothing is approximated.
 
-Kernels: where it can (float32 on the CPU, one output channel; `chunked_native.unsupported`), the op
+Kernels: where it can (float32 on the CPU; `chunked_native.unsupported`), the op
 runs these contractions on the native kernels of `chunked_native`, which work on the (B, L, H)
 layout directly with the channel as the vector lane and skip the zero half of each Toeplitz block.
 Elsewhere it runs `_Chunked` below, PyTorch's batched matmuls on chunk-layout copies of u and y.

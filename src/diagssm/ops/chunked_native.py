@@ -13,8 +13,9 @@ $DIAGSSM_CACHE (default ~/.cache/diagssm) under a name keyed by the source, the 
 it is written to a temporary file and renamed into place. Its register tiles follow the target's
 vector width (`vector_floats()`: 16 floats with AVX-512, 8 with AVX2, else 4). Without a
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
-Float32 on the CPU only, and one output channel (C' = 1), a chunk length that is a multiple of 4, H a
-multiple of 16 and an even number of modes: `unsupported` says which condition fails. The same
+Float32 on the CPU only, a chunk length that is a multiple of 4, H a multiple of 16 and an even number of
+modes: `unsupported` says which condition fails. C' > 1 output channels make each chunk of y a (T C', H)
+row (y is (B, L, C', H)): the output weights' columns are taken in (step, channel) order to match. The same
 library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64) and the
 fused S5 op of `ops.s5_native` (`s5_fwd`, `s5_bwd`).
 """
@@ -147,8 +148,6 @@ def unsupported(u, Cp, T, M):
     Bsz, L, H = u.shape
     if u.device.type != "cpu" or u.dtype != torch.float32:
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
-    if Cp != 1:
-        return f"one output channel only (got C' = {Cp})"
     if T % 4:
         return f"the chunk length must be a multiple of 4 (got T = {T})"
     if H % LANES:
@@ -269,13 +268,26 @@ def _lanes(a):
 
 
 def _split(x, T, r):
-    """x (B, L, H), L = (n - 1) T + r -> its n - 1 full chunks (B, n - 1, T, H) (a view) and its
-    last chunk (B, 1, T, H), a copy zero past its r real steps."""
-    Bsz, L, H = x.shape
+    """x (B, L, C, H), L = (n - 1) T + r -> its n - 1 full chunks as rows (B, n - 1, T C, H) (a view)
+    and its last chunk (B, 1, T C, H), a copy zero past its r real steps."""
+    Bsz, L, Cp, H = x.shape
     full = L - r
-    last = x.new_zeros(Bsz, 1, T, H)
+    last = x.new_zeros(Bsz, 1, T, Cp, H)
     last[:, 0, :r] = x[:, full:]
-    return x[:, :full].view(Bsz, full // T, T, H), last
+    return x[:, :full].view(Bsz, full // T, T * Cp, H), last.view(Bsz, 1, T * Cp, H)
+
+
+def _by_step(W, T):
+    """(H, K, C' T) weights with columns in (channel, step) order -> (step, channel) order, the
+    order of a chunk's (T, C') outputs in y (B, L, C', H)."""
+    H, K, CT = W.shape
+    return W.view(H, K, CT // T, T).transpose(2, 3).reshape(H, K, CT)
+
+
+def _by_channel(W, Cp):
+    """The inverse of `_by_step`: columns in (step, channel) order -> (channel, step) order."""
+    H, K, CT = W.shape
+    return W.view(H, K, CT // Cp, Cp).transpose(2, 3).reshape(H, K, CT)
 
 
 def _complex_grad(g, P, H):
@@ -284,9 +296,11 @@ def _complex_grad(g, P, H):
 
 
 class ChunkedNative(torch.autograd.Function):
-    """Same inputs and outputs as `chunked._Chunked` for C' = 1: u (B, L, H), W (H, T + 2M, T), into
-    (H, T, 2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H,
-    B, M) complex -> y (B, L, 1, H), x_last (H, B, M). The last chunk of each batch row goes
+    """Same inputs and outputs as `chunked._Chunked`: u (B, L, H), W (H, T + 2M, C'T), into (H, T,
+    2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H, B, M)
+    complex -> y (B, L, C', H), x_last (H, B, M). Inside, W's columns are in (step, channel) order
+    (`_by_step`), so that the rows of y are its chunks, (T C', H) blocks; for the triangular skips
+    the Toeplitz block is then zero where k > i // C' (still where k > i). The last chunk of each batch row goes
     through a small zero-padded copy. Saves u and the states entering each chunk (B, n + 1, 2M, H);
     the backward runs in time blocks, last first, so that its scratch (the states' gradients) is
     one block's."""
@@ -296,21 +310,22 @@ class ChunkedNative(torch.autograd.Function):
         lib = library()
         u = u.contiguous()
         Bsz, L, H = u.shape
-        nc, M = -(-L // T), aT.shape[1]
+        nc, M, Cp = -(-L // T), aT.shape[1], W.shape[2] // T
         r = L - (nc - 1) * T  # real steps of the last chunk, 1..T
-        Wtoe, Wout = _tiles(W[:, :T].permute(1, 2, 0)), _tiles(W[:, T:].permute(1, 2, 0))  # (T s, T t), (2M, T t)
+        Ws = _by_step(W, T)
+        Wtoe, Wout = _tiles(Ws[:, :T].permute(1, 2, 0)), _tiles(Ws[:, T:].permute(1, 2, 0))  # (T s, C'T), (2M, C'T)
         X = u.new_empty(Bsz, nc + 1, 2 * M, H)  # states entering chunk c; X[:, nc] the final one
         X[:, 0] = _pairs_lanes(x0)
-        U, U_last = _split(u, T, r)
+        U, U_last = _split(u[:, :, None], T, r)
         _mm(lib, X[:, 1:nc], U, _tiles(into.permute(1, 2, 0)))  # X[:, c + 1] <- chunk c's input sum
         _mm(lib, X[:, nc:], U_last, _tiles(into_r.permute(1, 2, 0)))  # the last chunk's, to the final state
         _carry(lib, X[:, :nc], *_lanes(aT))
         _carry(lib, X[:, nc - 1:], *_lanes(a_r))
-        y = u.new_empty(Bsz, L, 1, H)
-        _mm(lib, y[:, :L - r].view(U.shape), U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1)
-        Y_last = u.new_empty(Bsz, 1, T, H)
+        y = u.new_empty(Bsz, L, Cp, H)
+        _mm(lib, y[:, :L - r].view(Bsz, nc - 1, T * Cp, H), U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1)
+        Y_last = u.new_empty(Bsz, 1, T * Cp, H)
         _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1)
-        y[:, L - r:, 0] = Y_last[:, 0, :r]
+        y[:, L - r:] = Y_last.view(Bsz, T, Cp, H)[:, :r]
         ctx.save_for_backward(u, X, W, into, aT, into_r, a_r)
         ctx.T = T
         return y, _complex_of_lanes(X[:, nc])
@@ -322,14 +337,16 @@ class ChunkedNative(torch.autograd.Function):
         u, X, W, into, aT, into_r, a_r = ctx.saved_tensors
         T = ctx.T
         Bsz, L, H = u.shape
-        nc, P = -(-L // T), X.shape[2]
+        nc, P, Cp = -(-L // T), X.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T
-        (U, U_last), (G, G_last) = _split(u, T, r), _split(gy.reshape(Bsz, L, H).contiguous(), T, r)
+        (U, U_last), (G, G_last) = _split(u[:, :, None], T, r), _split(gy.contiguous(), T, r)
         gu = torch.empty_like(u)
         GU = gu[:, :L - r].view(U.shape)
-        outT = _tiles(W[:, T:].permute(2, 1, 0))  # (T t, 2M, H): G rows -> the states' gradients
-        toeT = _tiles(W[:, :T].permute(2, 1, 0))  # (T t, T s)
-        g_toe, g_out, g_into, g_into_r = (_tiled_zeros(u, K, I, H) for K, I in ((T, T), (P, T), (T, P), (T, P)))
+        Ws = _by_step(W, T)
+        outT = _tiles(Ws[:, T:].permute(2, 1, 0))  # (C'T, 2M, H): G rows -> the states' gradients
+        toeT = _tiles(Ws[:, :T].permute(2, 1, 0))  # (C'T, T s)
+        g_toe, g_out, g_into, g_into_r = (_tiled_zeros(u, K, I, H) for K, I in
+                                          ((T, Cp * T), (P, Cp * T), (T, P), (T, P)))
         gA, gA_r = u.new_zeros(Bsz, P, H), u.new_zeros(Bsz, P, H)  # gradients of A^T, a_r per batch row
         nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))  # chunks per time block
         # rows_red's threads' sums, for as many threads as the largest call (Bsz nbk rows) has blocks of rows
@@ -367,6 +384,6 @@ class ChunkedNative(torch.autograd.Function):
             c1 = c0
         for g, p in ((g_toe, p_toe), (g_out, p_out), (g_into, p_into)):
             _add_parts(g, p)
-        gW = torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1)  # (H, T + 2M, T)
+        gW = _by_channel(torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1), Cp)  # (H, T + 2M, C'T)
         return (gu, gW, _untile(g_into).permute(2, 0, 1), _complex_grad(gA, P, H), _untile(g_into_r).permute(2, 0, 1),
                 _complex_grad(gA_r, P, H), _complex_of_lanes(Lb[:, nbk]), None)
