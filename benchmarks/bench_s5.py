@@ -3,6 +3,7 @@
     python benchmarks/bench_s5.py                  # B=16, H=128, P=64 (32 modes), L=16384, 2 threads
     python benchmarks/bench_s5.py --L 4096
     python benchmarks/bench_s5.py --tb 32 64 128 256   # the fused op's forward and backward per block size
+    python benchmarks/bench_s5.py --layer --bidirectional   # the whole layer (DIAGSSM_NATIVE=0: PyTorch ops)
 
 Each piece is timed on its own at the layer's sizes (median of --repeats, after one warm-up), in
 float32, forward + backward with gradients of every input:
@@ -14,7 +15,9 @@ float32, forward + backward with gradients of every input:
 The sum of these is close to, not equal to, a pass of the layer composed from PyTorch ops (the
 pieces share no caches here). `fused` is all but the loss in one native op (`ops.s5_fused`, which
 the layer runs where it can), its gradients taken for sum(y * w) too; it is not in the sum.
-With --tb, the fused op's forward and backward alone at each block size. Set
+With --tb, the fused op's forward and backward alone at each block size. With --layer, the whole
+layer's forward + backward instead (gradients of u and every parameter; --bidirectional for a
+bidirectional layer), on whichever path it takes (DIAGSSM_NATIVE=0 in the environment: the PyTorch ops). Set
 THP_MEM_ALLOC_ENABLE=1 in the environment, as `diagssm bench` does.
 """
 import argparse
@@ -80,15 +83,40 @@ def block_sizes(Bsz, L, H, M, sizes, repeats):
     return lines
 
 
+def layer_time(Bsz, L, H, M, bidirectional, repeats):
+    """One line: the S5 layer's forward + backward (loss sum(y * w)) median ms, and the path it took."""
+    from diagssm.layers import S5
+    from diagssm.ops import chunked_native
+
+    torch.manual_seed(0)
+    layer = S5(H, 2 * M, bidirectional=bidirectional, check_finite=False)
+    params = list(layer.parameters())
+    u, w = torch.randn(Bsz, L, H, requires_grad=True), torch.randn(Bsz, L, H)
+    chunked_native.paths(forget=True)
+
+    def fwd_bwd():
+        torch.autograd.grad((layer(u) * w).sum(), [u] + params)
+
+    ms = median_ms(fwd_bwd, repeats, warmup=1)
+    why = chunked_native.paths().get(chunked_native.S5_SCAN, "?")
+    return (f"S5 layer{' bidirectional' if bidirectional else ''}, fwd+bwd, B={Bsz} H={H} P={2 * M} L={L}: "
+            f"{ms:.1f} ms (median of {repeats}), {'fused native op' if not why else 'PyTorch ops: ' + why}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tb", type=int, nargs="+", help="time fused op's forward and backward at these block sizes")
+    ap.add_argument("--layer", action="store_true", help="time the whole layer's forward + backward instead")
+    ap.add_argument("--bidirectional", action="store_true", help="with --layer: a bidirectional layer")
     args = ap.parse_args(argv)
     setup_process(args.threads)
     Bsz, H, M = 16, 128, 32
+    if args.layer:
+        print(layer_time(Bsz, args.L, H, M, args.bidirectional, args.repeats))
+        return 0
     if args.tb:
         print("\n".join(block_sizes(Bsz, args.L, H, M, args.tb, args.repeats)))
         return 0
