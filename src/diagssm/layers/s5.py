@@ -135,16 +135,18 @@ class S5(SSMLayer):
     always uses the scan. Not measured on a GPU, where the FFT may win: pass mode="conv" there.
     (Those timings predate the fused op below.)
 
-    Fused op. The time-invariant scan (no dt, no resets), float32 on the CPU, H and 2M multiples of
-    16: the projections, the scan and the D u term run as one native op
+    Fused op. The time-invariant scan (no dt, no resets), one direction, float32 on the CPU, H and
+    2M multiples of 16: the projections, the scan and the D u term run as one native op
     (`ops.s5_fused`, per batch row in cache-sized time blocks), and `forward` logs which path it
     takes and why. Forward + backward of the layer at B = 16, H = 128, P = 64, L = 16384 on 2
     cores: 118.6 and 122.6 ms in two runs of `diagssm bench` (README, "Layers"). The fused op
     alone took 96 ms against 250 ms for the same steps as PyTorch ops (267 with the loss piece),
     in the cleaner of two runs of `benchmarks/bench_s5.py` (the other: 196 vs 482 with the loss,
-    this VM's page faults on fresh memory). A bidirectional layer adds a second fused op over the
-    reversed input (its own C, no D). Otherwise (dt or resets, float64, a GPU, no C compiler) the
-    PyTorch ops as written below.
+    this VM's page faults on fresh memory). Otherwise (bidirectional, dt or resets, float64, a
+    GPU, no C compiler) the PyTorch ops as written below. A bidirectional layer as two fused ops
+    (the second over the reversed input) was slower than its PyTorch ops, which share B u between
+    the two scans: 571 and 740 ms against 490 and 503 (`benchmarks/bench_s5.py --layer
+    --bidirectional`, two runs each, session 15, on a 2-core AVX2 machine).
 
     Shapes: u (B, L, H) -> y (B, L, H); state (B, M) complex; dt (B, L) >= 0; resets (B, L) bool.
     """
@@ -223,14 +225,11 @@ class S5(SSMLayer):
             B_bar = B_scale[:, None] * as_complex(self.B)  # (M, H)
             if run is scan and resets is None:
                 W_in = in_weight(B_bar)  # (H, 2M)
-                why = s5_native.unsupported(u, W_in, state)
+                why = "bidirectional" if self.bidirectional else s5_native.unsupported(u, W_in, state)
                 chunked_native.log_path(log, chunked_native.S5_SCAN, "fused native op (ops.s5_native)", "PyTorch ops",
                                         why)
                 if not why:  # projections, scan and skip term fused, one pass over u and y
                     y, last = s5_native.S5Fused.apply(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D, state)
-                    if self.bidirectional:  # the reverse scan: the forward one over the reversed input
-                        y = y + s5_native.S5Fused.apply(u.flip(1), W_in, A_bar, out_weight(self.factor * C[1]),
-                                                        torch.zeros_like(self.D), None)[0].flip(1)
                     return (y, last) if return_state else y
             Bu = mix_in(u, B_bar)  # (B, L, M)
         else:
