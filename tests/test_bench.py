@@ -198,6 +198,24 @@ def test_bench_s5_times_each_piece(capsys):
     assert all(float(v) > 0 for v in ms.values())
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_bench_s5_times_the_whole_layer_and_names_its_path(bidirectional, capsys):
+    script = benchmark_script("bench_s5")
+    argv = ["--L", "64", "--repeats", "1", "--threads", "1", "--layer"] + (["--bidirectional"] if bidirectional else [])
+    assert script.main(argv) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("S5 layer" + (" bidirectional" if bidirectional else "") + ", fwd+bwd")
+    assert float(re.search(r"L=64: ([0-9.]+) ms", line).group(1)) > 0
+    fused = chunked_native.available() and not bidirectional
+    assert line.endswith("fused native op") if fused else "PyTorch ops: " in line
+
+
+def test_bench_chunked_script_takes_output_channels(capsys):
+    script = benchmark_script("bench_chunked")
+    assert script.main(["--L", "256", "--repeats", "1", "--threads", "1", "--channels", "2"]) == 0
+    assert "C'=2" in capsys.readouterr().out
+
+
 def test_bench_s5_times_the_fused_op_per_block_size(capsys):
     from diagssm.ops import s5_native
     if not chunked_native.available():
