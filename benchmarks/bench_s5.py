@@ -24,9 +24,10 @@ import argparse
 
 import torch
 
+from diagssm import bench
 from diagssm.bench import median_ms, setup_process
 from diagssm.layers.s5 import mix_in, mix_out
-from diagssm.ops import s5_native
+from diagssm.ops import chunked_native, s5_native
 from diagssm.ops.scan import scan
 
 
@@ -66,7 +67,8 @@ def pieces(Bsz, L, H, M):
 def block_sizes(Bsz, L, H, M, sizes, repeats):
     """Lines: the fused op's forward and backward ms at each time block size TB."""
     g = torch.Generator().manual_seed(0)
-    u, w, W_in, W_out, D = (torch.randn(*s, generator=g) for s in [(Bsz, L, H), (Bsz, L, H), (H, 2 * M), (H, 2 * M), (H,)])
+    shapes = [(Bsz, L, H), (Bsz, L, H), (H, 2 * M), (H, 2 * M), (H,)]
+    u, w, W_in, W_out, D = (torch.randn(*s, generator=g) for s in shapes)
     A_bar = torch.complex(0.05 + 0.9 * torch.rand(M, generator=g), 0.1 * torch.randn(M, generator=g))
     leaves = [t.requires_grad_() for t in (u, W_in, A_bar, W_out, D)]
     lines, default = [], s5_native.TB
@@ -83,24 +85,16 @@ def block_sizes(Bsz, L, H, M, sizes, repeats):
     return lines
 
 
-def layer_time(Bsz, L, H, M, bidirectional, repeats):
-    """One line: the S5 layer's forward + backward (loss sum(y * w)) median ms, and the path it took."""
-    from diagssm.layers import S5
-    from diagssm.ops import chunked_native
-
-    torch.manual_seed(0)
-    layer = S5(H, 2 * M, bidirectional=bidirectional, check_finite=False)
-    params = list(layer.parameters())
-    u, w = torch.randn(Bsz, L, H, requires_grad=True), torch.randn(Bsz, L, H)
+def layer_time(L, bidirectional, repeats):
+    """One line: the S5 layer's forward + backward median ms, as `diagssm bench` times its cases (loss
+    sum(y * w), at its B, H and d_state), and the path the layer took."""
     chunked_native.paths(forget=True)
-
-    def fwd_bwd():
-        torch.autograd.grad((layer(u) * w).sum(), [u] + params)
-
-    ms = median_ms(fwd_bwd, repeats, warmup=1)
+    _, fwd_bwd = bench._case("s5", "scan", bidirectional=bidirectional)
+    u, w = bench._inputs(L)
+    ms = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=1)
     why = chunked_native.paths().get(chunked_native.S5_SCAN, "?")
-    return (f"S5 layer{' bidirectional' if bidirectional else ''}, fwd+bwd, B={Bsz} H={H} P={2 * M} L={L}: "
-            f"{ms:.1f} ms (median of {repeats}), {'fused native op' if not why else 'PyTorch ops: ' + why}")
+    return (f"S5 layer{' bidirectional' if bidirectional else ''}, fwd+bwd, B={bench.B} H={bench.H} P={bench.N} "
+            f"L={L}: {ms:.1f} ms (median of {repeats}), {'fused native op' if not why else 'PyTorch ops: ' + why}")
 
 
 def main(argv=None):
@@ -115,7 +109,7 @@ def main(argv=None):
     setup_process(args.threads)
     Bsz, H, M = 16, 128, 32
     if args.layer:
-        print(layer_time(Bsz, args.L, H, M, args.bidirectional, args.repeats))
+        print(layer_time(args.L, args.bidirectional, args.repeats))
         return 0
     if args.tb:
         print("\n".join(block_sizes(Bsz, args.L, H, M, args.tb, args.repeats)))

@@ -181,10 +181,11 @@ NAIVE = {"s4d": s4d_naive, "dss": dss_naive, "s5": s5_naive}
 
 
 # ---------------------------------------------------------------- one case, in this process
-def make_layer(name, impl, seed=0):
-    """The benchmarked layer (float32, check_finite=False); the naive case reads its parameters."""
+def make_layer(name, impl, seed=0, **options):
+    """The benchmarked layer (float32, check_finite=False, and `options` for its constructor, e.g.
+    bidirectional=True); the naive case reads its parameters."""
     torch.manual_seed(seed)
-    kw = dict(check_finite=False)
+    kw = dict(check_finite=False, **options)
     if name in ("s4d", "dss"):
         return (S4D if name == "s4d" else DSS)(H, N, backend=impl if impl != "naive" else "auto", **kw)
     if name == "s5":
@@ -220,10 +221,11 @@ def maxrss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _case(name, impl):
-    """(run, fwd_bwd) of one case: run(u) -> y; fwd_bwd(u, w) takes the gradients of sum(y * w)
-    with respect to u and every parameter. Loads the libraries with a small pass first."""
-    layer = make_layer(name, impl)
+def _case(name, impl, **options):
+    """(run, fwd_bwd) of one case (`options`: for the layer's constructor): run(u) -> y; fwd_bwd(u, w)
+    takes the gradients of sum(y * w) with respect to u and every parameter. Loads the libraries
+    with a small pass first."""
+    layer = make_layer(name, impl, **options)
     params = list(layer.parameters())
     run = (lambda x: NAIVE[name](layer, x)) if impl == "naive" else layer
 

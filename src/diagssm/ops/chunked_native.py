@@ -277,17 +277,12 @@ def _split(x, T, r):
     return x[:, :full].view(Bsz, full // T, T * Cp, H), last.view(Bsz, 1, T * Cp, H)
 
 
-def _by_step(W, T):
-    """(H, K, C' T) weights with columns in (channel, step) order -> (step, channel) order, the
-    order of a chunk's (T, C') outputs in y (B, L, C', H)."""
-    H, K, CT = W.shape
-    return W.view(H, K, CT // T, T).transpose(2, 3).reshape(H, K, CT)
-
-
-def _by_channel(W, Cp):
-    """The inverse of `_by_step`: columns in (step, channel) order -> (channel, step) order."""
-    H, K, CT = W.shape
-    return W.view(H, K, CT // Cp, Cp).transpose(2, 3).reshape(H, K, CT)
+def _swap_columns(W, inner):
+    """(H, K, n inner) weights, columns in (outer, inner) order -> (inner, outer) order. With inner = T
+    it turns W's (channel, step) columns into the (step, channel) order of a chunk's (T, C') outputs in
+    y (B, L, C', H); with inner = C' it turns them back."""
+    H, K, n = W.shape
+    return W.view(H, K, n // inner, inner).transpose(2, 3).reshape(H, K, n)
 
 
 def _complex_grad(g, P, H):
@@ -299,9 +294,9 @@ class ChunkedNative(torch.autograd.Function):
     """Same inputs and outputs as `chunked._Chunked`: u (B, L, H), W (H, T + 2M, C'T), into (H, T,
     2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H, B, M)
     complex -> y (B, L, C', H), x_last (H, B, M). Inside, W's columns are in (step, channel) order
-    (`_by_step`), so that the rows of y are its chunks, (T C', H) blocks; for the triangular skips
-    the Toeplitz block is then zero where k > i // C' (still where k > i). The last chunk of each batch row goes
-    through a small zero-padded copy. Saves u and the states entering each chunk (B, n + 1, 2M, H);
+    (`_swap_columns`), so that the rows of y are its chunks, (T C', H) blocks; for the triangular
+    skips the Toeplitz block is then zero where k > i // C' (still where k > i). The last chunk of
+    each batch row goes through a small zero-padded copy. Saves u and the states entering each chunk (B, n + 1, 2M, H);
     the backward runs in time blocks, last first, so that its scratch (the states' gradients) is
     one block's."""
 
@@ -312,7 +307,7 @@ class ChunkedNative(torch.autograd.Function):
         Bsz, L, H = u.shape
         nc, M, Cp = -(-L // T), aT.shape[1], W.shape[2] // T
         r = L - (nc - 1) * T  # real steps of the last chunk, 1..T
-        Ws = _by_step(W, T)
+        Ws = _swap_columns(W, T)
         Wtoe, Wout = _tiles(Ws[:, :T].permute(1, 2, 0)), _tiles(Ws[:, T:].permute(1, 2, 0))  # (T s, C'T), (2M, C'T)
         X = u.new_empty(Bsz, nc + 1, 2 * M, H)  # states entering chunk c; X[:, nc] the final one
         X[:, 0] = _pairs_lanes(x0)
@@ -342,7 +337,7 @@ class ChunkedNative(torch.autograd.Function):
         (U, U_last), (G, G_last) = _split(u[:, :, None], T, r), _split(gy.contiguous(), T, r)
         gu = torch.empty_like(u)
         GU = gu[:, :L - r].view(U.shape)
-        Ws = _by_step(W, T)
+        Ws = _swap_columns(W, T)
         outT = _tiles(Ws[:, T:].permute(2, 1, 0))  # (C'T, 2M, H): G rows -> the states' gradients
         toeT = _tiles(Ws[:, :T].permute(2, 1, 0))  # (C'T, T s)
         g_toe, g_out, g_into, g_into_r = (_tiled_zeros(u, K, I, H) for K, I in
@@ -384,6 +379,6 @@ class ChunkedNative(torch.autograd.Function):
             c1 = c0
         for g, p in ((g_toe, p_toe), (g_out, p_out), (g_into, p_into)):
             _add_parts(g, p)
-        gW = _by_channel(torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1), Cp)  # (H, T + 2M, C'T)
+        gW = _swap_columns(torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1), Cp)  # (H, T + 2M, C'T)
         return (gu, gW, _untile(g_into).permute(2, 0, 1), _complex_grad(gA, P, H), _untile(g_into_r).permute(2, 0, 1),
                 _complex_grad(gA_r, P, H), _complex_of_lanes(Lb[:, nbk]), None)

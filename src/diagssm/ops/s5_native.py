@@ -11,8 +11,9 @@ native.c): a block's u, x and y stay in cache between the two GEMMs, the scan an
 u is read and y written once, and only the states x go to memory (saved for the backward).
 
 The GEMMs are native too (a register tile of 4 rows x 64 columns with AVX-512, 4 x 16 below it,
-A's entries broadcast; weights of 32 KB stay in L1). Float32 on the CPU, H and P2 multiples of 16, the native library built: `unsupported` says
-which condition fails, and `layers.S5` then composes the PyTorch ops as before.
+A's entries broadcast; weights of 32 KB stay in L1). Float32 on the CPU, H and P2 multiples of 16,
+the native library built: `unsupported` says which condition fails, and `layers.S5` then composes
+the PyTorch ops as before.
 """
 import torch
 
