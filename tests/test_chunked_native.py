@@ -53,7 +53,11 @@ def run(fn, u, h0, params, gy, gh, **kw):
     (2, 100, 16, 4, 16, None, 2),  # two output channels: chunks of y are (2 T, H) rows
     (3, 130, 32, 2, 8, 3 * 3 * 4 * 32, 3),  # three, in time blocks, a last chunk of 2 steps
 ])
-def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, Cp, monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["chunks_fwd", "three-calls"])
+def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, Cp, fused, monkeypatch):
+    """Both forwards: the full chunks in one pass (`chunks_fwd`, RB = 8 chunks at a time: 10, 15 and 17
+    chunks end in a partial group) and as three calls (sums, carry, outputs)."""
+    monkeypatch.setattr(chunked_native, "FUSED_FORWARD", fused)
     if block_numbers:
         monkeypatch.setattr(chunked_native, "BLOCK_NUMBERS", block_numbers)
     p = system(H, M, Cp=Cp)

@@ -5,7 +5,10 @@ per channel, so every pass over u, y and their gradients first copies them into 
 layout and back: five passes of (B, L, H) per forward + backward, at copy bandwidth. The kernels
 in `native.c` instead run the same contractions with the channel h as the vector lane, straight on
 (B, L, H): a chunk of one batch row is a contiguous (T, H) block, the weights are (K, I, H). No
-layout pass is left, and the chunk states are carried by a native loop as well.
+layout pass is left, and the chunk states are carried by a native loop as well. Where the batch has
+at least as many rows as torch has threads (`fused_forward`), the forward's full chunks run in one
+native pass (`chunks_fwd`: per batch row, 8 chunks at a time, their sums, the carry and their outputs
+while their packed inputs and new states are in cache); otherwise as three calls split over all rows.
 
 The library is compiled on first use with the machine's C compiler (`cc`, or $CC) for the CPU it
 runs on (-march=native; $DIAGSSM_NATIVE_MARCH names another target, e.g. x86-64 or haswell), into
@@ -85,6 +88,8 @@ def _load():
     lib.rows_red_block.restype = lib.vector_floats.restype = lib.strip_width.restype = N
     lib.strip_width.argtypes = [N]
     lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N]
+    lib.chunks_fwd.argtypes = [P, N, N, P, N, N, P, N, N] + [P] * 5 + [N] * 6
+    lib.chunks_fwd.restype = ctypes.c_int
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
     lib.scan_bwd.argtypes = [P, P, P, P, P, P, P, N, N, N, N]
@@ -155,6 +160,16 @@ def unsupported(u, Cp, T, M):
     if M % 2:
         return f"an even number of modes only (got M = {M})"
     return "" if available() else why_unavailable()
+
+
+# the forward's full chunks in one pass (`chunks_fwd`, split over threads by batch row): None when
+# B >= threads (else fewer threads than torch's would work), True or False to force it (tests, benchmarks)
+FUSED_FORWARD = None
+
+
+def fused_forward(Bsz):
+    """Whether the forward of a batch of Bsz rows runs its full chunks in one pass (`FUSED_FORWARD`)."""
+    return Bsz >= torch.get_num_threads() if FUSED_FORWARD is None else FUSED_FORWARD
 
 
 # chunks per time block of the backward: its scratch (the states' gradients) ~2^21 numbers
@@ -312,12 +327,18 @@ class ChunkedNative(torch.autograd.Function):
         X = u.new_empty(Bsz, nc + 1, 2 * M, H)  # states entering chunk c; X[:, nc] the final one
         X[:, 0] = _pairs_lanes(x0)
         U, U_last = _split(u[:, :, None], T, r)
-        _mm(lib, X[:, 1:nc], U, _tiles(into.permute(1, 2, 0)))  # X[:, c + 1] <- chunk c's input sum
-        _mm(lib, X[:, nc:], U_last, _tiles(into_r.permute(1, 2, 0)))  # the last chunk's, to the final state
-        _carry(lib, X[:, :nc], *_lanes(aT))
-        _carry(lib, X[:, nc - 1:], *_lanes(a_r))
         y = u.new_empty(Bsz, L, Cp, H)
-        _mm(lib, y[:, :L - r].view(Bsz, nc - 1, T * Cp, H), U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1)
+        Y = y[:, :L - r].view(Bsz, nc - 1, T * Cp, H)
+        Win, (ar, ai) = _tiles(into.permute(1, 2, 0)), _lanes(aT)
+        if fused_forward(Bsz) and nc > 1:  # the full chunks in one pass
+            _check(lib.chunks_fwd(*_rows(Y), *_rows(X), *_rows(U), Win.data_ptr(), Wtoe.data_ptr(), Wout.data_ptr(),
+                                  ar.data_ptr(), ai.data_ptr(), T, M, T * Cp, H, nc - 1, Bsz))
+        else:
+            _mm(lib, X[:, 1:nc], U, Win)  # X[:, c + 1] <- chunk c's input sum
+            _carry(lib, X[:, :nc], ar, ai)
+            _mm(lib, Y, U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1)
+        _mm(lib, X[:, nc:], U_last, _tiles(into_r.permute(1, 2, 0)))  # the last chunk's, to the final state
+        _carry(lib, X[:, nc - 1:], *_lanes(a_r))
         Y_last = u.new_empty(Bsz, 1, T * Cp, H)
         _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1)
         y[:, L - r:] = Y_last.view(Bsz, T, Cp, H)[:, :r]

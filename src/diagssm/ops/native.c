@@ -11,6 +11,8 @@
  * transpose) skips the zero blocks of a tile's outputs, and rows_red with tri = 1 only fills G[k][i]
  * for k <= i (to within a tile): half the work of the Toeplitz parts.
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
+ *   chunks_fwd             the op's forward over its full chunks in one pass: per batch row, blocks
+ *                          of RB chunks: their sums (rows_mm), the carry, their outputs (rows_mm).
  *   scan_fwd / scan_bwd    ops/scan.py's scan with a constant A_bar, on complex64 (B, L, P).
  *   s5_fwd / s5_bwd        the fused S5 layer of ops/s5_native.py (GEMMs, scan and skip term per
  *                          time block of one batch row; `gemm` broadcasts its row operand).
@@ -97,16 +99,35 @@ static inline const float *row(const float *base, long r, long nc, long sb, long
  * q + t nb K NL, each entry a vector of NL lanes, in one of two orders:
  *   by rows (kq = 0): groups of g rows, row j at k at [j / g][k][j % g]; rows up to the next multiple
  *                     of g repeat the last one (rows_mm's register tile of g rows);
- *   by k (kq = 1):    groups of 4 k, at [k / 4][j][k % 4] (rows_red's 4 x NO tile of G). */
+ *   by k (kq = 1):    groups of 4 k, at [k / 4][j][k % 4] (rows_red's 4 x NO tile of G).
+ * The copy runs along the destination: each step reads the g rows (or 4 k) at one k (k group) and
+ * writes their vectors of every lane tile, g (4) vectors in a row. Walking the rows one at a time
+ * instead wrote each 64-byte line of q in two halves, far apart, in 16 streams 16 KB apart (one L1
+ * set): by hand (B = 16, H = 128, T = 2M = 64, AVX2), rows_mm 35-37 -> 32-34 ms, rows_red 47 -> 38-39. */
 static void pack_block(float *q, const float *A, long sb, long sc, long K, long H, long nc, long r0,
                        long n, long nb, long g, int kq) {
-    long rows = kq ? n : (n + g - 1) / g * g;
-    for (long j = 0; j < rows; j++) {
-        const float *ra = row(A, r0 + (j < n ? j : n - 1), nc, sb, sc);
-        for (long k = 0; k < K; k++) {
-            float *qk = q + (kq ? (k / 4 * nb + j) * 4 + k % 4 : (j / g * K + k) * g + j % g) * NL;
-            for (long t = 0; t < H / NL; t++)
-                *(vn *)(qk + t * nb * K * NL) = LDN(ra + k * H + t * NL);
+    long tile = nb * K * NL; /* floats per lane tile */
+    if (!kq) {
+        for (long j0 = 0; j0 < n; j0 += g) {
+            const float *ra[MR];
+            for (long jj = 0; jj < g; jj++)
+                ra[jj] = row(A, r0 + (j0 + jj < n ? j0 + jj : n - 1), nc, sb, sc);
+            for (long k = 0; k < K; k++) {
+                float *qk = q + (j0 / g * K + k) * g * NL;
+                for (long t = 0; t < H / NL; t++)
+                    for (long jj = 0; jj < g; jj++)
+                        *(vn *)(qk + t * tile + jj * NL) = LDN(ra[jj] + k * H + t * NL);
+            }
+        }
+    } else {
+        for (long j = 0; j < n; j++) {
+            const float *ra = row(A, r0 + j, nc, sb, sc);
+            for (long k0 = 0; k0 < K; k0 += 4) {
+                float *qk = q + (k0 / 4 * nb + j) * 4 * NL;
+                for (long t = 0; t < H / NL; t++)
+                    for (long kk = 0; kk < 4; kk++)
+                        *(vn *)(qk + t * tile + kk * NL) = LDN(ra + (k0 + kk) * H + t * NL);
+            }
         }
     }
 }
@@ -148,6 +169,38 @@ static int all_allocated(int ok, int *fail) {
     return !f;
 }
 
+/* Rows rb .. rb + n - 1 (n <= RB) of C from their packed lanes (`pack_block`, by rows in groups of
+ * MR) q1 (K1 per row) and, when W2 is given, q2 (K2 per row): rows_mm's work on one block. */
+static void mm_block(float *C, long sCb, long sCc, const float *q1, const float *W1, long K1, long tri1,
+                     const float *q2, const float *W2, long K2, long I, long H, long nc, long rb, long n) {
+    long re = rb + n;
+    for (long ho = 0; ho < H; ho += NL) {
+        for (long r = rb; r < re; r += MR) {
+            long m = re - r < MR ? re - r : MR; /* rows past m repeat the last row, not stored */
+            long at = ho / NL * RB + (r - rb); /* the group's rows in the packed tile */
+            const float *pk1 = q1 + at * K1 * NL, *pk2 = W2 ? q2 + at * K2 * NL : 0;
+            float *pc[MR];
+            for (long j = 0; j < MR; j++)
+                pc[j] = (float *)row(C, r + (j < m ? j : m - 1), nc, sCb, sCc);
+            for (long i0 = 0; i0 < I; i0 += NO) {
+                long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + NO < K1 ? i0 + NO : K1;
+                vn acc[MR][NO];
+#pragma GCC unroll 8
+                for (int j = 0; j < MR; j++)
+#pragma GCC unroll 8
+                    for (int q = 0; q < NO; q++)
+                        acc[j][q] = (vn){0};
+                fma_k(acc, pk1, W1, K1, I, i0, ho, lo, hi);
+                if (W2)
+                    fma_k(acc, pk2, W2, K2, I, i0, ho, 0, K2);
+                for (long j = 0; j < m; j++)
+                    for (long q = 0; q < NO; q++)
+                        *(vn *)(pc[j] + (i0 + q) * H + ho) = acc[j][q];
+            }
+        }
+    }
+}
+
 int rows_mm(float *C, long sCb, long sCc,
             const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1,
             const float *A2, long sA2b, long sA2c, const float *W2, long K2,
@@ -159,35 +212,11 @@ int rows_mm(float *C, long sCb, long sCc,
         if (all_allocated(q1 != 0, &fail)) {
 #pragma omp for schedule(static)
             for (long rb = 0; rb < nrows; rb += RB) {
-                long re = rb + RB < nrows ? rb + RB : nrows;
-                pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, re - rb, RB, MR, 0);
+                long n = rb + RB < nrows ? RB : nrows - rb;
+                pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, n, RB, MR, 0);
                 if (A2)
-                    pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, re - rb, RB, MR, 0);
-                for (long ho = 0; ho < H; ho += NL) {
-                    for (long r = rb; r < re; r += MR) {
-                        long n = re - r < MR ? re - r : MR; /* rows past n repeat the last row, not stored */
-                        long at = ho / NL * RB + (r - rb); /* the group's rows in the packed tile */
-                        const float *pk1 = q1 + at * K1 * NL, *pk2 = q2 + at * K2 * NL;
-                        float *pc[MR];
-                        for (long j = 0; j < MR; j++)
-                            pc[j] = (float *)row(C, r + (j < n ? j : n - 1), nc, sCb, sCc);
-                        for (long i0 = 0; i0 < I; i0 += NO) {
-                            long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + NO < K1 ? i0 + NO : K1;
-                            vn acc[MR][NO];
-#pragma GCC unroll 8
-                            for (int j = 0; j < MR; j++)
-#pragma GCC unroll 8
-                                for (int q = 0; q < NO; q++)
-                                    acc[j][q] = (vn){0};
-                            fma_k(acc, pk1, W1, K1, I, i0, ho, lo, hi);
-                            if (A2)
-                                fma_k(acc, pk2, W2, K2, I, i0, ho, 0, K2);
-                            for (long j = 0; j < n; j++)
-                                for (long q = 0; q < NO; q++)
-                                    *(vn *)(pc[j] + (i0 + q) * H + ho) = acc[j][q];
-                        }
-                    }
-                }
+                    pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, n, RB, MR, 0);
+                mm_block(C, sCb, sCc, q1, W1, K1, tri1, q2, A2 ? W2 : 0, K2, I, H, nc, rb, n);
             }
         }
         free(q1);
@@ -271,6 +300,19 @@ int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long
     return fail ? -1 : 0;
 }
 
+/* x += a p: one chunk boundary of carry_fwd (M (Re, Im) row pairs of H lanes, a = ar + i ai). */
+static void carry_step(float *x, const float *p, const float *ar, const float *ai, long M, long H) {
+    for (long m = 0; m < M; m++) {
+        const float *pr = p + 2 * m * H, *pi = pr + H, *a = ar + m * H, *e = ai + m * H;
+        float *xr = x + 2 * m * H, *xi = xr + H;
+        for (long h = 0; h < H; h += LANES) {
+            vf A = LD(a + h), E = LD(e + h), Pr = LD(pr + h), Pi = LD(pi + h);
+            *(vf *)(xr + h) = LD(xr + h) + A * Pr - E * Pi;
+            *(vf *)(xi + h) = LD(xi + h) + A * Pi + E * Pr;
+        }
+    }
+}
+
 /* States X (rows (b, c), c = 0..nc, each M (Re, Im) row pairs of H lanes): on entry X[b][0] is the
  * initial state and X[b][c] (c >= 1) the input sum of chunk c - 1; on return X[b][c] is the state
  * entering chunk c (X[b][nc]: the final state): X[c] = a X[c-1] + X[c], a = ar + i ai (M, H). */
@@ -278,19 +320,41 @@ void carry_fwd(float *X, long sb, long sc, const float *ar, const float *ai, lon
                long nc, long Bn) {
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < Bn; b++)
-        for (long c = 1; c <= nc; c++) {
-            const float *p = X + b * sb + (c - 1) * sc;
-            float *x = X + b * sb + c * sc;
-            for (long m = 0; m < M; m++) {
-                const float *pr = p + 2 * m * H, *pi = pr + H, *a = ar + m * H, *e = ai + m * H;
-                float *xr = x + 2 * m * H, *xi = xr + H;
-                for (long h = 0; h < H; h += LANES) {
-                    vf A = LD(a + h), E = LD(e + h), Pr = LD(pr + h), Pi = LD(pi + h);
-                    *(vf *)(xr + h) = LD(xr + h) + A * Pr - E * Pi;
-                    *(vf *)(xi + h) = LD(xi + h) + A * Pi + E * Pr;
+        for (long c = 1; c <= nc; c++)
+            carry_step(X + b * sb + c * sc, X + b * sb + (c - 1) * sc, ar, ai, M, H);
+}
+
+/* The forward of the chunked op over nc full chunks in one pass over u: per batch row (split over
+ * OpenMP threads), RB chunks at a time in order, the chunks' input sums into X[b][c + 1] (U W_in),
+ * the carry (X[b][c + 1] += a X[b][c], X[b][0] the state entering the first chunk), then their
+ * outputs Y = U W_toe (tri1 = 1) + X W_out, with U's packed lanes reused and the new states still
+ * in cache. The same contractions as rows_mm (sums), carry_fwd, rows_mm (outputs), which read U
+ * from memory twice and X three times more. U (B, nc, T, H) rows, X (B, nc + 1, 2M, H), Y (B, nc,
+ * I, H); W_in (T, 2M), W_toe (T, I), W_out (2M, I) tiled. Returns 0, or -1 as rows_mm. */
+int chunks_fwd(float *Y, long sYb, long sYc, float *X, long sXb, long sXc, const float *U, long sUb, long sUc,
+               const float *Win, const float *Wtoe, const float *Wout, const float *ar, const float *ai,
+               long T, long M, long I, long H, long nc, long Bn) {
+    int fail = 0;
+    long P = 2 * M;
+#pragma omp parallel
+    {
+        float *qu = aligned_alloc(64, (T + P) * RB * H * sizeof(float)), *qx = qu ? qu + T * RB * H : 0;
+        if (all_allocated(qu != 0, &fail)) {
+#pragma omp for schedule(static)
+            for (long b = 0; b < Bn; b++)
+                for (long c0 = 0; c0 < nc; c0 += RB) {
+                    long n = c0 + RB < nc ? RB : nc - c0, r0 = b * nc + c0;
+                    pack_block(qu, U, sUb, sUc, T, H, nc, r0, n, RB, MR, 0);
+                    mm_block(X + sXc, sXb, sXc, qu, Win, T, 0, 0, 0, 0, P, H, nc, r0, n);
+                    for (long c = c0; c < c0 + n; c++)
+                        carry_step(X + b * sXb + (c + 1) * sXc, X + b * sXb + c * sXc, ar, ai, M, H);
+                    pack_block(qx, X, sXb, sXc, P, H, nc, r0, n, RB, MR, 0);
+                    mm_block(Y, sYb, sYc, qu, Wtoe, T, 1, qx, Wout, P, I, H, nc, r0, n);
                 }
-            }
         }
+        free(qu);
+    }
+    return fail ? -1 : 0;
 }
 
 /* The adjoint of carry_fwd over chunks c0 .. c0 + n - 1 (Lm's rows 0 .. n, X's rows c0 .. c0 + n).
