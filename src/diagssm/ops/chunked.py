@@ -274,8 +274,9 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     W = torch.cat([_toeplitz(K, T).transpose(-1, -2), spare, out_of_state], -2)  # (C', H, T' + 2M, T)
     W = W.permute(1, 2, 0, 3).reshape(H, -1, Cp * T)  # (H, T' + 2M, C'T)
     into = _pairs(B_bar[..., None] * powers.flip(-1)).transpose(-1, -2)  # (H, T, 2M) B A^(T-1-j)
-    lag = torch.clamp(r - 1 - j, min=0)  # the last chunk: B A^(r-1-j) for its r real steps j < r
-    into_r = _pairs(B_bar[..., None] * torch.exp(w[..., None] * lag) * (j < r)).transpose(-1, -2)  # (H, T, 2M)
+    # the last chunk: B A^(r-1-j) for its r real steps j < r, zero past them (powers reversed, no new exp)
+    last = torch.cat([powers[..., :r].flip(-1), powers.new_zeros(H, M, T - r)], -1)
+    into_r = _pairs(B_bar[..., None] * last).transpose(-1, -2)  # (H, T, 2M)
     x0 = u.new_zeros(H, Bsz, M, dtype=w.dtype) if h0 is None else h0.transpose(0, 1)  # (H, B, M)
     why = "native=False" if native is False else chunked_native.unsupported(u, Cp, T, M)
     if native and why:
