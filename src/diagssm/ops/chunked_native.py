@@ -198,8 +198,10 @@ def _untile(g):
 
 
 def _tiled_zeros(like, K, I, H):
-    """Zero (K, I, H) weights (gradients) in the layout of `_tiles`."""
-    return _tiles(like.new_zeros(K, I, H))
+    """Zero (K, I, H) weights (gradients) in the layout of `_tiles`, allocated in it."""
+    lib = library()
+    S, V = lib.strip_width(I), lib.vector_floats()
+    return like.new_zeros(H // V, I // S, K, S, V)
 
 
 def _KI(w):
