@@ -107,7 +107,8 @@ def sections(forward, weight, inputs, repeats, native=False):
     PyTorch path: `_load` (chunk layout in: u forward, u and the output gradient backward),
     `_store` (chunk layout out: y, the input gradient), `_states` (forward: chunk sums, one
     matmul, and the carry), `_put_states` (state rows).
-    Native kernels (`native`): `_mm` (rows contractions: forward chunk sums and outputs, backward
+    Native kernels (`native`): `_chunks_fwd` (the forward's full chunks in one pass, where B >= threads),
+    `_mm` (rows contractions: otherwise the forward chunk sums and outputs; the last chunk; backward
     states' gradients and input gradient), `_red` (the three weight gradients), `_carry` and
     `_carry_back` (the scans over chunk boundaries)."""
     import collections
@@ -117,7 +118,7 @@ def sections(forward, weight, inputs, repeats, native=False):
     import diagssm.ops.chunked_native as chunked_native
 
     module = chunked_native if native else chunked
-    names = ("_mm", "_red", "_carry", "_carry_back") if native else ("_load", "_store", "_states", "_put_states")
+    names = ("_chunks_fwd", "_mm", "_red", "_carry", "_carry_back") if native else ("_load", "_store", "_states", "_put_states")
     spent = collections.defaultdict(list)
     originals = {name: getattr(module, name) for name in names}
 

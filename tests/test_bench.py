@@ -269,9 +269,11 @@ def test_bench_chunked_sections_of_the_native_path(capsys):
     assert chunked_native._mm is before
     line = capsys.readouterr().out.splitlines()[-1]
     ms = {k: float(v) for k, v in re.findall(r"(\w+) ([0-9.]+)", line.split(":", 1)[1])}
-    assert set(ms) == {"forward", "backward", "_mm", "_red", "_carry", "_carry_back"}
-    assert all(v > 0 for v in ms.values())
-    assert ms["_carry"] < ms["forward"] and ms["_red"] + ms["_carry_back"] < ms["backward"]
+    assert set(ms) == {"forward", "backward", "_chunks_fwd", "_mm", "_red", "_carry", "_carry_back"}
+    # B = 16 >= 1 thread: the forward's full chunks run in one pass, which carries their states itself;
+    # `_carry` is then the last chunk's alone, which may print as 0.0
+    assert all(v > 0 for k, v in ms.items() if k != "_carry")
+    assert ms["_chunks_fwd"] + ms["_carry"] < ms["forward"] and ms["_red"] + ms["_carry_back"] < ms["backward"]
 
 
 def test_one_case_with_profile_prints_its_op_table(capsys):

@@ -253,6 +253,15 @@ def _add_parts(G, parts):
         G += p
 
 
+def _chunks_fwd(lib, Y, X, U, Win, Wtoe, Wout, ar, ai):
+    """The forward over n full chunks in one pass (`chunks_fwd`): U (B, n, T, H) rows, X (B, n + 1, 2M, H)
+    with X[:, 0] the entering states, on return the states entering each chunk and the next; Y (B, n,
+    C'T, H) the outputs; weights tiled (`_tiles`)."""
+    Bsz, n, T, H = U.shape
+    _check(lib.chunks_fwd(*_rows(Y), *_rows(X), *_rows(U), Win.data_ptr(), Wtoe.data_ptr(), Wout.data_ptr(),
+                          ar.data_ptr(), ai.data_ptr(), T, X.shape[2] // 2, Y.shape[2], H, n, Bsz))
+
+
 def _carry(lib, X, ar, ai):
     """X (B, n + 1, 2M, H): chunk input sums -> the states entering each chunk (`carry_fwd`)."""
     Bsz, n1, P, H = X.shape
@@ -333,8 +342,7 @@ class ChunkedNative(torch.autograd.Function):
         Y = y[:, :L - r].view(Bsz, nc - 1, T * Cp, H)
         Win, (ar, ai) = _tiles(into.permute(1, 2, 0)), _lanes(aT)
         if fused_forward(Bsz) and nc > 1:  # the full chunks in one pass
-            _check(lib.chunks_fwd(*_rows(Y), *_rows(X), *_rows(U), Win.data_ptr(), Wtoe.data_ptr(), Wout.data_ptr(),
-                                  ar.data_ptr(), ai.data_ptr(), T, M, T * Cp, H, nc - 1, Bsz))
+            _chunks_fwd(lib, Y, X, U, Win, Wtoe, Wout, ar, ai)
         else:
             _mm(lib, X[:, 1:nc], U, Win)  # X[:, c + 1] <- chunk c's input sum
             _carry(lib, X[:, :nc], ar, ai)
