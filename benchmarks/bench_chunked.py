@@ -118,7 +118,8 @@ def sections(forward, weight, inputs, repeats, native=False):
     import diagssm.ops.chunked_native as chunked_native
 
     module = chunked_native if native else chunked
-    names = ("_chunks_fwd", "_mm", "_red", "_carry", "_carry_back") if native else ("_load", "_store", "_states", "_put_states")
+    names = (("_chunks_fwd", "_mm", "_red", "_carry", "_carry_back") if native
+             else ("_load", "_store", "_states", "_put_states"))
     spent = collections.defaultdict(list)
     originals = {name: getattr(module, name) for name in names}
 

@@ -181,13 +181,18 @@ def _rows(t):
     return t.data_ptr(), t.stride(0), t.stride(1)
 
 
+def _widths(I):
+    """(S, V) of the tiled layout of weights with I outputs: the strip width and the vector width."""
+    lib = library()
+    return lib.strip_width(I), lib.vector_floats()
+
+
 def _tiles(w):
     """(K, I, H) weights -> (H/V, I/S, K, S, V), the layout of the kernels' weights: per tile of V
     channels (V = `vector_floats()`), strips of S outputs (the kernels' `strip_width(I)`), each
     strip (K, S, V) contiguous."""
     K, I, H = w.shape
-    lib = library()
-    S, V = lib.strip_width(I), lib.vector_floats()
+    S, V = _widths(I)
     return w.reshape(K, I // S, S, H // V, V).permute(3, 1, 0, 2, 4).contiguous()
 
 
@@ -199,8 +204,7 @@ def _untile(g):
 
 def _tiled_zeros(like, K, I, H):
     """Zero (K, I, H) weights (gradients) in the layout of `_tiles`, allocated in it."""
-    lib = library()
-    S, V = lib.strip_width(I), lib.vector_floats()
+    S, V = _widths(I)
     return like.new_zeros(H // V, I // S, K, S, V)
 
 
