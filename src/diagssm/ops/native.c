@@ -97,25 +97,25 @@ static inline const float *row(const float *base, long r, long nc, long sb, long
 
 /* The lanes of rows r0 .. r0 + n - 1 of A (n <= nb) into q, lane tile t's block (nb K NL floats) at
  * q + t nb K NL, each entry a vector of NL lanes, in one of two orders:
- *   by rows (kq = 0): groups of g rows, row j at k at [j / g][k][j % g]; rows up to the next multiple
- *                     of g repeat the last one (rows_mm's register tile of g rows);
+ *   by rows (kq = 0): groups of MR rows, row j at k at [j / MR][k][j % MR]; rows up to the next
+ *                     multiple of MR repeat the last one (rows_mm's register tile of MR rows);
  *   by k (kq = 1):    groups of 4 k, at [k / 4][j][k % 4] (rows_red's 4 x NO tile of G).
- * The copy runs along the destination: each step reads the g rows (or 4 k) at one k (k group) and
- * writes their vectors of every lane tile, g (4) vectors in a row. Walking the rows one at a time
+ * The copy runs along the destination: each step reads the MR rows (or 4 k) at one k (k group) and
+ * writes their vectors of every lane tile, MR (4) vectors in a row. Walking the rows one at a time
  * instead wrote each 64-byte line of q in two halves, far apart, in 16 streams 16 KB apart (one L1
  * set): by hand (B = 16, H = 128, T = 2M = 64, AVX2), rows_mm 35-37 -> 32-34 ms, rows_red 47 -> 38-39. */
 static void pack_block(float *q, const float *A, long sb, long sc, long K, long H, long nc, long r0,
-                       long n, long nb, long g, int kq) {
+                       long n, long nb, int kq) {
     long tile = nb * K * NL; /* floats per lane tile */
     if (!kq) {
-        for (long j0 = 0; j0 < n; j0 += g) {
+        for (long j0 = 0; j0 < n; j0 += MR) {
             const float *ra[MR];
-            for (long jj = 0; jj < g; jj++)
+            for (long jj = 0; jj < MR; jj++)
                 ra[jj] = row(A, r0 + (j0 + jj < n ? j0 + jj : n - 1), nc, sb, sc);
             for (long k = 0; k < K; k++) {
-                float *qk = q + (j0 / g * K + k) * g * NL;
+                float *qk = q + (j0 / MR * K + k) * MR * NL;
                 for (long t = 0; t < H / NL; t++)
-                    for (long jj = 0; jj < g; jj++)
+                    for (long jj = 0; jj < MR; jj++)
                         *(vn *)(qk + t * tile + jj * NL) = LDN(ra[jj] + k * H + t * NL);
             }
         }
@@ -213,9 +213,9 @@ int rows_mm(float *C, long sCb, long sCc,
 #pragma omp for schedule(static)
             for (long rb = 0; rb < nrows; rb += RB) {
                 long n = rb + RB < nrows ? RB : nrows - rb;
-                pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, n, RB, MR, 0);
+                pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, n, RB, 0);
                 if (A2)
-                    pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, n, RB, MR, 0);
+                    pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, n, RB, 0);
                 mm_block(C, sCb, sCc, q1, W1, K1, tri1, q2, A2 ? W2 : 0, K2, I, H, nc, rb, n);
             }
         }
@@ -251,8 +251,8 @@ int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long
 #pragma omp for schedule(static)
             for (long rb = 0; rb < nrows; rb += RBR) {
                 long n = rb + RBR < nrows ? RBR : nrows - rb;
-                pack_block(qa, A, sAb, sAc, K, H, nc, rb, n, RBR, 1, 1);
-                pack_block(qb, Bm, sBb, sBc, I, H, nc, rb, n, RBR, 1, 1);
+                pack_block(qa, A, sAb, sAc, K, H, nc, rb, n, RBR, 1);
+                pack_block(qb, Bm, sBb, sBc, I, H, nc, rb, n, RBR, 1);
                 for (long ho = 0; ho < H; ho += NL) {
                     const float *qat = qa + ho * RBR * K, *qbt = qb + ho * RBR * I;
                     for (long k0 = 0; k0 < K; k0 += 4) {
@@ -300,15 +300,20 @@ int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long
     return fail ? -1 : 0;
 }
 
-/* x += a p: one chunk boundary of carry_fwd (M (Re, Im) row pairs of H lanes, a = ar + i ai). */
-static void carry_step(float *x, const float *p, const float *ar, const float *ai, long M, long H) {
-    for (long m = 0; m < M; m++) {
-        const float *pr = p + 2 * m * H, *pi = pr + H, *a = ar + m * H, *e = ai + m * H;
-        float *xr = x + 2 * m * H, *xi = xr + H;
-        for (long h = 0; h < H; h += LANES) {
-            vf A = LD(a + h), E = LD(e + h), Pr = LD(pr + h), Pi = LD(pi + h);
-            *(vf *)(xr + h) = LD(xr + h) + A * Pr - E * Pi;
-            *(vf *)(xi + h) = LD(xi + h) + A * Pi + E * Pr;
+/* X[c] += a X[c - 1] for c = c0 + 1 .. c0 + n, X[c] at X + c sc (M (Re, Im) row pairs of H lanes,
+ * a = ar + i ai): carry_fwd's work on one batch row's chunk boundaries, in order. */
+static void carry_run(float *X, long sc, long c0, long n, const float *ar, const float *ai, long M, long H) {
+    for (long c = c0 + 1; c <= c0 + n; c++) {
+        const float *p = X + (c - 1) * sc;
+        float *x = X + c * sc;
+        for (long m = 0; m < M; m++) {
+            const float *pr = p + 2 * m * H, *pi = pr + H, *a = ar + m * H, *e = ai + m * H;
+            float *xr = x + 2 * m * H, *xi = xr + H;
+            for (long h = 0; h < H; h += LANES) {
+                vf A = LD(a + h), E = LD(e + h), Pr = LD(pr + h), Pi = LD(pi + h);
+                *(vf *)(xr + h) = LD(xr + h) + A * Pr - E * Pi;
+                *(vf *)(xi + h) = LD(xi + h) + A * Pi + E * Pr;
+            }
         }
     }
 }
@@ -320,8 +325,7 @@ void carry_fwd(float *X, long sb, long sc, const float *ar, const float *ai, lon
                long nc, long Bn) {
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < Bn; b++)
-        for (long c = 1; c <= nc; c++)
-            carry_step(X + b * sb + c * sc, X + b * sb + (c - 1) * sc, ar, ai, M, H);
+        carry_run(X + b * sb, sc, 0, nc, ar, ai, M, H);
 }
 
 /* The forward of the chunked op over nc full chunks in one pass over u: per batch row (split over
@@ -344,11 +348,10 @@ int chunks_fwd(float *Y, long sYb, long sYc, float *X, long sXb, long sXc, const
             for (long b = 0; b < Bn; b++)
                 for (long c0 = 0; c0 < nc; c0 += RB) {
                     long n = c0 + RB < nc ? RB : nc - c0, r0 = b * nc + c0;
-                    pack_block(qu, U, sUb, sUc, T, H, nc, r0, n, RB, MR, 0);
+                    pack_block(qu, U, sUb, sUc, T, H, nc, r0, n, RB, 0);
                     mm_block(X + sXc, sXb, sXc, qu, Win, T, 0, 0, 0, 0, P, H, nc, r0, n);
-                    for (long c = c0; c < c0 + n; c++)
-                        carry_step(X + b * sXb + (c + 1) * sXc, X + b * sXb + c * sXc, ar, ai, M, H);
-                    pack_block(qx, X, sXb, sXc, P, H, nc, r0, n, RB, MR, 0);
+                    carry_run(X + b * sXb, sXc, c0, n, ar, ai, M, H);
+                    pack_block(qx, X, sXb, sXc, P, H, nc, r0, n, RB, 0);
                     mm_block(Y, sYb, sYc, qu, Wtoe, T, 1, qx, Wout, P, I, H, nc, r0, n);
                 }
         }
