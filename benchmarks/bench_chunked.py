@@ -201,6 +201,28 @@ def native_parts(u, T, M):
                      ("rows_red 2M x T, summed over rows", lambda: cn._red(lib, G, X, U))):
         ms = median_ms(fn, 7, warmup=2)
         print(f"  native {name}, {Bsz * nc} rows of {H} channels: {ms:.2f} ms, {flops / ms / 1e6:.0f} GFLOP/s")
+    if hasattr(cn, "_chunks_fwd"):
+        forward_parts(cn, lib, U, T, M)
+
+
+def forward_parts(cn, lib, U, T, M):
+    """ms of the op's forward over U's full chunks (warm buffers, C' = 1): in one pass (`chunks_fwd`)
+    and as the three calls it replaces (chunk sums, carry, outputs)."""
+    Bsz, nc, _, H = U.shape
+    P = 2 * M
+    g = torch.Generator().manual_seed(1)
+    X, Y = torch.zeros(Bsz, nc + 1, P, H), torch.empty(Bsz, nc, T, H)
+    Win, Wtoe, Wout = (cn._tiles(0.1 * torch.randn(K, I, H, generator=g)) for K, I in ((T, P), (T, T), (P, T)))
+    ar, ai = 0.5 * torch.rand(M, H, generator=g), 0.5 * torch.rand(M, H, generator=g)
+
+    def three_calls():
+        cn._mm(lib, X[:, 1:], U, Win)
+        cn._carry(lib, X, ar, ai)
+        cn._mm(lib, Y, U, Wtoe, A2=X[:, :nc], W2=Wout, tri=1)
+
+    for name, fn in (("chunks_fwd (one pass)", lambda: cn._chunks_fwd(lib, Y, X, U, Win, Wtoe, Wout, ar, ai)),
+                     ("sums, carry, outputs (three calls)", three_calls)):
+        print(f"  native forward, {name}, {Bsz * nc} chunks: {median_ms(fn, 7, warmup=2):.2f} ms")
 
 
 if __name__ == "__main__":

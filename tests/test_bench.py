@@ -243,7 +243,10 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
     assert len(layout) == 1 and re.search(r"of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", layout[0])
     native = [line for line in out if "native" in line]
     if chunked_native.available():
-        assert len(native) == 2 and all(re.search(r"[0-9.]+ GFLOP/s$", line) for line in native)
+        rates, forward = native[:2], native[2:]
+        assert len(rates) == 2 and all(re.search(r"[0-9.]+ GFLOP/s$", line) for line in rates)
+        assert len(forward) == 2 and all(re.search(r"native forward, .*, 64 chunks: [0-9.]+ ms$", line)
+                                         for line in forward)
     else:
         assert len(native) == 1 and "not timed" in native[0]
 

@@ -103,7 +103,8 @@ static inline const float *row(const float *base, long r, long nc, long sb, long
  * The copy runs along the destination: each step reads the MR rows (or 4 k) at one k (k group) and
  * writes their vectors of every lane tile, MR (4) vectors in a row. Walking the rows one at a time
  * instead wrote each 64-byte line of q in two halves, far apart, in 16 streams 16 KB apart (one L1
- * set): by hand (B = 16, H = 128, T = 2M = 64, AVX2), rows_mm 35-37 -> 32-34 ms, rows_red 47 -> 38-39. */
+ * set): `bench_chunked.py --parts` (AVX2, session 16), rows_mm 38.7-41.5 -> 32.8-33.4 ms, rows_red
+ * 48.1-49.3 -> 39.9-45.6. */
 static void pack_block(float *q, const float *A, long sb, long sc, long K, long H, long nc, long r0,
                        long n, long nb, int kq) {
     long tile = nb * K * NL; /* floats per lane tile */
