@@ -121,6 +121,25 @@ def test_row_kernels_match_float64_contractions(threads, tri):
 
 
 @needs_native
+@pytest.mark.parametrize("I", [8, 12, 64])
+def test_weight_tiling_matches_its_reference(I):
+    """`_tiles` and `_untile` (the library's tile_weights) against their PyTorch twins, from and into
+    strided views as the op uses them: (K, I, H) slices of (H, K', I') weights, permuted either way."""
+    K, H = 16, 32
+    W = randn(H, K + 4, I + 2, dtype=torch.float32, seed=26)  # larger arrays: slices have offsets, strides
+    WT = randn(H, I + 2, K + 4, dtype=torch.float32, seed=27)
+    for w in (W[:, 2:K + 2, 1:I + 1].permute(1, 2, 0), WT[:, 1:I + 1, 2:K + 2].permute(2, 1, 0)):
+        t = chunked_native._tiles(w)
+        assert torch.equal(t, chunked_native._tiles_ref(w))
+        assert torch.equal(chunked_native._untile(t), chunked_native._untile_ref(t))
+        out = torch.full((H, K + 3, I + 1), float("nan"))
+        view = out[:, 3:, 1:].permute(1, 2, 0)  # (K, I, H) with strides and an offset
+        chunked_native._untile(t, view)
+        assert torch.equal(view, w)
+        assert out[:, :3].isnan().all() and out[:, :, :1].isnan().all()  # nothing written outside the view
+
+
+@needs_native
 @pytest.mark.parametrize("Cp", [1, 2])
 def test_matches_the_pytorch_path(Cp):
     p = {k: as32(v) for k, v in system(32, 8, seed=3, Cp=Cp).items()}

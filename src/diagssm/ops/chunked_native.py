@@ -87,6 +87,8 @@ def _load():
     lib.rows_red.argtypes = [P, P, N, P, N, N, P, N, N, N, N, N, N, N, N]
     lib.rows_red_block.restype = lib.vector_floats.restype = lib.strip_width.restype = N
     lib.strip_width.argtypes = [N]
+    lib.tile_weights.argtypes = [P, P] + [N] * 7
+    lib.tile_weights.restype = None
     lib.carry_fwd.argtypes = [P, N, N, P, P, N, N, N, N]
     lib.chunks_fwd.argtypes = [P, N, N, P, N, N, P, N, N] + [P] * 5 + [N] * 6
     lib.chunks_fwd.restype = ctypes.c_int
@@ -188,16 +190,35 @@ def _widths(I):
 
 
 def _tiles(w):
-    """(K, I, H) weights -> (H/V, I/S, K, S, V), the layout of the kernels' weights: per tile of V
-    channels (V = `vector_floats()`), strips of S outputs (the kernels' `strip_width(I)`), each
-    strip (K, S, V) contiguous."""
+    """(K, I, H) weights (a float32 view with any strides) -> (H/V, I/S, K, S, V), the layout of the
+    kernels' weights: per tile of V channels (V = `vector_floats()`), strips of S outputs (the kernels'
+    `strip_width(I)`), each strip (K, S, V) contiguous. Copied by the library (`tile_weights`), with the
+    same result as `_tiles_ref`."""
+    K, I, H = w.shape
+    S, V = _widths(I)
+    t = w.new_empty(H // V, I // S, K, S, V)
+    library().tile_weights(t.data_ptr(), w.data_ptr(), *w.stride(), K, I, H, 0)
+    return t
+
+
+def _untile(g, out=None):
+    """The inverse of `_tiles`: (H/V, I/S, K, S, V) -> (K, I, H), into `out` (a (K, I, H) float32 view
+    with any strides, e.g. a permuted slice of the tensor to return) or a new tensor; as `_untile_ref`."""
+    n, m, K, S, V = g.shape
+    out = g.new_empty(K, m * S, n * V) if out is None else out
+    library().tile_weights(g.data_ptr(), out.data_ptr(), *out.stride(), *out.shape, 1)
+    return out
+
+
+def _tiles_ref(w):
+    """The reference twin of `_tiles`, in PyTorch ops."""
     K, I, H = w.shape
     S, V = _widths(I)
     return w.reshape(K, I // S, S, H // V, V).permute(3, 1, 0, 2, 4).contiguous()
 
 
-def _untile(g):
-    """The inverse of `_tiles`: (H/V, I/S, K, S, V) -> (K, I, H)."""
+def _untile_ref(g):
+    """The reference twin of `_untile`, in PyTorch ops."""
     n, m, K, S, V = g.shape
     return g.permute(2, 1, 3, 0, 4).reshape(K, m * S, n * V)
 
@@ -414,6 +435,11 @@ class ChunkedNative(torch.autograd.Function):
             c1 = c0
         for g, p in ((g_toe, p_toe), (g_out, p_out), (g_into, p_into)):
             _add_parts(g, p)
-        gW = _swap_columns(torch.cat([_untile(g_toe), _untile(g_out)]).permute(2, 0, 1), Cp)  # (H, T + 2M, C'T)
-        return (gu, gW, _untile(g_into).permute(2, 0, 1), _complex_grad(gA, P, H), _untile(g_into_r).permute(2, 0, 1),
-                _complex_grad(gA_r, P, H), _complex_of_lanes(Lb[:, nbk]), None)
+        gW = u.new_empty(H, T + P, Cp * T)  # columns in (step, channel) order, as Ws
+        _untile(g_toe, gW[:, :T].permute(1, 2, 0))
+        _untile(g_out, gW[:, T:].permute(1, 2, 0))
+        g_into_, g_into_r_ = u.new_empty(H, T, P), u.new_empty(H, T, P)
+        _untile(g_into, g_into_.permute(1, 2, 0))
+        _untile(g_into_r, g_into_r_.permute(1, 2, 0))
+        return (gu, _swap_columns(gW, Cp), g_into_, _complex_grad(gA, P, H), g_into_r_, _complex_grad(gA_r, P, H),
+                _complex_of_lanes(Lb[:, nbk]), None)

@@ -13,6 +13,7 @@
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
  *   chunks_fwd             the op's forward over its full chunks in one pass: per batch row, blocks
  *                          of RB chunks: their sums (rows_mm), the carry, their outputs (rows_mm).
+ *   tile_weights           weights between a strided (K, I, H) array and the tiled layout above.
  *   scan_fwd / scan_bwd    ops/scan.py's scan with a constant A_bar, on complex64 (B, L, P).
  *   s5_fwd / s5_bwd        the fused S5 layer of ops/s5_native.py (GEMMs, scan and skip term per
  *                          time block of one batch row; `gemm` broadcasts its row operand).
@@ -153,6 +154,27 @@ static inline void fma_k(vn acc[MR][NO], const float *pa, const float *w, long K
             for (int q = 0; q < NO; q++)
                 acc[j][q] += wq[q] * x;
         }
+    }
+}
+
+/* Weights between a (K, I, H) array w (any strides: entry (k, i, h) at w + k sK + i sI + h sH) and
+ * the kernels' tiled layout t (lane tiles of NL channels, strips WAT): t <- w, or w <- t with untile.
+ * Lane tiles split over OpenMP threads; within one, its NL channels' entries are read (written) in
+ * (k, i) order, as many streams as lanes. */
+void tile_weights(float *t, float *w, long sK, long sI, long sH, long K, long I, long H, long untile) {
+#pragma omp parallel for schedule(static)
+    for (long ho = 0; ho < H; ho += NL) {
+        float *tt = t + ho * K * I;
+        for (long k = 0; k < K; k++)
+            for (long i = 0; i < I; i++) {
+                float *tv = tt + WAT(K, I, k, i), *wv = w + k * sK + i * sI + ho * sH;
+                if (untile)
+                    for (long v = 0; v < NL; v++)
+                        wv[v * sH] = tv[v];
+                else
+                    for (long v = 0; v < NL; v++)
+                        tv[v] = wv[v * sH];
+            }
     }
 }
 
