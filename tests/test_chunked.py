@@ -121,3 +121,23 @@ def test_chunk_size_and_errors():
         diagonal_chunked(randn(2, 5, 3), w, B_bar, C, h0=torch.zeros(2, 3, 5, dtype=C128))
     with pytest.raises(ValueError, match="D must be"):
         diagonal_chunked(randn(2, 5, 3), w, B_bar, C, D=randn(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, C128])
+def test_powers_match_the_complex_exp(dtype):
+    """`_powers` (real exp, cos, sin) against its twin torch.exp(w j): values and gradients, against a
+    complex128 reference."""
+    from diagssm.ops.chunked import _powers
+
+    w, _, _ = system(H=5, M=6, growing=True)
+    w = (w * torch.tensor([1.0, 30.0])[torch.arange(6) % 2]).to(dtype).requires_grad_()  # fast and slow phases
+    j = torch.arange(64, dtype=w.real.dtype)
+    gz = randn(5, 6, 64, dtype=C128, seed=9)
+    w64 = w.detach().to(C128).requires_grad_()
+    want = torch.exp(w64[..., None] * j.double())
+    (g_want,) = torch.autograd.grad((want * gz).real.sum(), w64)
+    for fn in (_powers, lambda w, j: torch.exp(w[..., None] * j)):
+        got = fn(w, j)
+        (g_got,) = torch.autograd.grad((got * gz.to(dtype)).real.sum(), w)
+        assert_close(got, want, scale=30)  # |w j| up to ~2000: the float32 rounding of the phase w j
+        assert_close(g_got, g_want, scale=30)

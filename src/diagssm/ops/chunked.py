@@ -64,6 +64,15 @@ def _pairs(z):
     return torch.view_as_real(z.transpose(-1, -2)).flatten(-2).transpose(-1, -2)
 
 
+def _powers(w, j):
+    """exp(w j) for complex w (..., M) and real steps j (T,): (..., M, T), from the real exp, cos and
+    sin of the real and imaginary parts (the same products w j, so the same values as the complex exp
+    to rounding; several times faster on the CPU, forward and backward)."""
+    re, im = w.real[..., None] * j, w.imag[..., None] * j
+    mag = torch.exp(re)
+    return torch.complex(mag * torch.cos(im), mag * torch.sin(im))
+
+
 def _toeplitz(K, T):
     """Lower-triangular Toeplitz matrices of the first T taps: Toep[..., j, i] = K[..., j-i] (j >= i).
 
@@ -264,7 +273,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     Cp, M, T = C.shape[0], w.shape[1], chunk or chunk_size(L)
     nc, r = -(-L // T), L - (-(-L // T) - 1) * T  # chunks; real steps of the last one (1..T)
     j = torch.arange(T, device=u.device, dtype=u.dtype)
-    powers = torch.exp(w[..., None] * j)  # (H, M, T) A^j
+    powers = _powers(w, j)  # (H, M, T) A^j
     K = factor * ((C * B_bar)[..., None] * powers).sum(-2).real  # (C', H, T) first T taps
     if D is not None:
         K = K + D[..., None] * (j == 0)  # y = K * u + D u: D joins tap 0
