@@ -141,3 +141,17 @@ def test_powers_match_the_complex_exp(dtype):
         (g_got,) = torch.autograd.grad((got * gz.to(dtype)).real.sum(), w)
         assert_close(got, want, scale=30)  # |w j| up to ~2000: the float32 rounding of the phase w j
         assert_close(g_got, g_want, scale=30)
+
+
+def test_toeplitz_matches_the_gather_reference():
+    """The chunk's Toeplitz block (windows of the padded taps) against `conv._toeplitz`, which gathers
+    k[t - s] by index: values and gradients, in float64."""
+    from diagssm.ops.chunked import _toeplitz
+    from diagssm.ops.conv import _toeplitz as toeplitz_ref
+
+    K = randn(2, 3, 7, seed=4).requires_grad_()
+    g = randn(2, 3, 7, 7, seed=5)
+    got, want = _toeplitz(K, 7), toeplitz_ref(K.reshape(6, 7)).reshape(2, 3, 7, 7)
+    assert torch.equal(got, want)
+    (g_got,), (g_want,) = (torch.autograd.grad((t * g).sum(), K) for t in (got, want))
+    assert_close(g_got, g_want)

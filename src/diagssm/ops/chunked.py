@@ -78,9 +78,10 @@ def _toeplitz(K, T):
 
     Shapes: K (..., T) -> (..., T, T)
     """
-    j = torch.arange(T, device=K.device)
-    lag = j[:, None] - j[None, :]  # (T, T)
-    return torch.where(lag >= 0, K[..., lag.clamp(min=0)], torch.zeros((), dtype=K.dtype, device=K.device))
+    padded = torch.cat([K.new_zeros(*K.shape[:-1], T - 1), K], -1)  # (..., 2T - 1): T - 1 zeros, then K
+    # windows w[s][m] = padded[s + m] = K[s + m - (T - 1)] (a view), so Toep[j, i] = w[T - 1 - i][j]; as views
+    # and one flip, not a gather, its backward is a sum over windows rather than an indexed scatter
+    return padded.unfold(-1, T, 1).flip(-2).transpose(-1, -2)
 
 
 def _check(u, w, B_bar, C, h0, D):
