@@ -5,7 +5,8 @@
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
     python benchmarks/bench_chunked.py --channels 2             # C' = 2 output channels
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
-    python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass
+    python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass,
+                                                                # the system side's helpers, the native kernels
     python benchmarks/bench_chunked.py --sections               # and per pass: forward, backward, time in the
                                                                 # helpers of the path that runs
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
@@ -156,7 +157,8 @@ def parts(u, args):
     """GFLOP/s of the op's batched matmul shapes (one time block: H batches of (nb B) rows; inner
     sizes T + 2M = 128, T = 64, 2M = 64) and of a (4096, 4096) square matmul, ms of one
     `_load` pass of u (B, L, H) into chunk layout (what each layout pass over (B, L, H) costs),
-    and the native kernels' GFLOP/s (`native_parts`)."""
+    the system side's helpers against their twins (`system_parts`) and the native kernels' GFLOP/s
+    (`native_parts`)."""
     from diagssm.ops.chunked import _blocks, _load, _stage, block_size, chunk_size
 
     Bsz, L, H = u.shape
@@ -179,7 +181,47 @@ def parts(u, args):
             _load(u[:, :, None], c0 * T, T, dst[:, :k], _stage(stage, Bsz, k, 1, H, T))
 
     print(f"  one layout pass of u ({Bsz}, {L}, {H}) into chunk layout: {median_ms(load_all, 5, warmup=1):.1f} ms")
+    system_parts(H, T, M)
     native_parts(u, T, M)
+
+
+def system_parts(H, T, M):
+    """ms of the per-pass work on the system side, independent of B and L: each helper of
+    `diagonal_chunked` against its reference twin, forward + backward (gradient of a weighted sum),
+    and the native path's weight tiling (as many (K, I, H) weights as a pass tiles) against PyTorch's."""
+    from diagssm.ops import chunked_native as cn
+    from diagssm.ops.chunked import _powers, _toeplitz
+    from diagssm.ops.conv import _toeplitz as toeplitz_gather
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.complex(-0.1 * torch.rand(H, M, generator=g), torch.randn(H, M, generator=g)).requires_grad_()
+    K = torch.randn(1, H, T, generator=g).requires_grad_()
+    j = torch.arange(T, dtype=torch.float32)
+
+    def fwd_bwd(fn, x):
+        out = fn()
+        weight = torch.ones_like(out)
+        return lambda: torch.autograd.grad((fn() * weight).real.sum(), x)
+
+    pairs = (("powers exp(w j), (H, M, T)", w, lambda: _powers(w, j), lambda: torch.exp(w[..., None] * j),
+              "real exp, cos, sin", "complex exp"),
+             ("Toeplitz block, (H, T, T)", K, lambda: _toeplitz(K, T),
+              lambda: toeplitz_gather(K[0]), "windows", "gather"))
+    for name, x, fast, ref, fast_how, ref_how in pairs:
+        ms = [median_ms(fwd_bwd(fn, x), 7, warmup=2) for fn in (fast, ref)]
+        print(f"  system side, {name}, fwd+bwd: {fast_how} {ms[0]:.2f} ms, {ref_how} {ms[1]:.2f} ms")
+    if cn.unsupported(torch.empty(1, 1, H), 1, T, M):
+        return
+    W, into = torch.randn(H, T + 2 * M, T, generator=g), torch.randn(H, T, 2 * M, generator=g)
+    maps = (W[:, :T], W[:, T:], into, into)  # Toeplitz, out of state, into state, the last chunk's
+    views = [m.permute(1, 2, 0) for m in maps] + [m.permute(2, 1, 0) for m in maps]  # forward, backward
+
+    def tile_all(tiles):
+        return lambda: [tiles(v) for v in views]
+
+    ms = [median_ms(tile_all(fn), 7, warmup=2) for fn in (cn._tiles, cn._tiles_ref)]
+    print(f"  system side, tiling a pass's {len(views)} weights (K, I, H), K and I in ({T}, {2 * M}): "
+          f"library {ms[0]:.2f} ms, PyTorch {ms[1]:.2f} ms")
 
 
 def native_parts(u, T, M):

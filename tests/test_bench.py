@@ -241,7 +241,10 @@ def test_bench_chunked_parts_prints_matmul_rates_and_a_layout_pass(capsys):
     assert "(128, 64, 128) @ (128, 128, 64)" in out[1]  # one time block: 4 chunks x B = 16 rows per channel
     layout = [line for line in out if "layout pass" in line]
     assert len(layout) == 1 and re.search(r"of u \(16, 256, 128\) into chunk layout: [0-9.]+ ms", layout[0])
-    native = [line for line in out if "native" in line]
+    system = [line for line in out if "system side" in line]  # each helper against its reference twin
+    assert len(system) == (3 if chunked_native.available() else 2)
+    assert all(len(re.findall(r" [0-9.]+ ms", line)) == 2 for line in system)
+    native = [line for line in out if "native" in line and "system side" not in line]
     if chunked_native.available():
         rates, forward = native[:2], native[2:]
         assert len(rates) == 2 and all(re.search(r"[0-9.]+ GFLOP/s$", line) for line in rates)
