@@ -137,6 +137,10 @@ def test_weight_tiling_matches_its_reference(I):
         chunked_native._untile(t, view)
         assert torch.equal(view, w)
         assert out[:, :3].isnan().all() and out[:, :, :1].isnan().all()  # nothing written outside the view
+    with pytest.raises(TypeError, match="float32"):  # raw memory of another dtype: an error, not a wrong answer
+        chunked_native._tiles(W.double()[:, :K, :I].permute(1, 2, 0))
+    with pytest.raises(ValueError, match="out must be"):
+        chunked_native._untile(t, torch.empty(K, I + 1, H))
 
 
 @needs_native

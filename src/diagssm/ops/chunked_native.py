@@ -194,6 +194,7 @@ def _tiles(w):
     kernels' weights: per tile of V channels (V = `vector_floats()`), strips of S outputs (the kernels'
     `strip_width(I)`), each strip (K, S, V) contiguous. Copied by the library (`tile_weights`), with the
     same result as `_tiles_ref`."""
+    _float32_cpu(w)
     K, I, H = w.shape
     S, V = _widths(I)
     t = w.new_empty(H // V, I // S, K, S, V)
@@ -206,8 +207,18 @@ def _untile(g, out=None):
     with any strides, e.g. a permuted slice of the tensor to return) or a new tensor; as `_untile_ref`."""
     n, m, K, S, V = g.shape
     out = g.new_empty(K, m * S, n * V) if out is None else out
+    _float32_cpu(g, out)
+    if out.shape != (K, m * S, n * V):
+        raise ValueError(f"_untile: out must be {(K, m * S, n * V)}; got {tuple(out.shape)}")
     library().tile_weights(g.data_ptr(), out.data_ptr(), *out.stride(), *out.shape, 1)
     return out
+
+
+def _float32_cpu(*ts):
+    """The library reads and writes raw float32 memory: anything else would be a wrong answer, so an error."""
+    for t in ts:
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise TypeError(f"native weight tiling: float32 on the CPU only (got {t.dtype} on {t.device})")
 
 
 def _tiles_ref(w):
