@@ -316,3 +316,18 @@ def test_cpu_model_names_family_model_and_vector_width(flags, vectors, tmp_path)
     info.write_text(cpu.format(0, flags) + cpu.format(1, flags))
     assert bench.cpu_model(str(info)) == f"AMD EPYC (2 logical CPUs; family 25 model 17, {vectors})"
     assert bench.cpu_model(str(tmp_path / "missing")) == "unknown"
+
+
+def test_bench_cpu_times_denormals_and_huge_pages(capsys):
+    """benchmarks/bench_cpu.py on a small tensor: both cases print their two timings; the process's
+    flush setting is left off (the script turns it back off)."""
+    script = benchmark_script("bench_cpu")
+    assert script.main(["--shape", "2", "64", "32", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("torch ") and "(2, 64, 32)" in out[0]
+    clone = [line for line in out if "clone()" in line]
+    assert len(clone) == 1 and len(re.findall(r"[0-9.]+ ms", clone[0])) == 2
+    denormal = [line for line in out if "denormals" in line]
+    assert len(denormal) == 1
+    assert "cannot flush" in denormal[0] or len(re.findall(r"[0-9.]+ ms", denormal[0])) == 2
+    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flushing is off again: denormals survive

@@ -1,0 +1,81 @@
+"""What the two settings of `diagssm.cpu.fast_cpu_settings()` are worth on this machine.
+
+    python benchmarks/bench_cpu.py                  # both cases, (16, 16384, 128) float32 tensors
+    python benchmarks/bench_cpu.py --shape 4 1024 128 --repeats 3
+
+- denormals: ms of one elementwise multiply-add over a tensor of denormal floats (1e-40, what decaying
+  states reach), with torch.set_flush_denormal(False) and then (True); x86 CPUs handle denormals in
+  slow microcode unless they are flushed to zero.
+- huge pages: ms of `clone()` of the tensor (fresh memory each time, so its page faults), in a
+  subprocess with THP_MEM_ALLOC_ENABLE=0 and one with =1 (libc10 reads it at its first allocation,
+  so each setting needs its own process).
+
+Each figure is the median of --repeats after one warm-up, on --threads threads.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from diagssm.bench import median_ms
+
+
+def denormal_ms(shape, repeats):
+    """{flush: ms} of y = 0.5 x + x over x of denormals (into a preallocated y: no page faults in the
+    timing), without and with flushing them to zero; None where the CPU cannot flush them."""
+    x, y = torch.full(shape, 1e-40), torch.empty(shape)
+    ms = {}
+    try:
+        for flush in (False, True):
+            if not torch.set_flush_denormal(flush) and flush:
+                return None
+            ms[flush] = median_ms(lambda: torch.add(x, x, alpha=0.5, out=y), repeats, warmup=1)
+    finally:
+        torch.set_flush_denormal(False)
+    return ms
+
+
+def clone_ms(shape, repeats):
+    x = torch.randn(shape)
+    return median_ms(lambda: x.clone(), repeats, warmup=1)
+
+
+def clone_ms_with_thp(setting, shape, repeats, threads):
+    """clone_ms in a fresh process with THP_MEM_ALLOC_ENABLE=setting."""
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=setting)
+    code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); import bench_cpu as b; "
+            "torch.set_num_threads(int(sys.argv[4])); "
+            "print(json.dumps(b.clone_ms(tuple(json.loads(sys.argv[2])), int(sys.argv[3]))))")
+    run = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
+                          json.dumps(list(shape)), str(repeats), str(threads)],
+                         env=env, capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", type=int, nargs="+", default=[16, 16384, 128])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    shape = tuple(args.shape)
+    print(f"torch {torch.__version__}, threads = {args.threads}, float32 tensors of shape {shape}, "
+          f"median of {args.repeats}")
+    den = denormal_ms(shape, args.repeats)
+    if den is None:
+        print("  denormals: this CPU cannot flush them (torch.set_flush_denormal(True) returned False)")
+    else:
+        print(f"  denormals, one multiply-add over them: {den[False]:.2f} ms kept, {den[True]:.2f} ms flushed "
+              f"({den[False] / den[True]:.1f}x)")
+    off, on = (clone_ms_with_thp(s, shape, args.repeats, args.threads) for s in ("0", "1"))
+    print(f"  clone() of a fresh tensor: {off:.2f} ms with THP_MEM_ALLOC_ENABLE=0, {on:.2f} ms with =1 "
+          f"({off / on:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
