@@ -243,8 +243,7 @@ def native_parts(u, T, M):
                      ("rows_red 2M x T, summed over rows", lambda: cn._red(lib, G, X, U))):
         ms = median_ms(fn, 7, warmup=2)
         print(f"  native {name}, {Bsz * nc} rows of {H} channels: {ms:.2f} ms, {flops / ms / 1e6:.0f} GFLOP/s")
-    if hasattr(cn, "_chunks_fwd"):
-        forward_parts(cn, lib, U, T, M)
+    forward_parts(cn, lib, U, T, M)
 
 
 def forward_parts(cn, lib, U, T, M):

@@ -447,10 +447,8 @@ class ChunkedNative(torch.autograd.Function):
         for g, p in ((g_toe, p_toe), (g_out, p_out), (g_into, p_into)):
             _add_parts(g, p)
         gW = u.new_empty(H, T + P, Cp * T)  # columns in (step, channel) order, as Ws
-        _untile(g_toe, gW[:, :T].permute(1, 2, 0))
-        _untile(g_out, gW[:, T:].permute(1, 2, 0))
         g_into_, g_into_r_ = u.new_empty(H, T, P), u.new_empty(H, T, P)
-        _untile(g_into, g_into_.permute(1, 2, 0))
-        _untile(g_into_r, g_into_r_.permute(1, 2, 0))
+        for g, out in ((g_toe, gW[:, :T]), (g_out, gW[:, T:]), (g_into, g_into_), (g_into_r, g_into_r_)):
+            _untile(g, out.permute(1, 2, 0))  # the (H, K, I) gradients returned, written as (K, I, H) views
         return (gu, _swap_columns(gW, Cp), g_into_, _complex_grad(gA, P, H), g_into_r_, _complex_grad(gA_r, P, H),
                 _complex_of_lanes(Lb[:, nbk]), None)
