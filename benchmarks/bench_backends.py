@@ -1,13 +1,14 @@
-"""The S4D and DSS layers' two backends, "chunked" and "fft", against each other on the CPU by
-dtype and length: the measurements behind `DiagonalSSM.pick_backend`'s "auto" choice.
+"""The S4D and DSS layers' two backends, "chunked" and "fft", against each other by device, dtype
+and length: the measurements behind `DiagonalSSM.pick_backend`'s "auto" choice.
 
     python benchmarks/bench_backends.py                                  # float32 and float64, L 1024-16384
     python benchmarks/bench_backends.py --dtypes float64 --lengths 1024 4096
+    python benchmarks/bench_backends.py --device cuda --lengths 1024 4096 16384 65536
 
 Per case: forward + backward ms (gradients of u and every parameter, loss = sum(y * w)), the
 median of --repeats after one warm-up, in this process, at B = 16, H = 128, d_state = 64 (the
 sizes of `diagssm bench`), and which backend "auto" picks there. Set THP_MEM_ALLOC_ENABLE=1 in the
-environment, as `diagssm bench` does.
+environment, as `diagssm bench` does. On a GPU each pass is timed to the end of its queued work.
 """
 import argparse
 
@@ -19,24 +20,24 @@ from diagssm.layers import DSS, S4D
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def make(name, dtype, width, backend="auto"):
+def make(name, dtype, width, backend="auto", device="cpu"):
     torch.manual_seed(0)
-    return (S4D if name == "s4d" else DSS)(width, N, backend=backend, check_finite=False).to(dtype)
+    return (S4D if name == "s4d" else DSS)(width, N, backend=backend, check_finite=False).to(device, dtype)
 
 
-def fwd_bwd_ms(name, backend, dtype, L, repeats, batch=B, width=H):
-    layer = make(name, dtype, width, backend)
+def fwd_bwd_ms(name, backend, dtype, L, repeats, batch=B, width=H, device="cpu"):
+    layer = make(name, dtype, width, backend, device)
     g = torch.Generator().manual_seed(1)
-    u = torch.randn(batch, L, width, generator=g, dtype=dtype, requires_grad=True)
-    w = torch.randn(batch, L, width, generator=g, dtype=dtype)
+    u = torch.randn(batch, L, width, generator=g, dtype=dtype).to(device).requires_grad_()
+    w = torch.randn(batch, L, width, generator=g, dtype=dtype).to(device)
     params = [u] + list(layer.parameters())
-    ms = median_ms(lambda: torch.autograd.grad((layer(u) * w).sum(), params), repeats, warmup=1)
+    ms = median_ms(lambda: torch.autograd.grad((layer(u) * w).sum(), params), repeats, warmup=1, device=device)
     assert layer.last_backend == backend
     return ms
 
 
-def auto_pick(name, dtype, L, width=H):
-    return make(name, dtype, width).pick_backend(torch.zeros(1, 1, width, dtype=dtype), L)
+def auto_pick(name, dtype, L, width=H, device="cpu"):
+    return make(name, dtype, width, device=device).pick_backend(torch.ones(1, 1, width, dtype=dtype, device=device), L)
 
 
 def main(argv=None):
@@ -46,20 +47,21 @@ def main(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--batch", type=int, default=B, help=argparse.SUPPRESS)  # small sizes for the tests
     ap.add_argument("--width", type=int, default=H, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     setup_process(args.threads)
-    print(f"fwd+bwd ms, B={args.batch}, H={args.width}, d_state={N}, threads={args.threads}, "
-          f"median of {args.repeats}\n")
+    where = f"threads={args.threads}" if args.device == "cpu" else f"device {args.device}"
+    print(f"fwd+bwd ms, B={args.batch}, H={args.width}, d_state={N}, {where}, median of {args.repeats}\n")
     print("| layer | dtype | L | chunked ms | fft ms | fft / chunked | auto picks |")
     print("|---|---|---|---|---|---|---|")
     for name in args.layers:
         for dname in args.dtypes:
             for L in args.lengths:
-                ms = {b: fwd_bwd_ms(name, b, DTYPES[dname], L, args.repeats, args.batch, args.width)
+                ms = {b: fwd_bwd_ms(name, b, DTYPES[dname], L, args.repeats, args.batch, args.width, args.device)
                       for b in ("chunked", "fft")}
-                pick = auto_pick(name, DTYPES[dname], L, args.width)
+                pick = auto_pick(name, DTYPES[dname], L, args.width, args.device)
                 print(f"| {name} | {dname} | {L} | {ms['chunked']:.1f} | {ms['fft']:.1f} "
                       f"| {ms['fft'] / ms['chunked']:.2f} | {pick} |", flush=True)
     return 0

@@ -11,10 +11,12 @@
                                                                 # helpers of the path that runs
     git show <commit>:src/diagssm/ops/chunked.py > /tmp/old.py
     python benchmarks/bench_chunked.py --module /tmp/old.py     # an older version of the op, same harness
+    python benchmarks/bench_chunked.py --device cuda --block 64 # on a GPU (the PyTorch path), other blocks
 
 Loss = sum(y * w) with w fixed random; gradients of u and of every system tensor; the D skip term
 is passed to the op when it takes one, else added as D u (what the layer did before). Peak memory:
-the ru_maxrss increase over the first forward + backward (run it in a fresh process per case).
+the ru_maxrss increase over the first forward + backward (run it in a fresh process per case); on a
+GPU the CUDA allocator's peak over what was allocated before it (`diagssm.bench.PeakMemory`).
 Set THP_MEM_ALLOC_ENABLE=1 in the environment, as `diagssm bench` does.
 """
 import argparse
@@ -24,7 +26,7 @@ import statistics
 
 import torch
 
-from diagssm.bench import maxrss_mb, median_ms, setup_process
+from diagssm.bench import PeakMemory, median_ms, setup_process
 
 
 def load_op(path):
@@ -41,6 +43,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--L", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--block", type=int)
@@ -57,18 +60,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.sections and args.module:
         ap.error("--sections times the installed op's helpers; leave out --module")
+    if args.device != "cpu" and (args.parts or args.sections):
+        ap.error("--parts and --sections time CPU pieces; leave them out with --device")
     kernels = args.kernels or "auto"
     setup_process(args.threads)
     op = load_op(args.module)
     takes = inspect.signature(op).parameters
     Bsz, H, M = 16, 128, 32
-    g = torch.Generator().manual_seed(0)
-    w = torch.complex(-0.1 * torch.rand(H, M, generator=g), torch.randn(H, M, generator=g)).requires_grad_()
-    B_bar = torch.randn(H, M, dtype=torch.complex64, generator=g).requires_grad_()
-    C = torch.randn(args.channels, H, M, dtype=torch.complex64, generator=g).requires_grad_()
-    D = torch.randn(args.channels, H, generator=g).requires_grad_()
-    u = torch.randn(Bsz, args.L, H, generator=g).requires_grad_()
-    weight = torch.randn(Bsz, args.L, args.channels * H, generator=g)
+    g, dev = torch.Generator().manual_seed(0), args.device
+    w = torch.complex(-0.1 * torch.rand(H, M, generator=g), torch.randn(H, M, generator=g)).to(dev).requires_grad_()
+    B_bar = torch.randn(H, M, dtype=torch.complex64, generator=g).to(dev).requires_grad_()
+    C = torch.randn(args.channels, H, M, dtype=torch.complex64, generator=g).to(dev).requires_grad_()
+    D = torch.randn(args.channels, H, generator=g).to(dev).requires_grad_()
+    u = torch.randn(Bsz, args.L, H, generator=g).to(dev).requires_grad_()
+    weight = torch.randn(Bsz, args.L, args.channels * H, generator=g).to(dev)
     kw = {k: v for k, v in (("chunk", args.chunk), ("block", args.block)) if v is not None and k in takes}
     if "native" in takes and kernels != "auto":
         kw["native"] = kernels == "native"
@@ -82,12 +87,14 @@ def main(argv=None):
         y = forward()  # held through the backward, as in the peaks quoted in benchmarks/README.md
         torch.autograd.grad((y.flatten(2) * weight).sum(), [u, w, B_bar, C, D])
 
-    base = maxrss_mb()
+    memory = PeakMemory(dev)
+    memory.start()
     fwd_bwd()
-    peak = maxrss_mb() - base
-    ms = median_ms(fwd_bwd, args.repeats, warmup=0)  # the memory pass was the warm-up
+    peak = memory.mb()
+    ms = median_ms(fwd_bwd, args.repeats, warmup=0, device=dev)  # the memory pass was the warm-up
+    where = f"threads={args.threads}" if dev == "cpu" else f"device {dev}"
     print(f"diagonal_chunked{'' if args.module is None else ' from ' + args.module} B={Bsz} H={H} N={2 * M} "
-          f"L={args.L} C'={args.channels} threads={args.threads} {kw or ''}: fwd+bwd median {ms:.0f} ms, "
+          f"L={args.L} C'={args.channels} {where} {kw or ''}: fwd+bwd median {ms:.{0 if ms >= 10 else 2}f} ms, "
           f"peak {peak:.0f} MB over the inputs")
     if args.parts:
         parts(u.detach(), args)

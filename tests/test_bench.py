@@ -135,7 +135,7 @@ def test_from_json_reprints_a_saved_run_without_measuring(tmp_path, capsys, monk
 
 
 def test_a_subprocess_case_reports_memory_and_its_settings():
-    args = argparse.Namespace(inline=False, repeats=1, threads=1)
+    args = argparse.Namespace(device="cpu", inline=False, repeats=1, threads=1)
     r = bench.run_case("s5", "scan", 64, args)
     assert "skipped" not in r, r.get("skipped")
     assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_mb"] >= 0
@@ -144,7 +144,7 @@ def test_a_subprocess_case_reports_memory_and_its_settings():
 
 
 def test_the_header_names_the_allocator(monkeypatch):
-    args = argparse.Namespace(inline=False, repeats=1, threads=1)
+    args = argparse.Namespace(device="cpu", inline=False, repeats=1, threads=1)
     row = dict(layer="s5", impl="scan", L=64, flush_denormal=True, thp="1")
     assert "Allocator: the C library's malloc." in bench.header(args, [dict(row, allocator="")])
     monkeypatch.setenv("LD_PRELOAD", "/lib/libjemalloc.so.2")

@@ -41,6 +41,11 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
              + c_tilde k 8 H N^3 (A_bar^L by k = floor(log2 L) + popcount(L) - 1 complex (N, N) matmuls)
              bytes: the fft path's + 8 H N L
 
+On a GPU (--device cuda): every call is timed to the end of its queued work (torch.cuda.synchronize),
+peak MB is the CUDA caching allocator's peak over what was allocated before the pass (measurable in
+one process, so --inline keeps it), and the roofline floors use a float32 matmul's rate and a
+device-to-device copy's rate measured at the start, unless --peak-gflops / --peak-gbs are given.
+
 Throughput: a 4-layer `SequenceModel` (d_model 128, d_state 64, token embedding, per-step head)
 of each layer kind, eval mode, no_grad: tokens/s of `step` (B = 16, one token at a time) and of
 the full-sequence forward at the smallest L.
@@ -104,7 +109,7 @@ def s4d_naive(layer, u):
     A = torch.complex(-torch.exp(layer.log_A_real), layer.A_imag)  # (H, M)
     CB = torch.view_as_complex(layer.C)[0] * torch.view_as_complex(layer.B)  # (H, M)
     dtA = A * dt[:, None]  # (H, M)
-    V = torch.exp(dtA[..., None] * torch.arange(L, dtype=dt.dtype))  # (H, M, L)
+    V = torch.exp(dtA[..., None] * torch.arange(L, dtype=dt.dtype, device=dt.device))  # (H, M, L)
     K = 2 * torch.einsum("hn,hnl->hl", CB * (torch.exp(dtA) - 1) / A, V).real  # (H, L)
     return fft_conv_naive(u, K, layer.D[0])
 
@@ -125,7 +130,7 @@ def dss_naive(layer, u):
         dtL = torch.complex(Lambda.real * dt[0, :, None], Lambda.imag * dt[1, :, None])  # (H, M)
     else:
         dtL = Lambda * dt[:, None]  # (H, M)
-    P = dtL[..., None] * torch.arange(L, dtype=dt.dtype)  # (H, M, L)
+    P = dtL[..., None] * torch.arange(L, dtype=dt.dtype, device=dt.device)  # (H, M, L)
     W = torch.view_as_complex(layer.W)[0] * (torch.exp(dtL) - 1) / Lambda  # (H, M)
     K = torch.einsum("hn,hnl->hl", W, torch.exp(P)).real  # (H, L)
     return fft_conv_naive(u, K, layer.D[0])
@@ -181,16 +186,18 @@ NAIVE = {"s4d": s4d_naive, "dss": dss_naive, "s5": s5_naive}
 
 
 # ---------------------------------------------------------------- one case, in this process
-def make_layer(name, impl, seed=0, **options):
+def make_layer(name, impl, seed=0, device="cpu", **options):
     """The benchmarked layer (float32, check_finite=False, and `options` for its constructor, e.g.
-    bidirectional=True); the naive case reads its parameters."""
+    bidirectional=True), on `device`; the naive case reads its parameters."""
     torch.manual_seed(seed)
     kw = dict(check_finite=False, **options)
     if name in ("s4d", "dss"):
-        return (S4D if name == "s4d" else DSS)(H, N, backend=impl if impl != "naive" else "auto", **kw)
-    if name == "s5":
-        return S5(H, N, mode=impl if impl != "naive" else "auto", **kw)
-    return S4(H, N, **kw)
+        layer = (S4D if name == "s4d" else DSS)(H, N, backend=impl if impl != "naive" else "auto", **kw)
+    elif name == "s5":
+        layer = S5(H, N, mode=impl if impl != "naive" else "auto", **kw)
+    else:
+        layer = S4(H, N, **kw)
+    return layer.to(device)
 
 
 def setup_process(threads):
@@ -206,13 +213,23 @@ def allocator():
     return f"LD_PRELOAD={pre}" + (f" MALLOC_CONF={conf}" if conf else "") if pre else ""
 
 
-def median_ms(fn, repeats, warmup):
+def synchronize(device):
+    """Wait for the work queued on `device` (a CUDA device runs asynchronously; the CPU: nothing)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, repeats, warmup, device="cpu"):
+    """Median wall time of fn() in ms over `repeats` calls, after `warmup` calls; on a GPU each call
+    is timed to the end of its queued work."""
     for _ in range(warmup):
         fn()
+    synchronize(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times)
 
@@ -221,55 +238,85 @@ def maxrss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _case(name, impl, **options):
-    """(run, fwd_bwd) of one case (`options`: for the layer's constructor): run(u) -> y; fwd_bwd(u, w)
-    takes the gradients of sum(y * w) with respect to u and every parameter. Loads the libraries
-    with a small pass first."""
-    layer = make_layer(name, impl, **options)
+class PeakMemory:
+    """The peak memory of what runs between start() and mb(), in MB: the ru_maxrss increase on the CPU
+    (a process-wide high-water mark: valid once per fresh process), the CUDA caching allocator's peak
+    over what was allocated at start() on a GPU (valid any number of times in one process)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.device = device
+
+    def start(self):
+        if self.cuda:
+            synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device) / MB
+        else:
+            self.base = maxrss_mb()
+
+    def mb(self):
+        if self.cuda:
+            synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) / MB - self.base
+        return maxrss_mb() - self.base
+
+
+def _case(name, impl, device="cpu", **options):
+    """(run, fwd_bwd) of one case on `device` (`options`: for the layer's constructor): run(u) -> y;
+    fwd_bwd(u, w) takes the gradients of sum(y * w) with respect to u and every parameter. Loads the
+    libraries with a small pass first."""
+    layer = make_layer(name, impl, device=device, **options)
     params = list(layer.parameters())
     run = (lambda x: NAIVE[name](layer, x)) if impl == "naive" else layer
 
     def fwd_bwd(x, w):
         torch.autograd.grad((run(x) * w).sum(), [x] + params, allow_unused=True)
 
-    fwd_bwd(torch.randn(B, WARM_L, H, requires_grad=True), torch.randn(B, WARM_L, H))  # load libraries
+    fwd_bwd(*_inputs(WARM_L, layer.D.device, seed=2))  # load libraries
     return run, fwd_bwd
 
 
-def _inputs(L):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(B, L, H, generator=g, requires_grad=True), torch.randn(B, L, H, generator=g)
+def _inputs(L, device="cpu", seed=1):
+    """u (B, L, H) requiring gradients and the loss weights w, drawn on the CPU (the same numbers on
+    every device), then moved to `device`."""
+    g = torch.Generator().manual_seed(seed)
+    u, w = torch.randn(B, L, H, generator=g), torch.randn(B, L, H, generator=g)
+    return u.to(device).requires_grad_(), w.to(device)
 
 
-def measure_case(name, impl, L, repeats, memory=True):
-    """fwd, fwd+bwd (and with `memory`, the ru_maxrss increase of one fwd+bwd) of one case, and the
-    paths its ops took ("paths": `chunked_native.log_path`'s record, '' for a native one)."""
+def measure_case(name, impl, L, repeats, memory=True, device="cpu"):
+    """fwd, fwd+bwd (and with `memory`, the peak memory of one fwd+bwd: `PeakMemory`) of one case on
+    `device`, and the paths its ops took ("paths": `chunked_native.log_path`'s record, '' for a
+    native one)."""
     chunked_native.paths(forget=True)
-    run, fwd_bwd = _case(name, impl)
-    u, w = _inputs(L)
-    base = maxrss_mb()
+    run, fwd_bwd = _case(name, impl, device)
+    u, w = _inputs(L, device)
+    peak_memory = PeakMemory(device)
+    peak_memory.start()
     t0 = time.perf_counter()
     fwd_bwd(u, w)  # the memory figure, and the warm-up of the fwd+bwd timing
+    synchronize(device)
     first = time.perf_counter() - t0
-    peak = maxrss_mb() - base if memory else None
+    peak = peak_memory.mb() if memory else None
     with torch.no_grad():
-        fwd = median_ms(lambda: run(u), repeats, warmup=1)
-    fb = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=0)
+        fwd = median_ms(lambda: run(u), repeats, warmup=1, device=device)
+    fb = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=0, device=device)
     return dict(layer=name, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first, peak_mb=peak,
-                paths=chunked_native.paths())
+                paths=chunked_native.paths(), device=str(device))
 
 
-def profile_case(name, impl, L, rows=20):
+def profile_case(name, impl, L, rows=20, device="cpu"):
     """torch.profiler's table of one case's fwd+bwd (after a warm-up one), ops by self CPU time."""
-    _, fwd_bwd = _case(name, impl)
-    u, w = _inputs(L)
+    _, fwd_bwd = _case(name, impl, device)
+    u, w = _inputs(L, device)
     fwd_bwd(u, w)
     with torch.profiler.profile(record_shapes=True) as prof:
         fwd_bwd(u, w)
     return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def step_ms(model, x, repeats, max_seconds=3.0):
+def step_ms(model, x, repeats, max_seconds=3.0, device="cpu"):
     """ms per `model.step` call (B tokens), median over repeats of STEPS steps (fewer past max_seconds)."""
     times = []
     for _ in range(repeats + 1):  # the first is the warm-up
@@ -277,28 +324,31 @@ def step_ms(model, x, repeats, max_seconds=3.0):
         while k < STEPS and time.perf_counter() - t0 < max_seconds:
             _, state = model.step(x[:, k % x.shape[1]], state)
             k += 1
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - t0) / k)
     return statistics.median(times[1:])
 
 
-def measure_throughput(name, L, repeats):
-    """Tokens/s of a 4-layer model: `step` (B tokens per call; also on 1 thread) and the full forward
-    over (B, L)."""
+def measure_throughput(name, L, repeats, device="cpu"):
+    """Tokens/s of a 4-layer model on `device`: `step` (B tokens per call; on the CPU also on 1
+    thread) and the full forward over (B, L)."""
     from diagssm.models import SequenceModel
 
     torch.manual_seed(0)
     model = SequenceModel(256, 256, d_model=H, n_layers=4, layer=name, layer_kwargs=dict(d_state=N, check_finite=False),
-                          encoder="embedding", pooling="none", head="per_step").eval()
-    x = torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(1))
+                          encoder="embedding", pooling="none", head="per_step").eval().to(device)
+    x = torch.randint(0, 256, (B, L), generator=torch.Generator().manual_seed(1)).to(device)
+    step1 = None
     with torch.no_grad():
-        full = median_ms(lambda: model(x), repeats, warmup=1)
-        step = step_ms(model, x, repeats)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        step1 = step_ms(model, x, repeats)
-        torch.set_num_threads(threads)
+        full = median_ms(lambda: model(x), repeats, warmup=1, device=device)
+        step = step_ms(model, x, repeats, device=device)
+        if torch.device(device).type == "cpu":
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            step1 = step_ms(model, x, repeats)
+            torch.set_num_threads(threads)
     return dict(layer=name, impl="throughput", L=L, step_ms=step, step_tokens_s=1e3 * B / step,
-                step_1thread_ms=step1, step_1thread_tokens_s=1e3 * B / step1, full_ms=full,
+                step_1thread_ms=step1, step_1thread_tokens_s=step1 and 1e3 * B / step1, full_ms=full,
                 full_tokens_s=1e3 * B * L / full)
 
 
@@ -315,10 +365,11 @@ def run_case(name, impl, L, args, repeats=None):
 def _run_case(name, impl, L, args, repeats):
     if args.inline:
         if impl == "throughput":
-            return dict(measure_throughput(name, L, repeats), **setup_process(args.threads))
-        return dict(measure_case(name, impl, L, repeats, memory=False), **setup_process(args.threads))
+            return dict(measure_throughput(name, L, repeats, args.device), **setup_process(args.threads))
+        memory = torch.device(args.device).type == "cuda"  # a GPU's peak is measurable in one process, ru_maxrss not
+        return dict(measure_case(name, impl, L, repeats, memory, args.device), **setup_process(args.threads))
     cmd = [sys.executable, "-m", "diagssm.bench", "--one", name, impl, str(L),
-           "--repeats", str(repeats), "--threads", str(args.threads)]
+           "--repeats", str(repeats), "--threads", str(args.threads), "--device", args.device]
     env = dict(os.environ)
     env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by libc10 at its first allocation
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -420,6 +471,15 @@ def limits(results, args):
 
 
 # ---------------------------------------------------------------- output
+def device_model(device):
+    """The machine a run measured: `cpu_model()`, or the GPU's name, CUDA version and memory."""
+    if torch.device(device).type != "cuda":
+        return cpu_model()
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} (CUDA {torch.version.cuda}, {props.total_memory / GB:.0f} GiB, " \
+           f"{props.multi_processor_count} multiprocessors)"
+
+
 def cpu_model(cpuinfo="/proc/cpuinfo"):
     """The CPU: its name, logical CPUs, family and model, and its widest vector extension (machines of
     one name differ: the native kernels' tiles follow the vector width)."""
@@ -435,19 +495,27 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
 
 def header(args, results, saved=None):
     """The report's heading; `saved`: the JSON of an earlier run (its torch, CPU), for --from-json."""
-    version, cpu = (saved["torch"], saved["cpu"]) if saved else (torch.__version__, cpu_model())
+    version, cpu = (saved["torch"], saved["cpu"]) if saved else (torch.__version__, device_model(args.device))
     done = [r for r in results if "skipped" not in r]
-    fz = all(r.get("flush_denormal") for r in done)
-    thp = all(r.get("thp") == "1" for r in done)
-    where = "in this process (--inline: no memory figures)" if args.inline else "each in a fresh subprocess"
-    allocators = sorted({r.get("allocator", "") for r in done})
-    alloc = "; ".join(a or "the C library's malloc" for a in allocators) or "the C library's malloc"
+    if torch.device(args.device).type == "cpu":
+        fz = all(r.get("flush_denormal") for r in done)
+        thp = all(r.get("thp") == "1" for r in done)
+        where = "in this process (--inline: no memory figures)" if args.inline else "each in a fresh subprocess"
+        allocators = sorted({r.get("allocator", "") for r in done})
+        alloc = "; ".join(a or "the C library's malloc" for a in allocators) or "the C library's malloc"
+        machine = (f"torch {version}, threads = {args.threads}, CPU: {cpu}. "
+                   f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; THP_MEM_ALLOC_ENABLE=1: "
+                   f"{'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}. "
+                   f"Allocator: {alloc}.")
+        title = "CPU"
+    else:
+        where = ("in this process" if args.inline else "each in a fresh subprocess") + \
+            " (peak MB: the CUDA allocator's peak over what was allocated before the pass)"
+        machine = f"torch {version}, device {args.device}: {cpu}."
+        title = "GPU"
     return "\n".join([
-        "# diagssm layers: fast paths vs naive formulations (CPU, float32)", "",
-        f"torch {version}, threads = {args.threads}, CPU: {cpu}. "
-        f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; "
-        f"THP_MEM_ALLOC_ENABLE=1: {'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}. "
-        f"Allocator: {alloc}.",
+        f"# diagssm layers: fast paths vs naive formulations ({title}, float32)", "",
+        machine,
         f"Sizes: B={B}, H={H}, d_state={N} ({M} complex modes; S5: P={N}, one MIMO state), check_finite=False. "
         f"Cases {where}; median of {args.repeats} after one warm-up.",
         "fwd: forward under no_grad; fwd+bwd: gradients of u and all parameters. Speed-up: naive fwd+bwd "
@@ -498,13 +566,14 @@ def throughput_table(rows):
         if "skipped" in r:
             out.append(f"| {r['layer']} | {r['skipped']} | | | | | |")
             continue
+        one = r.get("step_1thread_tokens_s")
         out.append(f"| {r['layer']} | {r['step_ms']:.2f} | {r['step_tokens_s']:,.0f} "
-                   f"| {r['step_1thread_tokens_s']:,.0f} | {r['L']} | {r['full_tokens_s']:,.0f} "
+                   f"| {'-' if one is None else f'{one:,.0f}'} | {r['L']} | {r['full_tokens_s']:,.0f} "
                    f"| {r['full_tokens_s'] / r['step_tokens_s']:.0f}x |")
     return "\n".join(out)
 
 
-def plot(results, path):
+def plot(results, path, where="CPU"):
     """fwd+bwd time against L, log-log, one line per (layer, impl). Needs matplotlib."""
     import matplotlib
 
@@ -516,7 +585,7 @@ def plot(results, path):
         pts = [(r["L"], r["fwdbwd_ms"]) for r in results if (r["layer"], r["impl"]) == key and "skipped" not in r]
         if pts:
             ax.loglog(*zip(*pts), "o--" if key[1] == "naive" else "o-", label=" ".join(key))
-    ax.set(xlabel="L", ylabel="forward + backward ms", title=f"diagssm layers, B={B}, H={H}, d_state={N}, CPU")
+    ax.set(xlabel="L", ylabel="forward + backward ms", title=f"diagssm layers, B={B}, H={H}, d_state={N}, {where}")
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -531,10 +600,14 @@ def parse_args(argv=None):
     ap.add_argument("--lengths", type=int, nargs="+", help="default 1024 4096 16384 65536 (1024 with --quick)")
     ap.add_argument("--repeats", type=int, help="timed repeats per case, median (default 3; 1 with --quick)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each case")
+    ap.add_argument("--device", default="cpu", help="where the layers run: cpu, cuda or cuda:N (a GPU: with "
+                    "--inline its peak memory is still measured)")
     ap.add_argument("--max-gb", type=float, default=16.0, help="skip naive cases estimated to need more memory")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="skip naive cases estimated to take longer")
-    ap.add_argument("--peak-gflops", type=float, default=300.0, help="the machine's compute limit, GFLOP/s")
-    ap.add_argument("--peak-gbs", type=float, default=22.0, help="the machine's memory bandwidth, GB/s")
+    ap.add_argument("--peak-gflops", type=float, help="the machine's compute limit, GFLOP/s (default: 300 on "
+                    "the CPU; on a GPU, a float32 matmul's rate measured at the start)")
+    ap.add_argument("--peak-gbs", type=float, help="the machine's memory bandwidth, GB/s (default: 22 on the "
+                    "CPU; on a GPU, a device-to-device copy's rate measured at the start)")
     ap.add_argument("--quick", action="store_true", help="L = 1024 and 1 repeat: a smoke test")
     ap.add_argument("--inline", action="store_true", help="run the cases in this process (no memory figures)")
     ap.add_argument("--json", metavar="PATH", help="save the raw results here")
@@ -553,6 +626,16 @@ def parse_args(argv=None):
             ap.error(f"{name} must be >= 1; got {value}")
     if args.profile and not args.one:
         ap.error("--profile goes with --one LAYER IMPL L")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        ap.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        ap.error(f"--device {args.device!r}: cpu or cuda")
+    if device.type == "cuda" and not args.from_json and not torch.cuda.is_available():
+        ap.error(f"--device {args.device!r} but torch.cuda.is_available() is False")
+    if device.type == "cpu":  # the issue's figures for this machine; a GPU's are measured (`default_peaks`)
+        args.peak_gflops, args.peak_gbs = args.peak_gflops or 300.0, args.peak_gbs or 22.0
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -561,18 +644,39 @@ def parse_args(argv=None):
     return args
 
 
+def measure_peaks(device, n=8192, copy_bytes=2 * GB):
+    """(GFLOP/s of an (n, n) x (n, n) float32 matmul, GB/s of a device-to-device copy counting bytes
+    read and written) on a GPU: the limits its roofline floors use. Medians of 5 after a warm-up."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    ms = median_ms(lambda: a @ b, 5, warmup=1, device=device)
+    x = torch.randn(copy_bytes // 4 // 1024, 1024, generator=g).to(device)
+    y = torch.empty_like(x)
+    copy_ms = median_ms(lambda: y.copy_(x), 5, warmup=1, device=device)
+    return 2 * n**3 / ms / 1e6, 2 * x.numel() * 4 / copy_ms / 1e6
+
+
+def default_peaks(args):
+    """Fill in --peak-gflops / --peak-gbs left out: the issue's CPU figures, or measured on a GPU
+    (also for a --from-json report of a GPU run saved without them)."""
+    if args.peak_gflops and args.peak_gbs:
+        return
+    gflops, gbs = (300.0, 22.0) if torch.device(args.device).type == "cpu" else measure_peaks(args.device)
+    args.peak_gflops, args.peak_gbs = args.peak_gflops or gflops, args.peak_gbs or gbs
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.one:  # a subprocess case: one JSON line on stdout
         name, impl, L = args.one
         flags = setup_process(args.threads)
         if impl == "throughput":
-            result = measure_throughput(name, int(L), args.repeats)
+            result = measure_throughput(name, int(L), args.repeats, args.device)
         else:
-            result = measure_case(name, impl, int(L), args.repeats)
+            result = measure_case(name, impl, int(L), args.repeats, device=args.device)
         print(json.dumps(dict(result, **flags)))
         if args.profile and impl != "throughput":
-            print(profile_case(name, impl, int(L)), file=sys.stderr)
+            print(profile_case(name, impl, int(L), device=args.device), file=sys.stderr)
         return 0
     saved = None
     if args.from_json:
@@ -580,9 +684,14 @@ def main(argv=None):
             saved = json.load(f)
         results, steps = saved["results"], saved["throughput"]
         args.threads, args.repeats = saved["threads"], saved["repeats"]
-        args.inline = all(r.get("peak_mb") is None for r in results if "skipped" not in r)
+        args.device = saved.get("device", "cpu")
+        args.inline = saved.get("inline", all(r.get("peak_mb") is None for r in results if "skipped" not in r))
+        peaks = saved.get("peaks", {})
+        args.peak_gflops, args.peak_gbs = args.peak_gflops or peaks.get("gflops"), args.peak_gbs or peaks.get("gbs")
     else:
         setup_process(args.threads)
+    default_peaks(args)
+    if not args.from_json:
         results = [r for name in args.layers for r in run_layer(name, args)]
         steps = [run_case(name, "throughput", min(args.lengths), args) for name in args.layers]
     rows = limits(results, args)
@@ -591,10 +700,12 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(torch=saved["torch"] if saved else torch.__version__, threads=args.threads,
-                           cpu=saved["cpu"] if saved else cpu_model(), sizes=dict(B=B, H=H, N=N),
-                           repeats=args.repeats, results=results, limits=rows, throughput=steps), f, indent=1)
+                           cpu=saved["cpu"] if saved else device_model(args.device), device=args.device,
+                           inline=args.inline, peaks=dict(gflops=args.peak_gflops, gbs=args.peak_gbs),
+                           sizes=dict(B=B, H=H, N=N), repeats=args.repeats, results=results, limits=rows,
+                           throughput=steps), f, indent=1)
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, "GPU" if torch.device(args.device).type == "cuda" else "CPU")
     return 0
 
 
