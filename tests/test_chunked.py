@@ -81,6 +81,8 @@ def test_block_size_bounds_memory():
     assert block_size(256, 128 * 16 * 64) == 4  # 2^19 numbers / (H B T numbers per chunk)
     assert block_size(13, 16 * 8 * 64) == 13  # a small problem: one block
     assert block_size(4, 10**9) == 1  # never less than one chunk
+    assert block_size(256, 128 * 16 * 64, "cuda") == 64  # a GPU: 2^23 numbers, fewer kernel launches
+    assert block_size(256, 128 * 16 * 64, torch.device("cpu")) == 4
 
 
 def test_backward_keeps_u_and_the_chunk_states_only():

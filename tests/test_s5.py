@@ -92,6 +92,7 @@ def test_auto_is_the_scan():
     layer = make()
     u = randn(2, 40, 3, seed=2)
     y_auto = layer(u)
+    assert layer.last_mode == "scan"  # on the CPU; a GPU takes the convolution (tests/test_gpu.py)
     layer.mode = "scan"
     assert torch.equal(y_auto, layer(u))
 

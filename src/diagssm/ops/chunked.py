@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 # block against 16 (2^21 numbers) 58 vs 75 ms at L = 1024, 152 vs 233 at 4096, 510/587/603 vs
 # 577/608/629 at 16384 (three paired runs), 2067 vs 2609 at 65536; 2 or 32 chunks were slower.
 BLOCK_NUMBERS = 1 << 19
+# On a GPU fewer, larger blocks: every block costs a few dozen kernel launches. Fwd+bwd of the op
+# on an H100 at B = 16, H = 128, N = 64, L = 16384 (benchmarks/bench_chunked.py --device cuda
+# --block K): 67, 34, 26, 20 ms for 4, 16, 64, 256 chunks per block, peak 625, 678, 895, 1887 MB.
+# 2^23 numbers is 64 chunks there.
+BLOCK_NUMBERS_GPU = 1 << 23
 
 
 def chunk_size(L):
@@ -52,10 +57,11 @@ def chunk_size(L):
     return min(64, 1 << max(0, math.ceil(math.log2(L))))
 
 
-def block_size(nc, numbers_per_chunk):
+def block_size(nc, numbers_per_chunk, device="cpu"):
     """Chunks per time block: as many as keep one block's inputs under BLOCK_NUMBERS numbers
-    (at least one, at most all nc)."""
-    return max(1, min(nc, BLOCK_NUMBERS // max(1, numbers_per_chunk)))
+    (BLOCK_NUMBERS_GPU on a GPU; at least one, at most all nc)."""
+    budget = BLOCK_NUMBERS_GPU if torch.device(device).type == "cuda" else BLOCK_NUMBERS
+    return max(1, min(nc, budget // max(1, numbers_per_chunk)))
 
 
 def _pairs(z):
@@ -294,7 +300,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     chunked_native.log_path(log, chunked_native.CHUNKED_OP, "native kernels", "PyTorch kernels", why)
     args = (u, W, into, torch.exp(w * T), into_r, torch.exp(w * r), x0, T)
     if why:
-        y, x_last = _Chunked.apply(*args, block or block_size(nc, H * Bsz * T))
+        y, x_last = _Chunked.apply(*args, block or block_size(nc, H * Bsz * T, u.device))
     else:
         y, x_last = chunked_native.ChunkedNative.apply(*args)
     return y, x_last.transpose(0, 1)
