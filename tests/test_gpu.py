@@ -1,7 +1,7 @@
 """The GPU paths: every layer, backend and mode on a CUDA device, in float32 and float64, against
 float64 references on the CPU (outputs, final states and the gradients of u and every parameter);
-recurrent steps; the chunked op and the scan; torch.compile; training (bf16 autocast, exact
-resume); `diagssm bench --device cuda`.
+recurrent steps; "auto"'s choices there; the chunked op and the scan; torch.compile; training
+(bf16 autocast, exact resume, torchrun); `diagssm bench --device cuda`.
 
 All skipped where torch sees no CUDA device (CI has none). On a GPU machine:
 `python -m pytest tests/test_gpu.py` (scripts/gpu-check.sh runs it with the GPU benchmarks).
@@ -198,3 +198,21 @@ def test_bench_on_the_gpu(tmp_path, capsys):
     ran = [r for r in saved["results"] if "skipped" not in r]
     assert {r["impl"] for r in ran} == {"chunked", "fft", "naive", "scan", "conv"}
     assert all(r["device"] == "cuda" and r["fwdbwd_ms"] > 0 and r["peak_mb"] > 0 for r in ran)
+
+
+def test_torchrun_on_the_gpu(tmp_path):
+    """Two processes with run.device=cuda: rank r takes cuda:r and nccl. On a one-GPU machine the
+    second rank has no GPU of its own, which must be a clear error (NCCL cannot share one GPU)."""
+    from test_train_cli import write_config
+    from test_train_distributed import RUN, assert_same_weights, one_process, two_processes, weights
+
+    cfg = write_config(tmp_path / "t.yaml", run={**RUN, "device": "cuda"}, model={"dropout": 0.0})
+    two = two_processes("--config", cfg, "--run-dir", tmp_path / "two")
+    if torch.cuda.device_count() < 2:
+        assert two.returncode != 0 and "LOCAL_RANK=1 but only 1 CUDA devices exist" in two.stdout + two.stderr
+        return
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "backend nccl" in two.stdout
+    one = one_process("--config", cfg, "--run-dir", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))

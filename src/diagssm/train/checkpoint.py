@@ -30,13 +30,11 @@ def rng_state():
 
 
 def set_rng_state(state):
-    """Restore `rng_state()`'s states. A checkpoint loaded onto a GPU (map_location) has its RNG
-    states there too; the generators take them as CPU byte tensors."""
-    torch.set_rng_state(state["torch"].cpu())
+    torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointError(RuntimeError):

@@ -64,7 +64,7 @@ class EpochBatchSampler(Sampler):
         if state["seed"] != self.seed:
             raise ValueError(f"the checkpoint's data seed {state['seed']} differs from run.seed={self.seed}")
         self.epoch, self.start = state["epoch"], state["start"]
-        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU has it there
+        self.generator.set_state(state["generator"])
 
 
 def train_loader(task, batch_size, seed, world):

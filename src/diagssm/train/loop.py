@@ -192,7 +192,10 @@ class Trainer:
 
     def restore(self):
         """Load the newest valid checkpoint; return its step (0 if there is none)."""
-        found = self.ckpts.latest_valid(map_location=self.world.device)
+        # onto the CPU, where it was written from: load_state_dict copies the model's and the optimiser's
+        # tensors to their parameters' device, and the RNG states, the sampler's generator and the
+        # metrics window must stay CPU tensors (on a GPU run, map_location=device put them on the GPU)
+        found = self.ckpts.latest_valid(map_location="cpu")
         if found is None:
             self.say(f"--resume: no checkpoint in {self.ckpts.folder}; starting at step 0")
             return 0
