@@ -134,6 +134,21 @@ def test_from_json_reprints_a_saved_run_without_measuring(tmp_path, capsys, monk
         saved["results"], bench.parse_args([]))))
 
 
+def test_from_json_of_a_gpu_run_keeps_its_device_and_peaks(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--inline", "--layers", "s5", "--lengths", "64", "--threads", "1",
+                       "--json", str(out)]) == 0
+    capsys.readouterr()
+    saved = json.loads(out.read_text())  # as a GPU run saves it (tests/test_gpu.py runs one)
+    saved.update(device="cuda", cpu="Some GPU (CUDA 13.0)", peaks=dict(gflops=50000.0, gbs=3000.0))
+    out.write_text(json.dumps(saved))
+    monkeypatch.setattr(bench, "measure_peaks", lambda *a, **k: pytest.fail("measured"))
+    assert bench.main(["--from-json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "(GPU, float32)" in text and "device cuda: Some GPU (CUDA 13.0)." in text
+    assert "floors at 50000 GFLOP/s and 3000 GB/s" in text
+
+
 def test_a_subprocess_case_reports_memory_and_its_settings():
     args = argparse.Namespace(device="cpu", inline=False, repeats=1, threads=1)
     r = bench.run_case("s5", "scan", 64, args)

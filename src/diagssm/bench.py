@@ -634,7 +634,7 @@ def parse_args(argv=None):
         ap.error(f"--device {args.device!r}: cpu or cuda")
     if device.type == "cuda" and not args.from_json and not torch.cuda.is_available():
         ap.error(f"--device {args.device!r} but torch.cuda.is_available() is False")
-    if device.type == "cpu":  # the figures for this machine; a GPU's are measured (`default_peaks`)
+    if device.type == "cpu" and not args.from_json:  # the figures; a GPU's are measured (`default_peaks`)
         args.peak_gflops, args.peak_gbs = args.peak_gflops or 300.0, args.peak_gbs or 22.0
     if args.plot:
         try:

@@ -148,8 +148,12 @@ class DiagonalSSM(SSMLayer):
         return (y, x) if return_state else y
 
     def pick_backend(self, u, L=None, rate=1.0):
-        """"chunked" on the CPU in float32 and float64, "fft" on other devices (not yet measured
-        there), unless `self.backend` names one; `recurrent_problem` can veto the chunked path.
+        """"chunked" on the CPU in float32 and float64, "fft" on other devices, unless `self.backend`
+        names one; `recurrent_problem` can veto the chunked path. On a GPU (H100, fwd+bwd, B = 16,
+        H = 128, N = 64, L = 1024-65536, float32 and float64: docs/benchmarks/backends-gpu-h100.md)
+        "fft" was faster at every length and dtype than the chunked op's PyTorch path: by 1.3-3.8x
+        with the GPU's larger time blocks (`chunked.BLOCK_NUMBERS_GPU`), 2.1-12x before them (many
+        small kernel launches; the native kernels are CPU-only).
         S4D and DSS forward + backward in float32 (docs/benchmarks/layers-cpu-2core.md, the chunked
         op on its native kernels): chunked as fast as "fft" or faster at every length measured,
         1.0x (DSS) to 2.1x (S4D) at L = 1024, 1.7-2.4x at 4096, 2.4-2.7x at 16384, 2.1-2.8x at

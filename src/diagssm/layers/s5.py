@@ -134,9 +134,10 @@ class S5(SSMLayer):
     L=16384 scan 2.70, conv 3.14 (1 thread: 0.067 vs 0.118, 2.24 vs 3.86). "auto" therefore
     uses the scan on the CPU (those timings predate the fused op below, which widened the gap). On
     a GPU it uses the convolution when the system is time-invariant: forward + backward at the same
-    sizes on an H100 (`diagssm bench --device cuda`, docs/benchmarks/layers-gpu-h100.md), conv 4.8,
-    4.6, 5.1, 17.4 ms against the scan's 9.4, 13.8, 22.3, 39.2 at L = 1024, 4096, 16384, 65536
-    (the scan's Python loop of ~3 sqrt(L) steps launches many small GPU kernels).
+    sizes on an H100 (`diagssm bench --device cuda`, docs/benchmarks/layers-gpu-h100.md and
+    -run1.md), conv 4.5, 4.1, 5.0, 17.2 ms against the scan's 8.3, 12.7, 21.2, 38.6 at L = 1024,
+    4096, 16384, 65536 (run 1: 4.8, 4.6, 5.1, 17.4 against 9.4, 13.8, 22.3, 39.2); the scan's
+    Python loop of ~3 sqrt(L) steps launches many small GPU kernels.
 
     Fused op. The time-invariant scan (no dt, no resets), one direction, float32 on the CPU, H and
     2M multiples of 16: the projections, the scan and the D u term run as one native op
