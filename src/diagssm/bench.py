@@ -609,7 +609,8 @@ def parse_args(argv=None):
     ap.add_argument("--peak-gbs", type=float, help="the machine's memory bandwidth, GB/s (default: 22 on the "
                     "CPU; on a GPU, a device-to-device copy's rate measured at the start)")
     ap.add_argument("--quick", action="store_true", help="L = 1024 and 1 repeat: a smoke test")
-    ap.add_argument("--inline", action="store_true", help="run the cases in this process (no memory figures)")
+    ap.add_argument("--inline", action="store_true",
+                    help="run the cases in this process (no memory figures on the CPU)")
     ap.add_argument("--json", metavar="PATH", help="save the raw results here")
     ap.add_argument("--plot", metavar="PATH", help="save fwd+bwd time vs L (log-log, matplotlib) here")
     ap.add_argument("--one", nargs=3, metavar=("LAYER", "IMPL", "L"),
