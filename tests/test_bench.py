@@ -149,6 +149,12 @@ def test_from_json_of_a_gpu_run_keeps_its_device_and_peaks(tmp_path, capsys, mon
     assert "floors at 50000 GFLOP/s and 3000 GB/s" in text
 
 
+def test_a_bad_device_is_an_error_naming_it(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "tpu"])
+    assert "--device='tpu' is not a device name" in capsys.readouterr().err
+
+
 def test_a_subprocess_case_reports_memory_and_its_settings():
     args = argparse.Namespace(device="cpu", inline=False, repeats=1, threads=1)
     r = bench.run_case("s5", "scan", 64, args)

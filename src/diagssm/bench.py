@@ -66,6 +66,7 @@ from diagssm.cpu import cpu_fields, cpu_flags
 from diagssm.layers import DSS, S4, S4D, S5
 from diagssm.ops import chunked_native
 from diagssm.ops.chunked import chunk_size
+from diagssm.train.world import check_device
 
 B, H, N = 16, 128, 64
 M = N // 2
@@ -75,6 +76,7 @@ HAS_NAIVE = ("s4d", "dss", "s5")
 LENGTHS, QUICK_LENGTHS = (1024, 4096, 16384, 65536), (1024,)
 PROBE_L, WARM_L, STEPS = 1024, 256, 200
 GB, MB = 2**30, 2**20
+CPU_PEAKS = (300.0, 22.0)  # GFLOP/s and GB/s of the issue's 2-core CPU: the default roofline limits there
 
 
 # ---------------------------------------------------------------- naive baselines
@@ -273,7 +275,7 @@ def _case(name, impl, device="cpu", **options):
     def fwd_bwd(x, w):
         torch.autograd.grad((run(x) * w).sum(), [x] + params, allow_unused=True)
 
-    fwd_bwd(*_inputs(WARM_L, layer.D.device, seed=2))  # load libraries
+    fwd_bwd(*_inputs(WARM_L, device, seed=2))  # load libraries
     return run, fwd_bwd
 
 
@@ -627,16 +629,13 @@ def parse_args(argv=None):
             ap.error(f"{name} must be >= 1; got {value}")
     if args.profile and not args.one:
         ap.error("--profile goes with --one LAYER IMPL L")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        ap.error(f"--device {args.device!r} is not a device name; use cpu, cuda or cuda:N")
-    if device.type not in ("cpu", "cuda"):
-        ap.error(f"--device {args.device!r}: cpu or cuda")
-    if device.type == "cuda" and not args.from_json and not torch.cuda.is_available():
-        ap.error(f"--device {args.device!r} but torch.cuda.is_available() is False")
-    if device.type == "cpu" and not args.from_json:  # the issue's figures; a GPU's are measured (`default_peaks`)
-        args.peak_gflops, args.peak_gbs = args.peak_gflops or 300.0, args.peak_gbs or 22.0
+    if not args.from_json:  # a report of a saved run takes the device it names
+        try:
+            device = check_device(args.device, "--device")
+        except ValueError as e:
+            ap.error(str(e))
+        if device.type == "cpu":  # the issue's figures; a GPU's are measured (`default_peaks`)
+            args.peak_gflops, args.peak_gbs = args.peak_gflops or CPU_PEAKS[0], args.peak_gbs or CPU_PEAKS[1]
     if args.plot:
         try:
             import matplotlib  # noqa: F401
@@ -662,7 +661,7 @@ def default_peaks(args):
     (also for a --from-json report of a GPU run saved without them)."""
     if args.peak_gflops and args.peak_gbs:
         return
-    gflops, gbs = (300.0, 22.0) if torch.device(args.device).type == "cpu" else measure_peaks(args.device)
+    gflops, gbs = CPU_PEAKS if torch.device(args.device).type == "cpu" else measure_peaks(args.device)
     args.peak_gflops, args.peak_gbs = args.peak_gflops or gflops, args.peak_gbs or gbs
 
 

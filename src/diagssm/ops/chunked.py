@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 BLOCK_NUMBERS = 1 << 19
 # On a GPU fewer, larger blocks: every block costs a few dozen kernel launches. Fwd+bwd of the op
 # on an H100 at B = 16, H = 128, N = 64, L = 16384 (benchmarks/bench_chunked.py --device cuda
-# --block K): 67, 34, 26, 20 ms for 4, 16, 64, 256 chunks per block, peak 625, 678, 895, 1887 MB.
+# --block K, docs/benchmarks/chunked-gpu-h100.md): 67, 34, 26, 20 ms for 4, 16, 64, 256 chunks per
+# block, peak 625, 678, 895, 1887 MB.
 # 2^23 numbers is 64 chunks there.
 BLOCK_NUMBERS_GPU = 1 << 23
 

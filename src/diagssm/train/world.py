@@ -139,18 +139,19 @@ class World:
             self.owns_group = False
 
 
-def check_device(device):
-    """torch.device of `device` ("cpu", "cuda", "cuda:N"); an unavailable one is an error."""
+def check_device(device, name="run.device"):
+    """torch.device of `device` ("cpu", "cuda", "cuda:N"); an unavailable one is an error naming
+    `name`, the setting it came from."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"run.device={device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from e
+        raise ValueError(f"{name}={device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from e
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"run.device={device!r}: supported device types are cpu and cuda")
+        raise ValueError(f"{name}={device!r}: supported device types are cpu and cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device={device!r} but torch.cuda.is_available() is False")
+        raise ValueError(f"{name}={device!r} but torch.cuda.is_available() is False")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ValueError(f"run.device={device!r} but only {torch.cuda.device_count()} CUDA devices exist")
+        raise ValueError(f"{name}={device!r} but only {torch.cuda.device_count()} CUDA devices exist")
     return dev
 
 
