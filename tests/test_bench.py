@@ -155,6 +155,17 @@ def test_a_bad_device_is_an_error_naming_it(capsys):
     assert "--device='tpu' is not a device name" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["bench_chunked", "bench_backends"])
+def test_the_benchmark_scripts_name_a_bad_device(name, capsys):
+    """They check --device as `diagssm bench` does (`train.world.check_device`), before any work."""
+    script = benchmark_script(name)
+    for device, said in (("tpu", "--device='tpu' is not a device name"),
+                         ("xla", "--device='xla': supported device types are cpu and cuda")):
+        with pytest.raises(SystemExit):
+            script.main(["--device", device])
+        assert said in capsys.readouterr().err
+
+
 def test_a_subprocess_case_reports_memory_and_its_settings():
     args = argparse.Namespace(device="cpu", inline=False, repeats=1, threads=1)
     r = bench.run_case("s5", "scan", 64, args)
