@@ -53,8 +53,9 @@ BLOCK_NUMBERS_GPU = 1 << 23
 
 def chunk_size(L):
     """The chunk length T for a sequence of length L: 64, or the next power of two >= L for
-    shorter sequences. (T = 32, 64, 128 were within 20% of each other at L = 16384 in one
-    measurement on a loaded 2-core machine; see benchmarks/README.md.)"""
+    shorter sequences. (At L = 16384 on the 2-core AVX2 machine the native op took 375-389 ms a
+    forward + backward at T = 64, 394-397 at 32 and 472-487 at 128, two alternated rounds:
+    docs/benchmarks/chunked-chunk-size-session19.md.)"""
     return min(64, 1 << max(0, math.ceil(math.log2(L))))
 
 
