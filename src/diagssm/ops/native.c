@@ -162,18 +162,16 @@ static inline void fma_k(vn acc[MR][NO], const float *pa, const float *w, long K
  * Lane tiles split over OpenMP threads; within one, its NL channels' entries are read (written) in
  * (k, i) order, as many streams as lanes. */
 void tile_weights(float *t, float *w, long sK, long sI, long sH, long K, long I, long H, long untile) {
+    long sd = untile ? sH : 1, ss = untile ? 1 : sH; /* lane strides of the destination and the source */
 #pragma omp parallel for schedule(static)
     for (long ho = 0; ho < H; ho += NL) {
         float *tt = t + ho * K * I;
         for (long k = 0; k < K; k++)
             for (long i = 0; i < I; i++) {
                 float *tv = tt + WAT(K, I, k, i), *wv = w + k * sK + i * sI + ho * sH;
-                if (untile)
-                    for (long v = 0; v < NL; v++)
-                        wv[v * sH] = tv[v];
-                else
-                    for (long v = 0; v < NL; v++)
-                        tv[v] = wv[v * sH];
+                float *d = untile ? wv : tv, *src = untile ? tv : wv;
+                for (long v = 0; v < NL; v++)
+                    d[v * sd] = src[v * ss];
             }
     }
 }
