@@ -9,7 +9,9 @@ For each op in {s4d_kernel, dss_kernel, scan, fft_conv}, each implementation in 
 Every (op, impl, L) case runs in a fresh subprocess (`bench_ops.py --one OP IMPL L`), so that
 ru_maxrss is that case's own high-water mark: it builds its inputs, warms up at L=64, reads
 ru_maxrss, runs one forward+backward (the memory figure), then the timed repeats, and prints one
-JSON line. Reference cases expected to need more than --max-ref-gb or to take longer than
+JSON line. The case processes are set up as those of the layer benchmark (`diagssm.bench`):
+THP_MEM_ALLOC_ENABLE=1 in their environment unless it is set, torch.set_flush_denormal(True), and
+--threads; the report's header says what took effect. Reference cases expected to need more than --max-ref-gb or to take longer than
 --max-ref-seconds (extrapolated from the same ref at a smaller L, probed at L=512 if none was
 asked for) are skipped; fast cases always run.
 
@@ -26,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from diagssm.bench import cpu_model, maxrss_mb, median_ms  # shared with the layer benchmark
+from diagssm.bench import case_env, cpu_model, maxrss_mb, median_ms, process_settings, setup_process  # shared
 
 import torch
 
@@ -110,7 +112,7 @@ def run_case(op, impl, L, args, repeats=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--one", op, impl, str(L),
            "--repeats", str(repeats or args.repeats), "--threads", str(args.threads)]
     print(f"  {op} {impl} L={L} ...", file=sys.stderr, flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=case_env())
     if p.returncode != 0:
         why = (p.stderr.strip().splitlines() or ["?"])[-1][:80]
         return dict(op=op, impl=impl, L=L, skipped=f"failed (rc {p.returncode}: {why})")
@@ -149,10 +151,10 @@ def run_op(op, args):
     return results, probes
 
 
-def header(args):
+def header(args, results):
     return "\n".join([
         "# diagssm ops: fast vs reference (CPU, float32 / complex64)", "",
-        f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, CPU: {cpu_model()}",
+        f"torch {torch.__version__}, threads = {args.threads}, CPU: {cpu_model()}. {process_settings(results)}",
         f"Sizes: {SIZES}.",
         f"fwd: forward under no_grad; fwd+bwd: forward + gradients of all float inputs; median of "
         f"{args.repeats} after one warm-up. Peak extra MB: ru_maxrss increase over one fwd+bwd, "
@@ -193,16 +195,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
     if args.one:
         op, impl, L = args.one
-        print(json.dumps(measure_one(op, impl, int(L), args.repeats)))
+        settings = setup_process(args.threads)  # as the layer benchmark's cases: threads, flush-to-zero
+        print(json.dumps(dict(measure_one(op, impl, int(L), args.repeats), **settings)))
         return
-    print(header(args), flush=True)
+    torch.set_num_threads(args.threads)
     results, probes = [], []
     for op in args.ops:
         r, p = run_op(op, args)
         results, probes = results + r, probes + p
+    print(header(args, results))
     print(table(results))
     if args.json:
         with open(args.json, "w") as f:

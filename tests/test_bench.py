@@ -363,3 +363,17 @@ def test_bench_cpu_times_denormals_and_huge_pages(capsys):
     assert len(denormal) == 1
     assert "cannot flush" in denormal[0] or len(re.findall(r"[0-9.]+ ms", denormal[0])) == 2
     assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flushing is off again: denormals survive
+
+
+def test_bench_ops_runs_each_case_in_a_subprocess_set_up_as_the_layer_benchmark(tmp_path, capsys):
+    script = benchmark_script("bench_ops")
+    out = tmp_path / "ops.json"
+    script.main(["--lengths", "64", "--repeats", "1", "--ops", "scan", "--threads", "1", "--json", str(out)])
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"fast", "ref"}
+    for r in rows.values():
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["peak_extra_mb"] >= 0
+        assert r["thp"] == "1" and r["flush_denormal"] is True and r["threads"] == 1
+    printed = capsys.readouterr().out
+    assert "set_flush_denormal(True): set; THP_MEM_ALLOC_ENABLE=1: set" in printed
+    assert "| scan | 64 | fast |" in printed and "| scan | 64 | ref |" in printed

@@ -209,6 +209,26 @@ def setup_process(threads):
                 thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""), allocator=allocator())
 
 
+def case_env():
+    """The environment of a case's fresh subprocess: this one's, with THP_MEM_ALLOC_ENABLE=1 unless it
+    is set (libc10 reads it once, at its first allocation, so it must be there before torch loads)."""
+    env = dict(os.environ)
+    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return env
+
+
+def process_settings(results, inline=False):
+    """One sentence on what `setup_process` and `case_env` put into effect in the measured cases
+    (`results`: their records; `inline`: they ran in this process, where THP is the caller's)."""
+    done = [r for r in results if "skipped" not in r]
+    fz = bool(done) and all(r.get("flush_denormal") for r in done)
+    thp = bool(done) and all(r.get("thp") == "1" for r in done)
+    allocators = sorted({r.get("allocator", "") for r in done})
+    alloc = "; ".join(a or "the C library's malloc" for a in allocators) or "the C library's malloc"
+    return (f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; THP_MEM_ALLOC_ENABLE=1: "
+            f"{'set' if thp else 'NOT in effect' + (' (--inline)' if inline else '')}. Allocator: {alloc}.")
+
+
 def allocator():
     """The memory allocator in effect: a preloaded one (LD_PRELOAD, MALLOC_CONF) or '' (the C library's)."""
     pre, conf = os.environ.get("LD_PRELOAD", ""), os.environ.get("MALLOC_CONF", "")
@@ -372,9 +392,7 @@ def _run_case(name, impl, L, args, repeats):
         return dict(measure_case(name, impl, L, repeats, memory, args.device), **setup_process(args.threads))
     cmd = [sys.executable, "-m", "diagssm.bench", "--one", name, impl, str(L),
            "--repeats", str(repeats), "--threads", str(args.threads), "--device", args.device]
-    env = dict(os.environ)
-    env.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by libc10 at its first allocation
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=case_env())
     if p.returncode != 0:
         why = (p.stderr.strip().splitlines() or ["?"])[-1][:80]
         return dict(layer=name, impl=impl, L=L, skipped=f"failed (rc {p.returncode}: {why})")
@@ -498,17 +516,9 @@ def cpu_model(cpuinfo="/proc/cpuinfo"):
 def header(args, results, saved=None):
     """The report's heading; `saved`: the JSON of an earlier run (its torch, CPU), for --from-json."""
     version, cpu = (saved["torch"], saved["cpu"]) if saved else (torch.__version__, device_model(args.device))
-    done = [r for r in results if "skipped" not in r]
     if torch.device(args.device).type == "cpu":
-        fz = all(r.get("flush_denormal") for r in done)
-        thp = all(r.get("thp") == "1" for r in done)
         where = "in this process (--inline: no memory figures)" if args.inline else "each in a fresh subprocess"
-        allocators = sorted({r.get("allocator", "") for r in done})
-        alloc = "; ".join(a or "the C library's malloc" for a in allocators) or "the C library's malloc"
-        machine = (f"torch {version}, threads = {args.threads}, CPU: {cpu}. "
-                   f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; THP_MEM_ALLOC_ENABLE=1: "
-                   f"{'set' if thp else 'NOT in effect' + (' (--inline)' if args.inline else '')}. "
-                   f"Allocator: {alloc}.")
+        machine = f"torch {version}, threads = {args.threads}, CPU: {cpu}. {process_settings(results, args.inline)}"
         title = "CPU"
     else:
         where = ("in this process" if args.inline else "each in a fresh subprocess") + \
