@@ -81,32 +81,33 @@ def chunk_rows(B, n, K, H, seed):
 
 @needs_native
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("tri", [0, 1, 2])
-def test_row_kernels_match_float64_contractions(threads, tri):
+@pytest.mark.parametrize("tri,cp", [(0, 1), (1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3)])
+def test_row_kernels_match_float64_contractions(threads, tri, cp):
     """rows_mm and rows_red alone, on 3 x 13 rows: blocks of rows and register tiles that do not
     divide them, two lane tiles, row strides of a (B, L, H) tensor; per thread count. rows_red also
-    as the op's backward calls it: twice, its threads' sums kept over both calls and added at the end."""
+    as the op's backward calls it: twice, its threads' sums kept over both calls and added at the end.
+    tri: W1 triangular as a Toeplitz block of cp outputs per step (tri = 1) or its transpose (2)."""
     B, n, K, I, H = 3, 13, 16, 12, 32
     A1, A2, Bm = chunk_rows(B, n, K, H, 20), chunk_rows(B, n, 8, H, 21), chunk_rows(B, n, I, H, 22)
     W1, W2 = randn(K, I, H, dtype=torch.float32, seed=23), randn(8, I, H, dtype=torch.float32, seed=24)
     k, i = torch.arange(K)[:, None], torch.arange(I)[None, :]
     if tri:  # the kernel reads only the triangle that it is told is non-zero
-        W1 = W1 * ((k <= i) if tri == 1 else (k >= i))[..., None]
+        W1 = W1 * ((k <= i // cp) if tri == 1 else (k // cp >= i))[..., None]
     lib = chunked_native.library()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         C = torch.full((B, n, I, H), float("nan"))
-        chunked_native._mm(lib, C, A1, chunked_native._tiles(W1), A2, chunked_native._tiles(W2), tri=tri)
+        chunked_native._mm(lib, C, A1, chunked_native._tiles(W1), A2, chunked_native._tiles(W2), tri=tri, cp=cp)
         G = chunked_native._tiles(randn(K, I, H, dtype=torch.float32, seed=25))
         G0 = chunked_native._untile(G).double()
-        chunked_native._red(lib, G, A1, Bm, tri=min(tri, 1))
+        chunked_native._red(lib, G, A1, Bm, tri=min(tri, 1), cp=cp)
         G_again = chunked_native._tiles(G0.float())
-        chunked_native._red(lib, G_again, A1, Bm, tri=min(tri, 1))
+        chunked_native._red(lib, G_again, A1, Bm, tri=min(tri, 1), cp=cp)
         G_twice = chunked_native._tiles(G0.float())  # as the op's backward: two calls, one set of thread sums
         parts = chunked_native._partials(lib, G_twice, B * n)
         for _ in range(2):
-            chunked_native._red(lib, G_twice, A1, Bm, tri=min(tri, 1), parts=parts)
+            chunked_native._red(lib, G_twice, A1, Bm, tri=min(tri, 1), parts=parts, cp=cp)
         chunked_native._add_parts(G_twice, parts)
     finally:
         torch.set_num_threads(before)
@@ -114,7 +115,7 @@ def test_row_kernels_match_float64_contractions(threads, tri):
         "bckh,kih->bcih", A2.double(), W2.double())
     assert_close(C, want, scale=10)
     got_G, want_G = chunked_native._untile(G), G0 + torch.einsum("bckh,bcih->kih", A1.double(), Bm.double())
-    keep = (k <= i) if tri else torch.ones(K, I, dtype=torch.bool)  # tri = 1: the rest is left partly summed
+    keep = (k <= i // cp) if tri else torch.ones(K, I, dtype=torch.bool)  # tri = 1: the rest is left partly summed
     assert_close(got_G[keep], want_G[keep], scale=30)
     assert torch.equal(chunked_native._untile(G_again)[keep], got_G[keep])  # the same sums, in the same order
     assert_close(chunked_native._untile(G_twice)[keep], (2 * want_G - G0)[keep], scale=30)

@@ -83,8 +83,8 @@ def _load():
         detail = getattr(e, "stderr", "") or str(e)
         return None, f"could not build {SOURCE.name} with {cc}: {detail.strip()[:500]}"
     P, N = ctypes.c_void_p, ctypes.c_long
-    lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, P, N, N, P, N, N, N, N, N]
-    lib.rows_red.argtypes = [P, P, N, P, N, N, P, N, N, N, N, N, N, N, N]
+    lib.rows_mm.argtypes = [P, N, N, P, N, N, P, N, N, N, P, N, N, P, N, N, N, N, N]
+    lib.rows_red.argtypes = [P, P, N, P, N, N, P, N, N, N, N, N, N, N, N, N]
     lib.rows_red_block.restype = lib.vector_floats.restype = lib.strip_width.restype = N
     lib.strip_width.argtypes = [N]
     lib.tile_weights.argtypes = [P, P] + [N] * 7
@@ -251,18 +251,19 @@ def _check(status):
         raise MemoryError("native kernel (ops/native.c): a thread could not allocate its scratch")
 
 
-def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0):
+def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0, cp=1):
     """Rows of C = rows of A1 @ W1 (+ rows of A2 @ W2); C, A1, A2 (B, n, K, H) views with the same
-    (B, n), W tiled (`_tiles`); tri: W1 is zero below (1: where k > i) or above (2: k < i) its diagonal."""
+    (B, n), W tiled (`_tiles`); tri: W1 is a causal Toeplitz block of cp outputs per step, zero (1)
+    where k > i // cp, or its transpose, zero (2) where k // cp < i; the kernel skips those zeros."""
     Bsz, n, I, H = C.shape
     r2 = _rows(A2) if A2 is not None else (None, 0, 0)
     w2, K2 = (W2.data_ptr(), _KI(W2)[0]) if W2 is not None else (None, 0)
-    _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), _KI(W1)[0], tri, *r2, w2, K2, I, H, n, Bsz * n))
+    _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), _KI(W1)[0], tri, cp, *r2, w2, K2, I, H, n, Bsz * n))
 
 
-def _red(lib, G, A, Bm, tri=0, parts=None):
+def _red(lib, G, A, Bm, tri=0, parts=None, cp=1):
     """G (K, I, H), tiled (`_tiles`), += sum over the rows (b, c) of A (B, n, K, H) x Bm (B, n, I, H);
-    tri = 1: only G[k][i] with k <= i is wanted (the rest is left partly summed). The threads
+    tri = 1: only G[k][i] with k <= i // cp is wanted (the rest is left partly summed). The threads
     beyond the first add into `parts` (`_partials`), which a caller that makes several calls for
     the same G passes to each and adds with `_add_parts` at the end; without them the call uses
     its own and adds them before it returns."""
@@ -271,7 +272,7 @@ def _red(lib, G, A, Bm, tri=0, parts=None):
     if own:
         parts = _partials(lib, G, Bsz * n)
     _check(lib.rows_red(G.data_ptr(), parts.data_ptr(), parts.shape[0], *_rows(A), *_rows(Bm), K, _KI(G)[1], H, n,
-                        Bsz * n, tri))
+                        Bsz * n, tri, cp))
     if own:
         _add_parts(G, parts)
 
@@ -356,8 +357,8 @@ class ChunkedNative(torch.autograd.Function):
     """Same inputs and outputs as `chunked._Chunked`: u (B, L, H), W (H, T + 2M, C'T), into (H, T,
     2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H, B, M)
     complex -> y (B, L, C', H), x_last (H, B, M). Inside, W's columns are in (step, channel) order
-    (`_swap_columns`), so that the rows of y are its chunks, (T C', H) blocks; for the triangular
-    skips the Toeplitz block is then zero where k > i // C' (still where k > i). The last chunk of
+    (`_swap_columns`), so that the rows of y are its chunks, (T C', H) blocks; the Toeplitz block is
+    then zero where k > i // C', which the kernels' triangular skips are told (`cp`). The last chunk of
     each batch row goes through a small zero-padded copy. Saves u and the states entering each chunk (B, n + 1, 2M, H);
     the backward runs in time blocks, last first, so that its scratch (the states' gradients) is
     one block's."""
@@ -382,11 +383,11 @@ class ChunkedNative(torch.autograd.Function):
         else:
             _mm(lib, X[:, 1:nc], U, Win)  # X[:, c + 1] <- chunk c's input sum
             _carry(lib, X[:, :nc], ar, ai)
-            _mm(lib, Y, U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1)
+            _mm(lib, Y, U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1, cp=Cp)
         _mm(lib, X[:, nc:], U_last, _tiles(into_r.permute(1, 2, 0)))  # the last chunk's, to the final state
         _carry(lib, X[:, nc - 1:], *_lanes(a_r))
         Y_last = u.new_empty(Bsz, 1, T * Cp, H)
-        _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1)
+        _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1, cp=Cp)
         y[:, L - r:] = Y_last.view(Bsz, T, Cp, H)[:, :r]
         ctx.save_for_backward(u, X, W, into, aT, into_r, a_r)
         ctx.T = T
@@ -419,9 +420,9 @@ class ChunkedNative(torch.autograd.Function):
         _mm(lib, L_last[:, :1], G_last, outT)
         _carry_back(lib, L_last, X[:, nc - 1:], *_lanes(a_r), gA_r)
         GU_last = u.new_empty(Bsz, 1, T, H)
-        _mm(lib, GU_last, G_last, toeT, A2=L_last[:, 1:], W2=_tiles(into_r.permute(2, 1, 0)), tri=2)
+        _mm(lib, GU_last, G_last, toeT, A2=L_last[:, 1:], W2=_tiles(into_r.permute(2, 1, 0)), tri=2, cp=Cp)
         gu[:, L - r:] = GU_last[:, 0, :r]
-        _red(lib, g_toe, U_last, G_last, tri=1, parts=p_toe)
+        _red(lib, g_toe, U_last, G_last, tri=1, parts=p_toe, cp=Cp)
         _red(lib, g_out, X[:, nc - 1:nc], G_last, parts=p_out)
         _red(lib, g_into_r, U_last, L_last[:, 1:])
         # the full chunks, in time blocks, last first
@@ -438,8 +439,8 @@ class ChunkedNative(torch.autograd.Function):
             L_ = Lb[:, :n + 1]
             _mm(lib, L_[:, :n], G[:, c0:c1], outT)  # through the block's outputs
             _carry_back(lib, L_, X[:, c0:], ar, ai, gA)
-            _mm(lib, GU[:, c0:c1], G[:, c0:c1], toeT, A2=L_[:, 1:], W2=intoT, tri=2)
-            _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1, parts=p_toe)
+            _mm(lib, GU[:, c0:c1], G[:, c0:c1], toeT, A2=L_[:, 1:], W2=intoT, tri=2, cp=Cp)
+            _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1, parts=p_toe, cp=Cp)
             _red(lib, g_out, X[:, c0:c1], G[:, c0:c1], parts=p_out)
             _red(lib, g_into, U[:, c0:c1], L_[:, 1:], parts=p_into)
             Lb[:, nbk] = L_[:, 0]  # the total gradient of the state entering chunk c0, for the next block

@@ -7,9 +7,10 @@
  * (K, I) block contiguous (in strips: WAT below). The work:
  *   rows_mm   C[r][i][h]  = sum_k A1[r][k][h] W1[k][i][h] + sum_k A2[r][k][h] W2[k][i][h]
  *   rows_red  G[k][i][h] += sum_r A[r][k][h] Bm[r][i][h]      (a weight gradient)
- * A triangular W1 (tri1 = 1: zero where k > i, the causal Toeplitz block; 2: zero where k < i, its
- * transpose) skips the zero blocks of a tile's outputs, and rows_red with tri = 1 only fills G[k][i]
- * for k <= i (to within a tile): half the work of the Toeplitz parts.
+ * A triangular W1 (tri1 = 1: zero where k > i / cp, the causal Toeplitz block of T steps by C' = cp
+ * outputs per step, in (step, channel) order; 2: zero where k / cp < i, its transpose; integer
+ * division) skips the zero blocks of a tile's outputs, and rows_red with tri = 1 only fills G[k][i]
+ * for k <= i / cp (to within a tile): half the work of the Toeplitz parts.
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
  *   chunks_fwd             the op's forward over its full chunks in one pass: per batch row, blocks
  *                          of RB chunks: their sums (rows_mm), the carry, their outputs (rows_mm).
@@ -192,7 +193,7 @@ static int all_allocated(int ok, int *fail) {
 
 /* Rows rb .. rb + n - 1 (n <= RB) of C from their packed lanes (`pack_block`, by rows in groups of
  * MR) q1 (K1 per row) and, when W2 is given, q2 (K2 per row): rows_mm's work on one block. */
-static void mm_block(float *C, long sCb, long sCc, const float *q1, const float *W1, long K1, long tri1,
+static void mm_block(float *C, long sCb, long sCc, const float *q1, const float *W1, long K1, long tri1, long cp,
                      const float *q2, const float *W2, long K2, long I, long H, long nc, long rb, long n) {
     long re = rb + n;
     for (long ho = 0; ho < H; ho += NL) {
@@ -204,7 +205,8 @@ static void mm_block(float *C, long sCb, long sCc, const float *q1, const float 
             for (long j = 0; j < MR; j++)
                 pc[j] = (float *)row(C, r + (j < m ? j : m - 1), nc, sCb, sCc);
             for (long i0 = 0; i0 < I; i0 += NO) {
-                long lo = tri1 == 2 ? i0 : 0, hi = tri1 == 1 && i0 + NO < K1 ? i0 + NO : K1;
+                long last = (i0 + NO - 1) / cp + 1; /* tri1 = 1: the tile's outputs read k < last */
+                long lo = tri1 == 2 ? i0 * cp : 0, hi = tri1 == 1 && last < K1 ? last : K1;
                 vn acc[MR][NO];
 #pragma GCC unroll 8
                 for (int j = 0; j < MR; j++)
@@ -223,7 +225,7 @@ static void mm_block(float *C, long sCb, long sCc, const float *q1, const float 
 }
 
 int rows_mm(float *C, long sCb, long sCc,
-            const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1,
+            const float *A1, long sA1b, long sA1c, const float *W1, long K1, long tri1, long cp,
             const float *A2, long sA2b, long sA2c, const float *W2, long K2,
             long I, long H, long nc, long nrows) {
     int fail = 0;
@@ -237,7 +239,7 @@ int rows_mm(float *C, long sCb, long sCc,
                 pack_block(q1, A1, sA1b, sA1c, K1, H, nc, rb, n, RB, 0);
                 if (A2)
                     pack_block(q2, A2, sA2b, sA2c, K2, H, nc, rb, n, RB, 0);
-                mm_block(C, sCb, sCc, q1, W1, K1, tri1, q2, A2 ? W2 : 0, K2, I, H, nc, rb, n);
+                mm_block(C, sCb, sCc, q1, W1, K1, tri1, cp, q2, A2 ? W2 : 0, K2, I, H, nc, rb, n);
             }
         }
         free(q1);
@@ -261,7 +263,7 @@ long strip_width(long I) {
 }
 
 int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long sAc, const float *Bm, long sBb,
-             long sBc, long K, long I, long H, long nc, long nrows, long tri) {
+             long sBc, long K, long I, long H, long nc, long nrows, long tri, long cp) {
     int fail = 0;
 #pragma omp parallel num_threads(nparts + 1)
     {
@@ -278,8 +280,8 @@ int rows_red(float *G, float *parts, long nparts, const float *A, long sAb, long
                     const float *qat = qa + ho * RBR * K, *qbt = qb + ho * RBR * I;
                     for (long k0 = 0; k0 < K; k0 += 4) {
                         for (long i0 = 0; i0 < I; i0 += NO) {
-                            if (tri == 1 && k0 >= i0 + NO)
-                                continue; /* G[k][i] with k > i not wanted */
+                            if (tri == 1 && k0 > (i0 + NO - 1) / cp)
+                                continue; /* G[k][i] with k > i / cp not wanted */
                             float *g = Gp + ho * K * I + WAT(K, I, k0, i0); /* (k0 + kk, i0 + ii) at */
                             vn acc[4][NO];                               /* g + (kk SW + ii) NL */
 #pragma GCC unroll 8
@@ -352,7 +354,7 @@ void carry_fwd(float *X, long sb, long sc, const float *ar, const float *ai, lon
 /* The forward of the chunked op over nc full chunks in one pass over u: per batch row (split over
  * OpenMP threads), RB chunks at a time in order, the chunks' input sums into X[b][c + 1] (U W_in),
  * the carry (X[b][c + 1] += a X[b][c], X[b][0] the state entering the first chunk), then their
- * outputs Y = U W_toe (tri1 = 1) + X W_out, with U's packed lanes reused and the new states still
+ * outputs Y = U W_toe (tri1 = 1, C' = I / T) + X W_out, with U's packed lanes reused and the new states still
  * in cache. The same contractions as rows_mm (sums), carry_fwd, rows_mm (outputs), which read U
  * from memory twice and X three times more. U (B, nc, T, H) rows, X (B, nc + 1, 2M, H), Y (B, nc,
  * I, H); W_in (T, 2M), W_toe (T, I), W_out (2M, I) tiled. Returns 0, or -1 as rows_mm. */
@@ -370,10 +372,10 @@ int chunks_fwd(float *Y, long sYb, long sYc, float *X, long sXb, long sXc, const
                 for (long c0 = 0; c0 < nc; c0 += RB) {
                     long n = c0 + RB < nc ? RB : nc - c0, r0 = b * nc + c0;
                     pack_block(qu, U, sUb, sUc, T, H, nc, r0, n, RB, 0);
-                    mm_block(X + sXc, sXb, sXc, qu, Win, T, 0, 0, 0, 0, P, H, nc, r0, n);
+                    mm_block(X + sXc, sXb, sXc, qu, Win, T, 0, 1, 0, 0, 0, P, H, nc, r0, n);
                     carry_run(X + b * sXb, sXc, c0, n, ar, ai, M, H);
                     pack_block(qx, X, sXb, sXc, P, H, nc, r0, n, RB, 0);
-                    mm_block(Y, sYb, sYc, qu, Wtoe, T, 1, qx, Wout, P, I, H, nc, r0, n);
+                    mm_block(Y, sYb, sYc, qu, Wtoe, T, 1, I / T, qx, Wout, P, I, H, nc, r0, n);
                 }
         }
         free(qu);
