@@ -11,9 +11,9 @@ ru_maxrss is that case's own high-water mark: it builds its inputs, warms up at 
 ru_maxrss, runs one forward+backward (the memory figure), then the timed repeats, and prints one
 JSON line. The case processes are set up as those of the layer benchmark (`diagssm.bench`):
 THP_MEM_ALLOC_ENABLE=1 in their environment unless it is set, torch.set_flush_denormal(True), and
---threads; the report's header says what took effect. Reference cases expected to need more than --max-ref-gb or to take longer than
---max-ref-seconds (extrapolated from the same ref at a smaller L, probed at L=512 if none was
-asked for) are skipped; fast cases always run.
+--threads; the report's header says what took effect. Reference cases expected to need more than
+--max-ref-gb or to take longer than --max-ref-seconds (extrapolated from the same ref at a smaller
+L, probed at L=512 if none was asked for) are skipped; fast cases always run.
 
 Sizes: H=256 channels, N=64 (32 complex modes per channel), B=16; scan state P=256.
 
