@@ -14,9 +14,8 @@ import argparse
 
 import torch
 
-from diagssm.bench import B, H, N, median_ms, setup_process
+from diagssm.bench import B, H, N, device_arg, median_ms, setup_process
 from diagssm.layers import DSS, S4D
-from diagssm.train.world import check_device
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,10 +51,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=B, help=argparse.SUPPRESS)  # small sizes for the tests
     ap.add_argument("--width", type=int, default=H, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    try:
-        args.device = str(check_device(args.device, "--device"))
-    except ValueError as e:
-        ap.error(str(e))
+    args.device = str(device_arg(ap, args.device))
     setup_process(args.threads)
     where = f"threads={args.threads}" if args.device == "cpu" else f"device {args.device}"
     print(f"fwd+bwd ms, B={args.batch}, H={args.width}, d_state={N}, {where}, median of {args.repeats}\n")

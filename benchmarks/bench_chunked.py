@@ -26,8 +26,7 @@ import statistics
 
 import torch
 
-from diagssm.bench import PeakMemory, median_ms, setup_process
-from diagssm.train.world import check_device
+from diagssm.bench import PeakMemory, device_arg, median_ms, setup_process
 
 
 def load_op(path):
@@ -59,10 +58,7 @@ def main(argv=None):
     ap.add_argument("--sections", action="store_true", help="time forward, backward and the op's helpers "
                     "(layout loads and stores, chunk states) within --repeats more passes (installed op only)")
     args = ap.parse_args(argv)
-    try:
-        args.device = str(check_device(args.device, "--device"))
-    except ValueError as e:
-        ap.error(str(e))
+    args.device = str(device_arg(ap, args.device))
     if args.sections and args.module:
         ap.error("--sections times the installed op's helpers; leave out --module")
     if args.device != "cpu" and (args.parts or args.sections):

@@ -104,7 +104,7 @@ def measure_one(op, impl, L, repeats):
         fwd = median_ms(lambda: forward(op, impl, xs, L), repeats, warmup=1)
     fb = median_ms(lambda: fwd_bwd(op, impl, xs, w, L), repeats, warmup=0)
     return dict(op=op, impl=impl, L=L, fwd_ms=fwd, fwdbwd_ms=fb, first_fwdbwd_ms=1e3 * first,
-                peak_extra_mb=peak, baseline_gap_mb=gap, threads=torch.get_num_threads())
+                peak_extra_mb=peak, baseline_gap_mb=gap)  # threads: recorded by setup_process
 
 
 def run_case(op, impl, L, args, repeats=None):

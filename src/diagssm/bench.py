@@ -639,19 +639,22 @@ def parse_args(argv=None):
             ap.error(f"{name} must be >= 1; got {value}")
     if args.profile and not args.one:
         ap.error("--profile goes with --one LAYER IMPL L")
-    if not args.from_json:  # a report of a saved run takes the device it names
-        try:
-            device = check_device(args.device, "--device")
-        except ValueError as e:
-            ap.error(str(e))
-        if device.type == "cpu":  # the issue's figures; a GPU's are measured (`default_peaks`)
-            args.peak_gflops, args.peak_gbs = args.peak_gflops or CPU_PEAKS[0], args.peak_gbs or CPU_PEAKS[1]
+    if not args.from_json and device_arg(ap, args.device).type == "cpu":  # a saved run's report: its device
+        default_peaks(args)  # the issue's figures at once; a GPU's are measured in `main`
     if args.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             ap.error("--plot needs matplotlib (pip install matplotlib); leave --plot out to skip the figure")
     return args
+
+
+def device_arg(ap, value):
+    """`check_device` of a --device option: its torch.device, or the parser's error naming the option."""
+    try:
+        return check_device(value, "--device")
+    except ValueError as e:
+        ap.error(str(e))
 
 
 def measure_peaks(device, n=8192, copy_bytes=2 * GB):
