@@ -1,10 +1,12 @@
 """S4D and DSS layers: convolution = recurrence, state passing, bidirectional, rate, contracts."""
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 
-from diagssm.layers import DSS, S4D
+from diagssm.layers import DSS, S4, S4D, S5
 from helpers import assert_close, randn
 
 F64 = torch.float64
@@ -217,6 +219,45 @@ def test_bad_input_errors():
         S4D(4, 8, init="legt")
     with pytest.raises(ValueError, match="L="):
         DSS(4, 8, variant="softmax").step(torch.randn(2, 4), torch.zeros(2, 4, 4, dtype=torch.complex64))
+
+
+EVERY_LAYER = {"S4D": S4D, "DSS": DSS, "S4": S4, "S5": S5}
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+@pytest.mark.parametrize("name, value", [("d_model", 0), ("d_model", -1), ("d_model", 2.5), ("d_model", True),
+                                         ("channels", 0), ("channels", 1.0)])
+def test_sizes_must_be_positive_ints(who, name, value):
+    """Every layer names a size that is not an int >= 1 (S4D and DSS had accepted d_model = 0)."""
+    if name == "channels" and who == "S5":
+        pytest.skip("S5 has one output per channel, no `channels`")
+    kw = dict(d_model=4, d_state=8)
+    kw[name] = value
+    with pytest.raises(ValueError, match=re.escape(f"{who}: {name}={value!r} must be an int >= 1")):
+        EVERY_LAYER[who](**kw)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+@pytest.mark.parametrize("rate", [0, -1.0, math.inf, math.nan, True, torch.tensor(2.0)])
+def test_rate_must_be_a_positive_finite_number(who, rate):
+    """A rate that is not a finite number > 0 is an error in the forward and the step of every layer
+    (S4D, DSS and S5 had returned NaN for rate = nan or inf, and a growing or frozen state for -1 or 0)."""
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](4, d_state=8).double()
+    u = randn(2, 5, 4, seed=3)
+    with pytest.raises(ValueError, match=r"rate=.* is not allowed; expected a positive finite number"):
+        layer(u, rate=rate)
+    with pytest.raises(ValueError, match=r"rate=.* is not allowed; expected a positive finite number"):
+        layer.step(u[:, 0], layer.default_state(2), rate=rate)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_rate_may_be_a_numpy_number(who):
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](4, d_state=8).double()
+    u = randn(2, 5, 4, seed=3)
+    assert torch.equal(layer(u, rate=np.float32(2.0)), layer(u, rate=2.0))
+    assert not torch.allclose(layer(u, rate=2.0), layer(u))
 
 
 def test_step_system_cache_follows_parameter_updates():

@@ -13,6 +13,7 @@ stored modes stand for N) and 1 otherwise.
 """
 import logging
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -46,6 +47,22 @@ def check_backend(backend, who):
     if backend not in BACKENDS:
         raise ValueError(f"{who}: backend={backend!r}; allowed: {BACKENDS}")
     return backend
+
+
+def check_positive_ints(who, **values):
+    """Each of `values` (name=value) is an int >= 1 (bool is not), else a ValueError naming it."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{who}: {name}={value!r} must be an int >= 1")
+
+
+def check_rate(rate):
+    """rate scales every layer's dt (a change of sampling rate): a finite real number > 0 (Python's or
+    numpy's, not a tensor), else a ValueError. 0 would freeze the state; a negative or infinite rate
+    would make the modes grow or the output NaN, silently."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < math.inf:
+        raise ValueError(f"rate={rate!r} is not allowed; expected a positive finite number (it multiplies dt)")
+    return rate
 
 
 def check_even_state(d_state, who):

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, complex_parameter,
-                                 log_uniform)
+from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, check_positive_ints,
+                                 check_rate, complex_parameter, log_uniform)
 from diagssm.ops import dss_kernel
 from diagssm.ops.kernels import DSS_VARIANTS, EPS_RECIPROCAL, dss_exponent, reciprocal
 
@@ -56,6 +56,7 @@ class DSS(DiagonalSSM):
                  channels=1, bidirectional=False, check_finite=True, backend="auto"):
         super().__init__()
         check_even_state(d_state, "DSS")
+        check_positive_ints("DSS", d_model=d_model, channels=channels)
         self.backend = check_backend(backend, "DSS")
         if variant not in DSS_VARIANTS:
             raise ValueError(f"variant={variant!r}; allowed: {DSS_VARIANTS}")
@@ -80,7 +81,7 @@ class DSS(DiagonalSSM):
         return torch.complex(real, self.Lambda_im)  # (M,)
 
     def dt(self, rate=1.0):
-        return torch.exp(self.log_dt) * rate  # (H,) or (2, H)
+        return torch.exp(self.log_dt) * check_rate(rate)  # (H,) or (2, H)
 
     def kernel(self, L, rate=1.0):
         W = as_complex(self.W)  # (C', H, M)

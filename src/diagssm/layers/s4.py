@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagssm import hippo
-from diagssm.layers.base import SSMLayer, as_complex, check_even_state, complex_parameter, log_uniform
+from diagssm.layers.base import (SSMLayer, as_complex, check_even_state, check_positive_ints, check_rate,
+                                 complex_parameter, log_uniform)
 from diagssm.ops import fft_conv
 from diagssm.ops.cauchy import cauchy
 
@@ -252,9 +253,7 @@ class S4(SSMLayer):
                  channels=1, bidirectional=False, check_finite=True, n_ssm=1):
         super().__init__()
         check_even_state(d_state, "S4")
-        for name, value in (("d_model", d_model), ("channels", channels), ("n_ssm", n_ssm)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"S4: {name}={value!r} must be an int >= 1")
+        check_positive_ints("S4", d_model=d_model, channels=channels, n_ssm=n_ssm)
         if d_model % n_ssm:
             raise ValueError(f"S4: n_ssm={n_ssm} must divide d_model={d_model} (channel h uses copy h mod n_ssm)")
         Lambda, P, B, _ = hippo.nplr_diagonal(measure, d_state, rank)  # (M,), (r, M), (M,)
@@ -283,9 +282,7 @@ class S4(SSMLayer):
         return tie(as_complex(self.P), self.d_model)
 
     def dt(self, rate=1.0):
-        if not (isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):
-            raise ValueError(f"rate={rate!r} must be a positive number (it scales dt)")
-        return torch.exp(self.log_dt) * rate  # (H,)
+        return torch.exp(self.log_dt) * check_rate(rate)  # (H,)
 
     def dense(self, rate=1.0):
         """The discretised doubled system (A_bar (H, N, N), B_bar (H, N)), for the state and tests."""

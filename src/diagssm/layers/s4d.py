@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, complex_parameter,
-                                 log_uniform)
+from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, check_positive_ints,
+                                 check_rate, complex_parameter, log_uniform)
 from diagssm.ops import discretize, s4d_kernel
 
 REAL_TRANSFORMS = ("exp", "relu", "none")
@@ -50,6 +50,7 @@ class S4D(DiagonalSSM):
                  train_B=True):
         super().__init__()
         check_even_state(d_state, "S4D")
+        check_positive_ints("S4D", d_model=d_model, channels=channels)
         self.backend = check_backend(backend, "S4D")
         if real_transform not in REAL_TRANSFORMS:
             raise ValueError(f"real_transform={real_transform!r}; allowed: {REAL_TRANSFORMS}")
@@ -83,7 +84,7 @@ class S4D(DiagonalSSM):
         return torch.complex(real, self.A_imag)  # (H, M)
 
     def dt(self, rate=1.0):
-        return torch.exp(self.log_dt) * rate  # (H,)
+        return torch.exp(self.log_dt) * check_rate(rate)  # (H,)
 
     def kernel(self, L, rate=1.0):
         """K (C', H, L) = 2 Re sum_n C B_bar A_bar^l."""

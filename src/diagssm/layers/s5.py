@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import SSMLayer, as_complex, complex_parameter, log_uniform
+from diagssm.layers.base import SSMLayer, as_complex, check_positive_ints, check_rate, complex_parameter, log_uniform
 from diagssm.ops import chunked_native, discretize, modal_conv, s5_native, scan
 
 log = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ class S5(SSMLayer):
                  discretization="zoh", dt_min=1e-3, dt_max=1e-1, clip_eigs=False, bidirectional=False,
                  mode="auto", check_finite=True, init="hippo_n"):
         super().__init__()
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model={d_model!r} is not allowed; expected an integer >= 1")
+        check_positive_ints("S5", d_model=d_model)
         if C_init not in C_INITS:
             raise ValueError(f"C_init={C_init!r}; allowed: {C_INITS}")
         if mode not in MODES:
@@ -195,7 +194,7 @@ class S5(SSMLayer):
 
     def discrete(self, rate=1.0, dt=None):
         """(Lambda_bar, B_scale) with B_bar = B_scale[..., None] * B_tilde: (M,), or (B, L, M) given dt (B, L)."""
-        Delta = torch.exp(self.log_dt) * rate  # (M,)
+        Delta = torch.exp(self.log_dt) * check_rate(rate)  # (M,)
         if dt is not None:
             Delta = dt[..., None] * Delta  # (B, L, M)
         return discretize(self.Lambda(), Delta, self.discretization)

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from diagssm.layers import DSS, S4, S4D, S5
+from diagssm.layers.base import check_rate
 
 LAYER_NAMES = ("s4d", "dss", "s5", "s4")
 LAYER_CLASSES = {"s4d": S4D, "dss": DSS, "s5": S5, "s4": S4}
@@ -84,12 +85,6 @@ def check_lengths(lengths, B, L):
         raise ValueError(f"lengths must be an integer tensor of shape (B,) = ({B},); got {got}")
     if (lengths < 1).any() or (lengths > L).any():
         raise ValueError(f"lengths={lengths.tolist()} out of range; allowed: 1 <= lengths[b] <= L = {L}")
-
-
-def check_rate(rate):
-    """rate scales every layer's dt (a change of sampling rate); it must be a positive number."""
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-        raise ValueError(f"rate={rate!r} is not allowed; expected a positive number (it multiplies dt)")
 
 
 def make_norm(norm, d_model):
