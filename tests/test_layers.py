@@ -251,6 +251,29 @@ def test_rate_must_be_a_positive_finite_number(who, rate):
         layer.step(u[:, 0], layer.default_state(2), rate=rate)
 
 
+@pytest.mark.parametrize("who", ["S4D", "DSS", "S4"])
+@pytest.mark.parametrize("L", [0, -1, 2.5, True])
+def test_length_must_be_a_positive_int(who, L):
+    """`L=` (the length the system is defined for) that is not an int >= 1 is an error in the forward
+    and the step (DSS-softmax's step had run with L = 0, -1 or 2.5 and scaled its input by them)."""
+    torch.manual_seed(0)
+    kw = dict(variant="softmax") if who == "DSS" else {}
+    layer = EVERY_LAYER[who](4, d_state=8, **kw).double()
+    u = randn(2, 5, 4, seed=3)
+    with pytest.raises(ValueError, match=re.escape(f"L={L!r} must be None or an int >= 1")):
+        layer(u, L=L)
+    with pytest.raises(ValueError, match=re.escape(f"L={L!r} must be None or an int >= 1")):
+        layer.step(u[:, 0], layer.default_state(2), L=L)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+@pytest.mark.parametrize("dt_min, dt_max", [(1e-3, math.inf), (math.nan, 0.1), (0.0, 0.1)])
+def test_step_size_range_must_be_finite_and_positive(who, dt_min, dt_max):
+    """dt_max = inf had made every layer's dt parameters infinite."""
+    with pytest.raises(ValueError, match=r"must satisfy 0 < dt_min <= dt_max < inf"):
+        EVERY_LAYER[who](4, d_state=8, dt_min=dt_min, dt_max=dt_max)
+
+
 @pytest.mark.parametrize("who", EVERY_LAYER)
 def test_rate_may_be_a_numpy_number(who):
     torch.manual_seed(0)

@@ -37,8 +37,8 @@ def as_complex(p):
 
 def log_uniform(shape, low, high, generator=None):
     """exp(U[log low, log high]): the papers' step-size initialisation."""
-    if not 0 < low <= high:
-        raise ValueError(f"dt_min={low} and dt_max={high} must satisfy 0 < dt_min <= dt_max")
+    if not 0 < low <= high < math.inf:
+        raise ValueError(f"dt_min={low} and dt_max={high} must satisfy 0 < dt_min <= dt_max < inf")
     r = torch.rand(shape, generator=generator, dtype=torch.float64)
     return torch.exp(r * (math.log(high) - math.log(low)) + math.log(low))
 
@@ -63,6 +63,12 @@ def check_rate(rate):
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < math.inf:
         raise ValueError(f"rate={rate!r} is not allowed; expected a positive finite number (it multiplies dt)")
     return rate
+
+
+def check_length(L):
+    """A layer's `L=` (the length its system is defined for): None or an int >= 1, else a ValueError."""
+    if L is not None and (isinstance(L, bool) or not isinstance(L, int) or L < 1):
+        raise ValueError(f"L={L!r} must be None or an int >= 1 (the length the system is defined for)")
 
 
 def check_even_state(d_state, who):
@@ -225,6 +231,7 @@ class DiagonalSSM(SSMLayer):
         return self._step_cache[1]
 
     def system_length(self, L, L_u):
+        check_length(L)
         if L is None or not self.length_dependent:
             return L_u
         if L < L_u:
@@ -236,6 +243,7 @@ class DiagonalSSM(SSMLayer):
 
         Shapes: u_t (B, H); state (B, H, M) complex -> y_t (B, C'' H), state (B, H, M)
         """
+        check_length(L)
         self.check_recurrent(L, rate)
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagssm import hippo
-from diagssm.layers.base import (SSMLayer, as_complex, check_even_state, check_positive_ints, check_rate,
-                                 complex_parameter, log_uniform)
+from diagssm.layers.base import (SSMLayer, as_complex, check_even_state, check_length, check_positive_ints,
+                                 check_rate, complex_parameter, log_uniform)
 from diagssm.ops import fft_conv
 from diagssm.ops.cauchy import cauchy
 
@@ -312,6 +312,7 @@ class S4(SSMLayer):
             u: (B, L, H); state: (B, H, N/2) complex or None (zero)
             returns y (B, L, channels H), and the final state (B, H, N/2) when return_state
         """
+        check_length(L)
         self.check_input(u)
         Bsz, L_u, H = u.shape
         if state is not None or return_state:
@@ -350,6 +351,7 @@ class S4(SSMLayer):
 
         Shapes: u_t (B, H); state (B, H, N/2) complex -> y_t (B, channels H), state (B, H, N/2)
         """
+        check_length(L)
         self.check_recurrent()
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
