@@ -149,6 +149,25 @@ def test_from_json_of_a_gpu_run_keeps_its_device_and_peaks(tmp_path, capsys, mon
     assert "floors at 50000 GFLOP/s and 3000 GB/s" in text
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--repeats", "0"], "--repeats must be >= 1; got 0"),  # was taken as the default, 3
+    (["--lengths", "1024", "0"], "--lengths must be >= 1; got 0"),
+    (["--peak-gflops", "0"], "--peak-gflops must be a finite number > 0; got 0.0"),  # was the default, 300
+    (["--peak-gbs", "-3"], "--peak-gbs must be a finite number > 0; got -3.0"),
+    (["--peak-gbs", "inf"], "--peak-gbs must be a finite number > 0; got inf"),
+])
+def test_bad_numbers_are_errors_naming_the_option(argv, said, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert said in capsys.readouterr().err
+
+
+def test_explicit_numbers_are_kept():
+    args = bench.parse_args(["--repeats", "1", "--peak-gflops", "150", "--peak-gbs", "10"])
+    assert (args.repeats, args.peak_gflops, args.peak_gbs) == (1, 150.0, 10.0)
+    assert bench.parse_args(["--quick"]).repeats == 1 and bench.parse_args([]).repeats == 3
+
+
 def test_a_bad_device_is_an_error_naming_it(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "tpu"])

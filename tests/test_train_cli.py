@@ -152,6 +152,17 @@ def test_every_option_has_help():
             assert action.help, f"diagssm {name} {action.option_strings or action.dest} has no help text"
 
 
+def test_version_names_diagssm_and_torch(capsys):
+    import torch
+
+    import diagssm
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"diagssm {diagssm.__version__} (torch {torch.__version__})\n"
+
+
 def test_train_refuses_a_used_folder_and_resume_needs_a_folder(tmp_path, capsys):
     cfg_path, run = write_config(tmp_path / "t.yaml", run={"max_steps": 2}), tmp_path / "run"
     assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0

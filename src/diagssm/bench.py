@@ -633,10 +633,13 @@ def parse_args(argv=None):
                     "results saved by an earlier --json, with this version's cost estimates")
     args = ap.parse_args(argv)
     args.lengths = args.lengths or list(QUICK_LENGTHS if args.quick else LENGTHS)
-    args.repeats = args.repeats or (1 if args.quick else 3)
+    args.repeats = (1 if args.quick else 3) if args.repeats is None else args.repeats  # 0 is an error, not 3
     for name, value in (("--lengths", min(args.lengths)), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value < 1:
             ap.error(f"{name} must be >= 1; got {value}")
+    for name, value in (("--peak-gflops", args.peak_gflops), ("--peak-gbs", args.peak_gbs)):
+        if value is not None and not 0 < value < math.inf:
+            ap.error(f"{name} must be a finite number > 0; got {value}")
     if args.profile and not args.one:
         ap.error("--profile goes with --one LAYER IMPL L")
     if not args.from_json and device_arg(ap, args.device).type == "cpu":  # a saved run's report: its device
