@@ -89,8 +89,11 @@ def test_eval_at_another_rate(tmp_path, capsys):
     at = {r: evaluate(model, loader, task, make_world("cpu"), rate=r)["metric"] for r in (1.0, 2.0)}
     assert abs(at[2.0] - at[1.0]) > 1e-4 * at[1.0]  # the rate changes the outputs
     assert out.startswith(f"test at rate 2: loss {at[2.0]:.6g}, mse {at[2.0]:.6g}")
-    assert main(["eval", "--run-dir", str(run), "--rate", "0"]) == 2
-    assert "--rate=0.0 must be > 0" in capsys.readouterr().err
+    for bad in ("0", "inf", "nan"):
+        assert main(["eval", "--run-dir", str(run), "--rate", bad]) == 2
+        assert f"--rate={float(bad)} must be a finite number > 0" in capsys.readouterr().err
+    assert main(["eval", "--run-dir", str(run), "--batch-size", "0"]) == 2  # not the run's batch size
+    assert "--batch-size=0 must be >= 1" in capsys.readouterr().err
     # --set changes the run's config for the evaluation only (here: a smaller test set)
     assert main(["eval", "--run-dir", str(run), "--set", "task.params.n_test=8"]) == 0
     assert f"over {8 * (64 - 10):,} scored outputs" in capsys.readouterr().out
@@ -191,6 +194,8 @@ def test_generate_steps_a_delay_model(tmp_path, capsys):
     _, task, model, _, _ = load_run(run)
     x = task.test[0][0]  # (64, 1)
     assert [float(r["input_0"]) for r in table] == pytest.approx(x[:50, 0].tolist(), rel=1e-5, abs=1e-6)
+    assert main(["generate", "--run-dir", str(run), "--prompt-len", "20", "--steps", "30", "--every", "0"]) == 2
+    assert "--every=0 must be >= 1" in capsys.readouterr().err
 
 
 def test_generate_zeros_and_feedback_agree_with_forward(tmp_path):

@@ -3,6 +3,7 @@
 `diagssm train` also runs data-parallel under torchrun (`torchrun --nproc_per_node=N -m diagssm
 train ...`, see `world.py`); eval, generate and plot are single-process commands.
 """
+import math
 import time
 from pathlib import Path
 
@@ -66,13 +67,15 @@ def load_run(run_dir, checkpoint="latest", device="cpu", overrides=()):
 
 
 def cmd_eval(args):
+    if not 0 < args.rate < math.inf:
+        raise ValueError(f"--rate={args.rate} must be a finite number > 0")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} must be >= 1")  # 0 had meant the run's batch size
     torch.set_flush_denormal(True)
     cfg, task, model, path, state = load_run(args.run_dir, args.checkpoint, overrides=args.set)
     world = make_world(args.device or cfg.run.device)
     model.to(world.device)
     loader = eval_loader(task.split(args.split), task, args.batch_size or cfg.optim.batch_size)
-    if args.rate <= 0:
-        raise ValueError(f"--rate={args.rate} must be > 0")
     result = evaluate(model, loader, task, world, rate=args.rate)
     at_rate = "" if args.rate == 1.0 else f" at rate {args.rate:g}"
     print(f"{args.split}{at_rate}: loss {result['loss']:.6g}, {task.metric} {result['metric']:.6g} "

@@ -96,6 +96,8 @@ def write_csv(path, inputs, outputs):
 def cmd_generate(args):
     from diagssm.train.commands import load_run
 
+    if args.every < 1:
+        raise ValueError(f"--every={args.every} must be >= 1")  # before the model runs, not in the report
     torch.set_flush_denormal(True)
     cfg, task, model, path, state = load_run(args.run_dir, args.checkpoint)
     dataset = task.split(args.split)
