@@ -43,6 +43,14 @@ def test_shipped_configs_exist():
     ({"optim": {"schedule": "linear"}}, "optim.schedule='linear'; allowed: cosine, constant"),
     ({"optim": {"batch_size": 0}}, "optim.batch_size=0 must be > 0"),
     ({"run": {"threads": 0}}, "run.threads=0 must be >= 1"),
+    ({"optim": {"lr": "inf"}}, "optim.lr=inf must be finite"),
+    ({"optim": {"lr": "nan"}}, "optim.lr=nan must be > 0"),
+    ({"optim": {"grad_clip": -1}}, "optim.grad_clip=-1.0 must be a finite number > 0 (or null: no clipping)"),
+    ({"optim": {"grad_clip": 0}}, "optim.grad_clip=0.0 must be a finite number > 0"),
+    ({"optim": {"grad_clip": "nan"}}, "optim.grad_clip=nan must be a finite number > 0"),
+    ({"optim": {"min_lr_ratio": 2}}, "optim.min_lr_ratio=2.0 must be in [0, 1]"),
+    ({"optim": {"betas": [0.9, 1.5]}}, "optim.betas[1]=1.5 must be in [0, 1)"),
+    ({"optim": {"betas": [-0.1, 0.9]}}, "optim.betas[0]=-0.1 must be in [0, 1)"),
     ({"model": "big"}, "section 'model' must be a mapping"),
 ])
 def test_bad_configs_name_the_key(data, message):

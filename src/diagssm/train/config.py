@@ -12,6 +12,7 @@ value is parsed by YAML and checked against the field's type. A float field also
 string that Python's float() reads, because YAML 1.1 (PyYAML) reads `1e-3` as a string.
 """
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -194,8 +195,19 @@ def check(cfg):
         raise ValueError(f"run.threads={cfg.run.threads!r} must be >= 1 (or null for torch's default)")
     for keys, ok, words in ((POSITIVE, lambda v: v > 0, "> 0"), (NON_NEGATIVE, lambda v: v >= 0, ">= 0")):
         for sec, key in keys:
-            if not ok(getattr(getattr(cfg, sec), key)):
-                raise ValueError(f"{sec}.{key}={getattr(getattr(cfg, sec), key)!r} must be {words}")
+            value = getattr(getattr(cfg, sec), key)
+            if not ok(value):
+                raise ValueError(f"{sec}.{key}={value!r} must be {words}")
+            if value == math.inf:
+                raise ValueError(f"{sec}.{key}={value!r} must be finite")
+    clip, ratio, betas = cfg.optim.grad_clip, cfg.optim.min_lr_ratio, cfg.optim.betas
+    if clip is not None and not 0 < clip < math.inf:  # 0 would zero every gradient, < 0 flip their sign
+        raise ValueError(f"optim.grad_clip={clip!r} must be a finite number > 0 (or null: no clipping)")
+    if not ratio <= 1:
+        raise ValueError(f"optim.min_lr_ratio={ratio!r} must be in [0, 1] (the cosine schedule's end, times lr)")
+    for i, beta in enumerate(betas):
+        if not 0 <= beta < 1:
+            raise ValueError(f"optim.betas[{i}]={beta!r} must be in [0, 1) (Adam's averaging rates)")
     if cfg.task.name not in registry.TASKS:
         raise ValueError(f"task.name={cfg.task.name!r}; known tasks: {', '.join(sorted(registry.TASKS))}")
     if "seed" in cfg.task.params:
