@@ -91,7 +91,7 @@ def test_eval_at_another_rate(tmp_path, capsys):
     assert out.startswith(f"test at rate 2: loss {at[2.0]:.6g}, mse {at[2.0]:.6g}")
     for bad in ("0", "inf", "nan"):
         assert main(["eval", "--run-dir", str(run), "--rate", bad]) == 2
-        assert f"--rate={float(bad)} must be a finite number > 0" in capsys.readouterr().err
+        assert f"--rate={float(bad)} is not allowed; expected a positive finite number" in capsys.readouterr().err
     assert main(["eval", "--run-dir", str(run), "--batch-size", "0"]) == 2  # not the run's batch size
     assert "--batch-size=0 must be >= 1" in capsys.readouterr().err
     # --set changes the run's config for the evaluation only (here: a smaller test set)

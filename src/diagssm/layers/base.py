@@ -56,12 +56,12 @@ def check_positive_ints(who, **values):
             raise ValueError(f"{who}: {name}={value!r} must be an int >= 1")
 
 
-def check_rate(rate):
+def check_rate(rate, name="rate"):
     """rate scales every layer's dt (a change of sampling rate): a finite real number > 0 (Python's or
     numpy's, not a tensor), else a ValueError. 0 would freeze the state; a negative or infinite rate
     would make the modes grow or the output NaN, silently."""
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 < rate < math.inf:
-        raise ValueError(f"rate={rate!r} is not allowed; expected a positive finite number (it multiplies dt)")
+        raise ValueError(f"{name}={rate!r} is not allowed; expected a positive finite number (it multiplies dt)")
     return rate
 
 

@@ -13,7 +13,8 @@ S5 code (`models/block.py`); the retrieval head from the LRA benchmark (Tay et a
 import torch
 from torch import nn
 
-from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_positive_int, check_rate,
+from diagssm.layers.base import check_positive_ints
+from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_rate,
                                   make_norm, norm_sequence, norm_step, step_mask)
 from diagssm.models.heads import HEADS, POOLINGS, RetrievalHead, pool
 
@@ -59,9 +60,7 @@ class SequenceModel(nn.Module):
                  encoder="linear", norm="layer", prenorm=True, activation="gelu", dropout=0.0,
                  pooling="mean", head="classification"):
         super().__init__()
-        for name, value in (("d_input", d_input), ("d_output", d_output), ("d_model", d_model),
-                            ("n_layers", n_layers)):
-            check_positive_int(name, value)
+        check_positive_ints("SequenceModel", d_input=d_input, d_output=d_output, d_model=d_model, n_layers=n_layers)
         check_choice("encoder", encoder, ENCODERS)
         check_choice("pooling", pooling, POOLINGS)
         check_choice("head", head, HEADS)

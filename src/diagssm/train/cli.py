@@ -120,24 +120,14 @@ def add_bench(sub):
     p.set_defaults(run=_bench)
 
 
-class _Version(argparse.Action):
-    """--version: diagssm's and torch's versions (torch imported only when asked)."""
-
-    def __init__(self, option_strings, dest, **kw):
-        super().__init__(option_strings, dest, nargs=0, help="print diagssm's and torch's versions and exit")
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        import torch
-
-        import diagssm
-
-        print(f"diagssm {diagssm.__version__} (torch {torch.__version__})")
-        parser.exit()
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
-    parser.add_argument("--version", action=_Version)
+    import torch
+
+    from diagssm import __version__
+
+    parser.add_argument("--version", action="version", version=f"diagssm {__version__} (torch {torch.__version__})",
+                        help="print diagssm's and torch's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     from diagssm.train.data_commands import add_data
     from diagssm.train.plot_commands import add_plot

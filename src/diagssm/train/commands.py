@@ -3,12 +3,12 @@
 `diagssm train` also runs data-parallel under torchrun (`torchrun --nproc_per_node=N -m diagssm
 train ...`, see `world.py`); eval, generate and plot are single-process commands.
 """
-import math
 import time
 from pathlib import Path
 
 import torch
 
+from diagssm.layers.base import check_rate
 from diagssm.train import config as config_mod
 from diagssm.train.checkpoint import CheckpointFolder
 from diagssm.train.data import eval_loader
@@ -67,8 +67,7 @@ def load_run(run_dir, checkpoint="latest", device="cpu", overrides=()):
 
 
 def cmd_eval(args):
-    if not 0 < args.rate < math.inf:
-        raise ValueError(f"--rate={args.rate} must be a finite number > 0")
+    check_rate(args.rate, "--rate")  # the layers' own check, before the run is loaded
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")  # 0 had meant the run's batch size
     torch.set_flush_denormal(True)
