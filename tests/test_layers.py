@@ -236,6 +236,42 @@ def test_sizes_must_be_positive_ints(who, name, value):
         EVERY_LAYER[who](**kw)
 
 
+FLAGS = {"S4D": ("bidirectional", "check_finite", "train_B"), "DSS": ("sep_dt", "bidirectional", "check_finite"),
+         "S4": ("bidirectional", "check_finite"), "S5": ("conj_sym", "clip_eigs", "bidirectional", "check_finite")}
+
+
+@pytest.mark.parametrize("who, name", [(who, name) for who, names in FLAGS.items() for name in names])
+@pytest.mark.parametrize("value", [2, 0, "no", None, 1.0])
+def test_flags_must_be_bools(who, name, value):
+    """A flag that is not True or False is an error naming it: every layer had taken 'no' as true, and
+    S4D, DSS and S5 with bidirectional=2 had returned twice (S4D, DSS) the channels asked for."""
+    with pytest.raises(ValueError, match=re.escape(f"{who}: {name}={value!r} must be True or False")):
+        EVERY_LAYER[who](4, d_state=8, **{name: value})
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_return_state_must_be_a_bool(who):
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](4, d_state=8).double()
+    u = randn(2, 5, 4, seed=3)
+    for value in ("no", 1, None):
+        with pytest.raises(ValueError, match=re.escape(f"{who}: return_state={value!r} must be True or False")):
+            layer(u, return_state=value)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_flags_may_be_numpy_bools(who):
+    """numpy's bools (from a config sweep, say) are taken as the Python bools they equal."""
+    torch.manual_seed(0)
+    a = EVERY_LAYER[who](4, d_state=8, bidirectional=np.bool_(True)).double()
+    torch.manual_seed(0)
+    b = EVERY_LAYER[who](4, d_state=8, bidirectional=True).double()
+    assert a.bidirectional is True
+    u = randn(2, 5, 4, seed=3)
+    assert torch.equal(a(u), b(u))
+    assert torch.equal(b(u, return_state=np.bool_(False)), b(u))
+
+
 @pytest.mark.parametrize("who", EVERY_LAYER)
 @pytest.mark.parametrize("rate", [0, -1.0, math.inf, math.nan, True, torch.tensor(2.0)])
 def test_rate_must_be_a_positive_finite_number(who, rate):

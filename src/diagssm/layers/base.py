@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,16 @@ def check_positive_ints(who, **values):
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{who}: {name}={value!r} must be an int >= 1")
+
+
+def check_bools(who, **flags):
+    """Each of `flags` (name=value) is True or False (Python's or numpy's bool), else a ValueError naming
+    it: 'no' or 2 would otherwise pass as true (bidirectional=2 doubled the output channels). Returns the
+    values as Python bools, in the order given."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ValueError(f"{who}: {name}={value!r} must be True or False")
+    return tuple(bool(v) for v in flags.values())
 
 
 def check_rate(rate, name="rate"):
@@ -159,6 +170,7 @@ class DiagonalSSM(SSMLayer):
         self.check_input(u)
         Bsz, L_u, H = u.shape
         L = self.system_length(L, L_u)
+        check_bools(type(self).__name__, return_state=return_state)
         if state is not None or return_state:
             self.check_recurrent(L, rate)
             state = self.default_state(Bsz) if state is None else state

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, check_positive_ints,
-                                 check_rate, complex_parameter, log_uniform)
+from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_bools, check_even_state,
+                                 check_positive_ints, check_rate,
+                                 complex_parameter, log_uniform)
 from diagssm.ops import dss_kernel
 from diagssm.ops.kernels import DSS_VARIANTS, EPS_RECIPROCAL, dss_exponent, reciprocal
 
@@ -61,6 +62,8 @@ class DSS(DiagonalSSM):
         if variant not in DSS_VARIANTS:
             raise ValueError(f"variant={variant!r}; allowed: {DSS_VARIANTS}")
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
+        sep_dt, bidirectional, check_finite = check_bools("DSS", sep_dt=sep_dt, bidirectional=bidirectional,
+                                                          check_finite=check_finite)
         self.variant, self.sep_dt = variant, sep_dt
         self.length_dependent = variant == "softmax"
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite

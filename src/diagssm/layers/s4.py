@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagssm import hippo
-from diagssm.layers.base import (SSMLayer, as_complex, check_even_state, check_length, check_positive_ints,
-                                 check_rate, complex_parameter, log_uniform)
+from diagssm.layers.base import (SSMLayer, as_complex, check_bools, check_even_state, check_length,
+                                 check_positive_ints, check_rate,
+                                 complex_parameter, log_uniform)
 from diagssm.ops import fft_conv
 from diagssm.ops.cauchy import cauchy
 
@@ -259,7 +260,8 @@ class S4(SSMLayer):
         Lambda, P, B, _ = hippo.nplr_diagonal(measure, d_state, rank)  # (M,), (r, M), (M,)
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
         self.measure, self.rank, self.channels, self.n_ssm = measure, rank, channels, n_ssm
-        self.bidirectional, self.check_finite = bidirectional, check_finite
+        self.bidirectional, self.check_finite = check_bools("S4", bidirectional=bidirectional,
+                                                            check_finite=check_finite)
         H, M, S = d_model, self.n_modes, n_ssm
         self.log_dt = nn.Parameter(torch.log(log_uniform(H, dt_min, dt_max)).float())  # (H,)
         log_re = torch.log((-Lambda.real).clamp(min=MIN_NEG_REAL))  # (M,)
@@ -315,6 +317,7 @@ class S4(SSMLayer):
         check_length(L)
         self.check_input(u)
         Bsz, L_u, H = u.shape
+        check_bools(type(self).__name__, return_state=return_state)
         if state is not None or return_state:
             self.check_recurrent()
             state = self.default_state(Bsz) if state is None else state

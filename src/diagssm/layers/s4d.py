@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_even_state, check_positive_ints,
-                                 check_rate, complex_parameter, log_uniform)
+from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_bools, check_even_state,
+                                 check_positive_ints, check_rate,
+                                 complex_parameter, log_uniform)
 from diagssm.ops import discretize, s4d_kernel
 
 REAL_TRANSFORMS = ("exp", "relu", "none")
@@ -57,6 +58,8 @@ class S4D(DiagonalSSM):
         discretize(torch.tensor(-1.0), torch.tensor(0.1), discretization)  # validates the name
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
         self.init, self.discretization, self.real_transform = init, discretization, real_transform
+        bidirectional, check_finite, train_B = check_bools("S4D", bidirectional=bidirectional,
+                                                           check_finite=check_finite, train_B=train_B)
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite
         H, M = d_model, self.n_modes
         A = inits.diagonal_init(init, d_state).expand(H, M)  # (H, M)

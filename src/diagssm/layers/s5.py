@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import SSMLayer, as_complex, check_positive_ints, check_rate, complex_parameter, log_uniform
+from diagssm.layers.base import (SSMLayer, as_complex, check_bools, check_positive_ints, check_rate, complex_parameter,
+                                 log_uniform)
 from diagssm.ops import chunked_native, discretize, modal_conv, s5_native, scan
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ class S5(SSMLayer):
                  mode="auto", check_finite=True, init="hippo_n"):
         super().__init__()
         check_positive_ints("S5", d_model=d_model)
+        conj_sym, clip_eigs, bidirectional, check_finite = check_bools(
+            "S5", conj_sym=conj_sym, clip_eigs=clip_eigs, bidirectional=bidirectional, check_finite=check_finite)
         if C_init not in C_INITS:
             raise ValueError(f"C_init={C_init!r}; allowed: {C_INITS}")
         if mode not in MODES:
@@ -215,6 +218,7 @@ class S5(SSMLayer):
         """
         self.check_input(u)
         Bsz, L, _ = u.shape
+        check_bools(type(self).__name__, return_state=return_state)
         if state is not None or return_state:
             self.check_recurrent()
         if state is not None:

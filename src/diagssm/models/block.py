@@ -21,13 +21,14 @@ difference: the S5 code's plain "gelu" has no output linear; here every variant 
 Dropout draws one mask per sequence and channel, tied over L (`TiedDropout`).
 """
 import inspect
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from diagssm.layers import DSS, S4, S4D, S5
-from diagssm.layers.base import check_rate
+from diagssm.layers.base import check_bools, check_rate
 
 LAYER_NAMES = ("s4d", "dss", "s5", "s4")
 LAYER_CLASSES = {"s4d": S4D, "dss": DSS, "s5": S5, "s4": S4}
@@ -166,12 +167,15 @@ class ResidualBlock(nn.Module):
     def __init__(self, d_model, layer="s4d", layer_kwargs=None, norm="layer", prenorm=True,
                  activation="gelu", dropout=0.0):
         super().__init__()
+        if layer_kwargs is not None and not isinstance(layer_kwargs, Mapping):
+            raise ValueError(f"layer_kwargs={layer_kwargs!r} must be None or a dict of the layer's options")
         layer_kwargs = dict(layer_kwargs or {})
         if layer_kwargs.get("channels", 1) != 1:
             raise ValueError(f"layer_kwargs channels={layer_kwargs['channels']!r} is not allowed in a block; "
                              f"allowed: 1 (the block maps H -> H)")
         check_choice("activation", activation, ACTIVATIONS)
-        self.d_model, self.prenorm, self.activation = d_model, bool(prenorm), activation
+        (prenorm,) = check_bools("ResidualBlock", prenorm=prenorm)
+        self.d_model, self.prenorm, self.activation = d_model, prenorm, activation
         self.layer = make_layer(layer, d_model, **layer_kwargs)
         self.norm = make_norm(norm, d_model)
         self.out = nn.Linear(d_model, 2 * d_model if activation == "glu" else d_model)

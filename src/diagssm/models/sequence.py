@@ -13,7 +13,7 @@ S5 code (`models/block.py`); the retrieval head from the LRA benchmark (Tay et a
 import torch
 from torch import nn
 
-from diagssm.layers.base import check_positive_ints
+from diagssm.layers.base import check_bools, check_positive_ints
 from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_rate,
                                   make_norm, norm_sequence, norm_step, step_mask)
 from diagssm.models.heads import HEADS, POOLINGS, RetrievalHead, pool
@@ -70,7 +70,8 @@ class SequenceModel(nn.Module):
             raise ValueError(f"head='retrieval' needs a pooled encoding; got pooling='none'; "
                              f"allowed: {tuple(p for p in POOLINGS if p != 'none')}")
         self.d_input, self.d_output, self.d_model = d_input, d_output, d_model
-        self.encoder_name, self.pooling, self.head_name, self.prenorm = encoder, pooling, head, bool(prenorm)
+        (prenorm,) = check_bools("SequenceModel", prenorm=prenorm)
+        self.encoder_name, self.pooling, self.head_name, self.prenorm = encoder, pooling, head, prenorm
         self.encoder = nn.Embedding(d_input, d_model) if encoder == "embedding" else nn.Linear(d_input, d_model)
         self.blocks = nn.ModuleList([ResidualBlock(d_model, layer, layer_kwargs, norm, prenorm, activation, dropout)
                                      for _ in range(n_layers)])
