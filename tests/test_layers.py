@@ -244,7 +244,7 @@ FLAGS = {"S4D": ("bidirectional", "check_finite", "train_B"), "DSS": ("sep_dt", 
 @pytest.mark.parametrize("value", [2, 0, "no", None, 1.0])
 def test_flags_must_be_bools(who, name, value):
     """A flag that is not True or False is an error naming it: every layer had taken 'no' as true, and
-    S4D, DSS and S5 with bidirectional=2 had returned twice (S4D, DSS) the channels asked for."""
+    S4D and DSS with bidirectional=2 had returned twice the channels asked for."""
     with pytest.raises(ValueError, match=re.escape(f"{who}: {name}={value!r} must be True or False")):
         EVERY_LAYER[who](4, d_state=8, **{name: value})
 
