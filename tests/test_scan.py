@@ -1,5 +1,6 @@
 """ops.scan (chunked, custom backward) against ops.scan_ref (a loop over L), plus its contract."""
 import math
+import re
 
 import pytest
 import torch
@@ -159,3 +160,11 @@ def test_scan_errors(args, match):
     for fn in (scan, scan_ref):
         with pytest.raises(ValueError, match=match):
             fn(*args)
+
+
+@pytest.mark.parametrize("reverse", [1, "no", None])
+def test_scan_reverse_must_be_a_bool(reverse):
+    """reverse='no' had failed inside int() with a message that named nothing; 1 had passed as True."""
+    for fn in (scan, scan_ref):
+        with pytest.raises(ValueError, match=re.escape(f"scan: reverse must be True or False, got {reverse!r}")):
+            fn(torch.full((3,), 0.5), torch.ones(2, 5, 3), reverse=reverse)

@@ -64,8 +64,10 @@ def _broadcasts_to(shape, target):
         return False
 
 
-def _prepare(A_bar, Bu, h0):
+def _prepare(A_bar, Bu, h0, reverse):
     """Validate, promote to one dtype, and lift A_bar to rank 3 (broadcastable to (B, L, P))."""
+    if not isinstance(reverse, bool):
+        raise ValueError(f"scan: reverse must be True or False, got {reverse!r}")
     _check_float("Bu", Bu)
     _check_float("A_bar", A_bar)
     if Bu.dim() != 3:
@@ -114,7 +116,7 @@ def scan_ref(A_bar, Bu, h0=None, reverse=False):
         h0:    (B, P) or None (zeros)
         h:     (B, L, P), dtype promoted from A_bar, Bu (and h0)
     """
-    a, b, h0 = _prepare(A_bar, Bu, h0)  # (B', L', P'), (B, L, P), (B, P)
+    a, b, h0 = _prepare(A_bar, Bu, h0, reverse)  # (B', L', P'), (B, L, P), (B, P)
     h = torch.zeros_like(b[:, 0]) if h0 is None else h0.expand_as(b[:, 0])  # (B, P)
     return _loop(a, b, h, reverse)  # (B, L, P)
 
@@ -297,7 +299,7 @@ def scan(A_bar, Bu, h0=None, reverse=False):
         h0:    (B, P) or None (zeros)
         h:     (B, L, P), dtype promoted from A_bar, Bu (and h0)
     """
-    a, b, h0 = _prepare(A_bar, Bu, h0)  # (B', L', P'), (B, L, P), (B, P)
+    a, b, h0 = _prepare(A_bar, Bu, h0, reverse)  # (B', L', P'), (B, L, P), (B, P)
     why = _native_problem(a, b, h0)
     chunked_native.log_path(log, chunked_native.SCAN, "native kernel", "PyTorch loop", why)
     if not why:  # a constant A_bar in complex64 on the CPU: the native kernel
