@@ -97,7 +97,8 @@ def main(argv=None):
           f"in one process); {calls / args.n:.1f} target-pair attempts per image (acceptance {args.n / calls:.4f})")
     images = np.stack([e["image"] for e in exs]).astype(float)  # (n, H, W)
     print(f"  pixels: mean grey {images.mean():.1f}, share > 0 {(images > 0).mean():.3f}, share > 20% grey "
-          f"{(images > 51).mean():.3f}; marker centre grey min {min(e['image'][tuple(x)] for e in exs for x in e['ends'])}")
+          f"{(images > 51).mean():.3f}; marker centre grey min "
+          f"{min(e['image'][tuple(x)] for e in exs for x in e['ends'])}")
     print(f"  distractors drawn: mean {np.mean([len(e['snakes']) - 2 for e in exs]):.2f} of {s.n_distractors}")
     m = [measure(e, s) for e in exs]
     for label in (1, 0):

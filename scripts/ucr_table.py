@@ -23,7 +23,8 @@ def row(task, dataset):
     l_train, l_test = torch.cat([lengths(task.train), lengths(task.val)]), lengths(task.test)
     return (f"| {dataset} | {task.d_input} | {task.d_output} "
             f"| {len(train_y)} ({len(task.train)} + {len(task.val)}) "
-            f"| {len(task.test)} | {int(l_train.min())}..{int(l_train.max())} / {int(l_test.min())}..{int(l_test.max())} "
+            f"| {len(task.test)} | {int(l_train.min())}..{int(l_train.max())} "
+            f"/ {int(l_test.min())}..{int(l_test.max())} "
             f"| {torch.bincount(train_y, minlength=task.d_output).tolist()} "
             f"| {torch.bincount(task.test.y, minlength=task.d_output).tolist()} |")
 

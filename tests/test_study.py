@@ -90,7 +90,8 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
     capsys.readouterr()
     assert main(["study", "table", str(path), "--runs-dir", str(runs), "--per-seed"]) == 0
     per_seed = capsys.readouterr().out
-    assert f"| tiny | s4d-legs | 0 | {100 * legs['test']:.2f} | {100 * legs['val']:.2f} | {legs['best_step']} / 6 |" in per_seed
+    row = f"| tiny | s4d-legs | 0 | {100 * legs['test']:.2f} | {100 * legs['val']:.2f} | {legs['best_step']} / 6 |"
+    assert row in per_seed
     assert per_seed.count("| tiny | s4d-legs |") == 2 and per_seed.count("| tiny | s4d-lin |") == 1
 
     # a row stopped before its first checkpoint (config.yaml and a metrics row, no checkpoint) restarts

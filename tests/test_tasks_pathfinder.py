@@ -242,7 +242,8 @@ def test_second_build_reads_the_cache(monkeypatch):
 
 
 @pytest.mark.parametrize("params, name", [
-    (dict(resolution=48), "resolution"), (dict(resolution=True), "resolution"), (dict(contour_length=7), "contour_length"),
+    (dict(resolution=48), "resolution"), (dict(resolution=True), "resolution"),
+    (dict(contour_length=7), "contour_length"),
     (dict(n_train=0), "n_train"), (dict(n_val=2.5), "n_val"), (dict(seed=-1), "seed"), (dict(workers=0), "workers"),
     (dict(tokenize="yes"), "tokenize")])
 def test_bad_parameters_are_rejected_before_any_work(params, name, monkeypatch):
@@ -331,7 +332,8 @@ def test_reader_cache_is_reused(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage, named", [
     (lambda f: (f / "imgs/1/sample_2.png").unlink(), "imgs/1/sample_2.png: image listed in the metadata is missing"),
-    (lambda f: (f / "imgs/0/sample_3.png").write_bytes(b"\x89PNG\r\n\x1a\n trunc"), "imgs/0/sample_3.png: not a readable"),
+    (lambda f: (f / "imgs/0/sample_3.png").write_bytes(b"\x89PNG\r\n\x1a\n trunc"),
+     "imgs/0/sample_3.png: not a readable"),
     (lambda f: __import__("PIL.Image").Image.new("L", (16, 32)).save(f / "imgs/0/sample_1.png"),
      "imgs/0/sample_1.png: image is 16x32, expected 32x32"),
     (lambda f: (f / "metadata/0.npy").write_text("imgs/0 sample_0.png 0\n"), "metadata/0.npy: row 1"),

@@ -217,7 +217,8 @@ def test_generate_rejects_a_pooled_model(tmp_path, capsys):
                  "--run-dir", str(run)]) == 0
     capsys.readouterr()
     assert main(["generate", "--run-dir", str(run)]) == 2
-    assert "generate needs a per-step model (pooling 'none'); this run's model has pooling='last'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "generate needs a per-step model (pooling 'none'); this run's model has pooling='last'" in err
 
 
 def test_resume_reports_changed_settings_and_continues(tmp_path, capsys):

@@ -20,7 +20,8 @@ def test_registry():
 
 def test_recall_contents():
     task = build_task("recall", seq_len=40, n_symbols=10, n_noise=6, **SMALL)
-    assert (task.d_input, task.d_output, task.encoder, task.pooling, task.metric) == (16, 10, "embedding", "last", "accuracy")
+    got = (task.d_input, task.d_output, task.encoder, task.pooling, task.metric)
+    assert got == (16, 10, "embedding", "last", "accuracy")
     x, y = task.train.x, task.train.y  # (64, 40), (64,)
     assert x.shape == (64, 40) and torch.equal(x[:, 0], y)
     assert ((x[:, 1:] >= 10) & (x[:, 1:] < 16)).all()  # only noise after step 0: no symbol repeats

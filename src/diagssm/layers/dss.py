@@ -37,8 +37,9 @@ class DSS(DiagonalSSM):
     with w = dt Lambda. EXP: B_bar = (exp(w) - 1)/Lambda. SOFTMAX: the softmax normaliser
     sum_{j<L} exp(w j) depends on the length L, so B_bar does too, and `step(u_t, state, L=...)`
     must be told the maximum length L it serves; its outputs then equal the convolution's on
-    sequences of length L (`forward(u, L=...)` likewise fixes L when a sequence is split). A mode with Re(w) > 0 is rescaled by exp(-w (L-1)), which is exact but
-    would underflow in float32 for long L; when its growth exp(Re w (L-1)) passes exp(44)
+    sequences of length L (`forward(u, L=...)` likewise fixes L when a sequence is split). A mode
+    with Re(w) > 0 is rescaled by exp(-w (L-1)), which is exact but would underflow in float32 for
+    long L; when its growth exp(Re w (L-1)) passes exp(44)
     (float32; exp(354) in float64), "auto" uses the fft backend, and backend="chunked", `step`
     and states in or out are errors (`recurrent_problem`).
 

@@ -307,7 +307,8 @@ class Trainer:
             self.last_val = evaluate(self.eval_model, self.val_loader, self.task, self.world)
         m = self.last_val["metric"]
         self.log.log(self.step, epoch, "val", self.last_val["loss"], m, self.lr, self.elapsed_now())
-        better = self.best is None or (m > self.best["metric"] if self.task.higher_is_better else m < self.best["metric"])
+        best = None if self.best is None else self.best["metric"]
+        better = best is None or (m > best if self.task.higher_is_better else m < best)
         if better:
             self.best = {"metric": m, "step": self.step}
             rngs = self.world.gather_objects(rng_state())
@@ -363,7 +364,8 @@ class Trainer:
             from diagssm.train.curves import plot_curves
 
             plot_curves(self.run_dir, metric_name=self.task.metric)
-        best = f"; best val {self.task.metric} {self.best['metric']:.4f} at step {self.best['step']}" if self.best else ""
+        best = (f"; best val {self.task.metric} {self.best['metric']:.4f} at step {self.best['step']}"
+                if self.best else "")
         self.say(f"done: step {self.step}, val {self.task.metric} {self.last_val['metric']:.4f}{best}, "
                  f"{self.elapsed_now():.1f} s; run folder {self.run_dir}")
         return Outcome("completed", self.step, 0, self.last_checkpoint, self.last_val)

@@ -42,7 +42,8 @@ def cmd_plot(args):
         return cmd_plot_run(args.what, args.out)
     needs_runs = args.what in ("kernels", "step-sizes", "curves")
     if needs_runs != bool(args.runs):
-        raise ValueError(f"diagssm plot {args.what} takes {'one or more run folders' if needs_runs else 'no run folder'}")
+        takes = "one or more run folders" if needs_runs else "no run folder"
+        raise ValueError(f"diagssm plot {args.what} takes {takes}")
     out = args.out or DEFAULT_OUT[args.what]
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if args.what == "convergence":

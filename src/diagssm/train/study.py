@@ -254,8 +254,8 @@ def seed_table(studies, runs_dir):
             for r in rows:
                 scale = percent_scale(r["metric"])
                 val = "" if r["val"] is None else f"{r['val'] * scale:.2f}"
-                lines.append(f"| {study.name} | {model}{override_mark([r])} | {r['seed']} | {r['test'] * scale:.2f} | {val} | "
-                             f"{r['best_step']} / {r['steps']} |")
+                lines.append(f"| {study.name} | {model}{override_mark([r])} | {r['seed']} | {r['test'] * scale:.2f} "
+                             f"| {val} | {r['best_step']} / {r['steps']} |")
     return "\n".join(lines)
 
 
