@@ -260,6 +260,18 @@ def test_return_state_must_be_a_bool(who):
 
 
 @pytest.mark.parametrize("who", EVERY_LAYER)
+def test_default_state_batch_size(who):
+    """batch_size must be an int >= 0: -1 and 2.5 had failed inside torch.zeros with messages that named
+    no argument. numpy's ints are taken."""
+    layer = EVERY_LAYER[who](4, d_state=8)
+    for value in (-1, 2.5, True, None):
+        with pytest.raises(ValueError, match=re.escape(f"{who}: batch_size={value!r} must be an int >= 0")):
+            layer.default_state(value)
+    assert torch.equal(layer.default_state(np.int64(3)), layer.default_state(3))
+    assert layer.default_state(3).shape[0] == 3 and not layer.default_state(3).any()
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
 def test_flags_may_be_numpy_bools(who):
     """numpy's bools (from a config sweep, say) are taken as the Python bools they equal."""
     torch.manual_seed(0)

@@ -128,9 +128,12 @@ class SSMLayer(nn.Module):
     def param_dtype(self):
         return self.D.dtype
 
-    def zero_state(self, *shape):
-        """Zeros of the state's complex dtype (complex64 for float32 parameters, complex128 for float64)."""
-        return torch.zeros(*shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
+    def zero_state(self, batch_size, *shape):
+        """Zeros (batch_size, *shape) of the state's complex dtype (complex64 for float32 parameters,
+        complex128 for float64); batch_size an int >= 0 (numpy's too), else a ValueError."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+            raise ValueError(f"{type(self).__name__}: batch_size={batch_size!r} must be an int >= 0")
+        return torch.zeros(int(batch_size), *shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
 
     def extra_repr(self):
         keys = ("d_model", "d_state", "init", "measure", "rank", "variant", "discretization", "blocks", "channels",
