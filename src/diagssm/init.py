@@ -50,8 +50,7 @@ def hippo_n(N):
         Lambda: (N,) complex128
         V: (N, N) complex128, unitary
     """
-    if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-        raise ValueError(f"N={N!r} is not allowed; expected an integer >= 1")
+    hippo._check_int("N", N, 1)
     S = hippo.nplr("legs", N)[0]  # (N N)
     return hippo.normal_eig(S)
 
@@ -139,9 +138,8 @@ def hippo_n_blocks(P, blocks, conj_sym=True):
         V: (P, M) complex128, block diagonal with J blocks of (P/J, M/J)
         Vinv: (M, P) complex128 = V^H
     """
-    for arg, value in (("P", P), ("blocks", blocks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{arg}={value!r} is not allowed; expected an integer >= 1")
+    hippo._check_int("P", P, 1)
+    hippo._check_int("blocks", blocks, 1)
     if P % blocks != 0:
         raise ValueError(
             f"P={P} is not divisible by blocks={blocks}; allowed: P a multiple of blocks")
