@@ -1,4 +1,6 @@
 """ops.chunked: the chunked matrix-multiply evaluation of diagonal SSMs against the recurrence."""
+import re
+
 import pytest
 import torch
 
@@ -126,6 +128,9 @@ def test_chunk_size_and_errors():
     for name, bad in (("chunk", 0), ("chunk", -1), ("chunk", 2.5), ("block", 0), ("block", -2)):
         with pytest.raises(ValueError, match=rf"{name}={bad} must be None \(the default\) or an int >= 1"):
             diagonal_chunked(randn(2, 5, 3), w, B_bar, C, **{name: bad})
+    for bad in (0, 1, "no"):  # 0 had meant None (native where it runs), not False
+        with pytest.raises(ValueError, match=re.escape(f"native={bad!r} must be None (native where it runs), True or")):
+            diagonal_chunked(randn(2, 5, 3), w, B_bar, C, native=bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, C128])

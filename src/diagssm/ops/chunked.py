@@ -281,6 +281,8 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     for name, value in (("chunk", chunk), ("block", block)):  # 0 would silently mean the default
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name}={value!r} must be None (the default) or an int >= 1")
+    if native is not None and not isinstance(native, bool):  # 0 would have meant None, not False
+        raise ValueError(f"native={native!r} must be None (native where it runs), True or False")
     Bsz, L, H = u.shape
     Cp, M, T = C.shape[0], w.shape[1], chunk or chunk_size(L)
     nc, r = -(-L // T), L - (-(-L // T) - 1) * T  # chunks; real steps of the last one (1..T)
