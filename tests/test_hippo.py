@@ -130,6 +130,13 @@ def test_nplr_rank_padding_and_errors():
         hippo.nplr("fourier", 6)
 
 
+@pytest.mark.parametrize("conj", ["no", 0, None])
+def test_nplr_diagonal_conj_must_be_a_bool(conj):
+    """conj='no' had kept half the modes (taken as true), 0 and None all of them."""
+    with pytest.raises(ValueError, match=f"conj={conj!r} is not allowed; expected True or False"):
+        hippo.nplr_diagonal("legs", 8, conj=conj)
+
+
 # ---- diagonalised NPLR ----
 
 @pytest.mark.parametrize("measure", hippo.MEASURES)

@@ -262,6 +262,9 @@ def test_modal_conv_matches_scan_ref():
     Bu, h0 = randn(2, 50, 4, dtype=C128, seed=14), randn(2, 4, dtype=C128, seed=15)
     for reverse in (False, True):
         assert_close(modal_conv(A, Bu, h0, reverse), scan_ref(A, Bu, h0, reverse), scale=10)
+    for bad in ("no", 1, None):  # 'no' had run the reverse scan
+        with pytest.raises(ValueError, match=f"modal_conv: reverse must be True or False, got {bad!r}"):
+            modal_conv(A, Bu, h0, bad)
 
 
 def test_errors():

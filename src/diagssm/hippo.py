@@ -46,6 +46,12 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= {minimum}")
 
 
+def _check_bool(name, value):
+    """True or False only: 'no' or 2 would pass as true."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not allowed; expected True or False")
+
+
 def _R(N):
     """R_n = sqrt(2n + 1), the Legendre normalisation. Shapes: (N,)."""
     return torch.sqrt(2 * torch.arange(N, dtype=_F64) + 1)  # (N)
@@ -258,6 +264,7 @@ def nplr_diagonal(measure, N, rank=1, conj=True):
         B_tilde: (M,) complex128
         V: (N, M) complex128
     """
+    _check_bool("conj", conj)
     S, P, B = nplr(measure, N, rank)  # (N N), (rank N), (N)
     if conj and N % 2 == 1:
         raise ValueError(f"N={N} is odd; conj=True needs an even N (conjugate pairs)")

@@ -128,6 +128,8 @@ def modal_conv(A_bar, Bu, h0=None, reverse=False):
 
     Shapes: A_bar (P,) complex; Bu (B, L, P) complex; h0 (B, P) or None -> h (B, L, P)
     """
+    if not isinstance(reverse, bool):
+        raise ValueError(f"modal_conv: reverse must be True or False, got {reverse!r}")
     if reverse:
         return modal_conv(A_bar, Bu.flip(1), h0).flip(1)
     L = Bu.shape[1]
