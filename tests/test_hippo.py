@@ -1,6 +1,7 @@
 """HiPPO matrices (closed forms vs independent loops), NPLR form, and its diagonalisation."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, tol
@@ -133,8 +134,12 @@ def test_nplr_rank_padding_and_errors():
 @pytest.mark.parametrize("conj", ["no", 0, None])
 def test_nplr_diagonal_conj_must_be_a_bool(conj):
     """conj='no' had kept half the modes (taken as true), 0 and None all of them."""
-    with pytest.raises(ValueError, match=f"conj={conj!r} is not allowed; expected True or False"):
+    with pytest.raises(ValueError, match=f"conj={conj!r} must be True or False"):
         hippo.nplr_diagonal("legs", 8, conj=conj)
+
+
+def test_nplr_diagonal_takes_numpy_bools():
+    assert torch.equal(hippo.nplr_diagonal("legs", 8, conj=np.bool_(True))[0], hippo.nplr_diagonal("legs", 8)[0])
 
 
 # ---- diagonalised NPLR ----

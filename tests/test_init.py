@@ -198,8 +198,8 @@ def test_blocks_conj_sym(P, J):
 
 @pytest.mark.parametrize("P, J, conj_sym, match", [
     (10, 3, True, "P=10"), (12, 4, True, "P/blocks=3"), (0, 1, True, "P="), (8, 0, False, "blocks="),
-    (8, 2, "no", "conj_sym='no' is not allowed; expected True or False"),  # 'no' had kept half the modes
-    (8, 2, 0, "conj_sym=0 is not allowed; expected True or False")])
+    (8, 2, "no", "conj_sym='no' must be True or False"),  # 'no' had kept half the modes
+    (8, 2, 0, "conj_sym=0 must be True or False")])
 def test_blocks_errors(P, J, conj_sym, match):
     with pytest.raises(ValueError, match=match):
         init.hippo_n_blocks(P, J, conj_sym=conj_sym)

@@ -30,6 +30,7 @@ Conventions
 """
 import math
 
+import numpy as np
 import torch
 
 MEASURES = ("legs", "legt", "lagt", "fout")
@@ -46,10 +47,12 @@ def _check_int(name, value, minimum):
         raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= {minimum}")
 
 
-def _check_bool(name, value):
-    """True or False only: 'no' or 2 would pass as true."""
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} is not allowed; expected True or False")
+def _check_bool(name, value, who=""):
+    """value as a Python bool if it is True or False (Python's or numpy's), else a ValueError naming it
+    (after `who`, when given): 'no' or 2 would otherwise pass as true."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{who}{': ' if who else ''}{name}={value!r} must be True or False")
+    return bool(value)
 
 
 def _R(N):
@@ -264,7 +267,7 @@ def nplr_diagonal(measure, N, rank=1, conj=True):
         B_tilde: (M,) complex128
         V: (N, M) complex128
     """
-    _check_bool("conj", conj)
+    conj = _check_bool("conj", conj)
     S, P, B = nplr(measure, N, rank)  # (N N), (rank N), (N)
     if conj and N % 2 == 1:
         raise ValueError(f"N={N} is odd; conj=True needs an even N (conjugate pairs)")

@@ -140,7 +140,7 @@ def hippo_n_blocks(P, blocks, conj_sym=True):
     """
     hippo._check_int("P", P, 1)
     hippo._check_int("blocks", blocks, 1)
-    hippo._check_bool("conj_sym", conj_sym)
+    conj_sym = hippo._check_bool("conj_sym", conj_sym)
     if P % blocks != 0:
         raise ValueError(
             f"P={P} is not divisible by blocks={blocks}; allowed: P a multiple of blocks")

@@ -15,10 +15,10 @@ import logging
 import math
 import numbers
 
-import numpy as np
 import torch
 from torch import nn
 
+from diagssm import hippo
 from diagssm.ops import fft_conv
 from diagssm.ops.chunked import diagonal_chunked
 from diagssm.ops.kernels import vandermonde_contract, vandermonde_sum
@@ -59,12 +59,9 @@ def check_positive_ints(who, **values):
 
 def check_bools(who, **flags):
     """Each of `flags` (name=value) is True or False (Python's or numpy's bool), else a ValueError naming
-    it: 'no' or 2 would otherwise pass as true (bidirectional=2 doubled the output channels). Returns the
-    values as Python bools, in the order given."""
-    for name, value in flags.items():
-        if not isinstance(value, (bool, np.bool_)):
-            raise ValueError(f"{who}: {name}={value!r} must be True or False")
-    return tuple(bool(v) for v in flags.values())
+    it (`hippo._check_bool`): 'no' or 2 would otherwise pass as true (bidirectional=2 doubled the output
+    channels). Returns the values as Python bools, in the order given."""
+    return tuple(hippo._check_bool(name, value, who) for name, value in flags.items())
 
 
 def check_rate(rate, name="rate"):

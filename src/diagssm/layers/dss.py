@@ -14,8 +14,7 @@ from torch import nn
 
 from diagssm import init as inits
 from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_bools, check_even_state,
-                                 check_positive_ints, check_rate,
-                                 complex_parameter, log_uniform)
+                                 check_positive_ints, check_rate, complex_parameter, log_uniform)
 from diagssm.ops import dss_kernel
 from diagssm.ops.kernels import DSS_VARIANTS, EPS_RECIPROCAL, dss_exponent, reciprocal
 

@@ -34,8 +34,7 @@ from torch import nn
 
 from diagssm import hippo
 from diagssm.layers.base import (SSMLayer, as_complex, check_bools, check_even_state, check_length,
-                                 check_positive_ints, check_rate,
-                                 complex_parameter, log_uniform)
+                                 check_positive_ints, check_rate, complex_parameter, log_uniform)
 from diagssm.ops import fft_conv
 from diagssm.ops.cauchy import cauchy
 
