@@ -42,16 +42,31 @@ def _check_measure(measure):
         raise ValueError(f"measure={measure!r} is not supported; allowed: {', '.join(MEASURES)}")
 
 
-def _check_int(name, value, minimum):
+# The argument checks of the core, the layers and the tasks: each error names the argument (after
+# `who`, the class or function, when given).
+def _named(who, name, value):
+    return f"{who}{': ' if who else ''}{name}={value!r}"
+
+
+def _check_int(name, value, minimum, who=""):
+    """value if it is an int (not a bool) >= minimum, else a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed; expected an integer >= {minimum}")
+        raise ValueError(f"{_named(who, name, value)} must be an int >= {minimum}")
+    return value
+
+
+def _check_even(name, value, who=""):
+    """value if it is an even int >= 2 (N/2 conjugate pairs), else a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2 or value % 2:
+        raise ValueError(f"{_named(who, name, value)} must be an even int >= 2 (conjugate pairs: N/2 complex modes)")
+    return value
 
 
 def _check_bool(name, value, who=""):
-    """value as a Python bool if it is True or False (Python's or numpy's), else a ValueError naming it
-    (after `who`, when given): 'no' or 2 would otherwise pass as true."""
+    """value as a Python bool if it is True or False (Python's or numpy's), else a ValueError naming it:
+    'no' or 2 would otherwise pass as true."""
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{who}{': ' if who else ''}{name}={value!r} must be True or False")
+        raise ValueError(f"{_named(who, name, value)} must be True or False")
     return bool(value)
 
 

@@ -27,12 +27,6 @@ from diagssm import hippo
 NAMES = ("legs", "inv", "lin", "real", "rand")
 
 
-def _check_even_N(N):
-    if isinstance(N, bool) or not isinstance(N, int) or N < 2 or N % 2 == 1:
-        raise ValueError(
-            f"N={N!r} is not allowed; expected an even integer >= 2 (N//2 conjugate pairs)")
-
-
 def hippo_n(N):
     """HiPPO-N (S5): eigendecomposition of the normal part S of HiPPO-LegS.
 
@@ -101,7 +95,7 @@ def diagonal_init(name, N, generator=None):
     """
     if name not in NAMES:
         raise ValueError(f"name={name!r} is not supported; allowed: {', '.join(NAMES)}")
-    _check_even_N(N)
+    hippo._check_even("N", N)
     fn = {"legs": _legs, "inv": _inv, "lin": _lin, "real": _real, "rand": _rand}[name]
     return fn(N, generator)
 
@@ -116,7 +110,7 @@ def hippo_legs_B(N):
     Shapes:
         B: (N//2,) complex128
     """
-    _check_even_N(N)
+    hippo._check_even("N", N)
     _, V = hippo_n(N)  # (N N)
     B = hippo.transition("legs", N)[1].to(torch.complex128)  # (N)
     return V[:, N // 2:].conj().T @ B  # (N/2)

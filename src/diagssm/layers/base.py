@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,10 +52,10 @@ def check_backend(backend, who):
 
 
 def check_positive_ints(who, **values):
-    """Each of `values` (name=value) is an int >= 1 (bool is not), else a ValueError naming it."""
+    """Each of `values` (name=value) is an int >= 1 (bool is not), else a ValueError naming it
+    (`hippo._check_int`)."""
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{who}: {name}={value!r} must be an int >= 1")
+        hippo._check_int(name, value, 1, who)
 
 
 def check_bools(who, **flags):
@@ -80,8 +81,7 @@ def check_length(L):
 
 
 def check_even_state(d_state, who):
-    if not isinstance(d_state, int) or d_state < 2 or d_state % 2:
-        raise ValueError(f"{who}: d_state={d_state!r} must be an even int >= 2 (conjugate pairs: N/2 complex modes)")
+    hippo._check_even("d_state", d_state, who)
 
 
 class SSMLayer(nn.Module):
@@ -128,9 +128,9 @@ class SSMLayer(nn.Module):
     def zero_state(self, batch_size, *shape):
         """Zeros (batch_size, *shape) of the state's complex dtype (complex64 for float32 parameters,
         complex128 for float64); batch_size an int >= 0 (numpy's too), else a ValueError."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
-            raise ValueError(f"{type(self).__name__}: batch_size={batch_size!r} must be an int >= 0")
-        return torch.zeros(int(batch_size), *shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
+        batch_size = int(batch_size) if isinstance(batch_size, np.integer) else batch_size
+        hippo._check_int("batch_size", batch_size, 0, type(self).__name__)
+        return torch.zeros(batch_size, *shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
 
     def extra_repr(self):
         keys = ("d_model", "d_state", "init", "measure", "rank", "variant", "discretization", "blocks", "channels",

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diagssm.hippo import _check_int as check_int  # the core's integer check, for the tasks too
+
 ENCODERS = ("embedding", "linear")
 METRICS = ("accuracy", "mse")
 SPLITS = ("train", "val", "test")
@@ -138,12 +140,6 @@ class Source:
     def __post_init__(self):
         if self.kind not in SOURCE_KINDS:
             raise ValueError(f"Source kind={self.kind!r}; allowed: {', '.join(SOURCE_KINDS)}")
-
-
-def check_int(name, value, low):
-    """ValueError naming `name` unless `value` is an int (not a bool) >= low."""
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"{name}={value!r} must be an int >= {low}")
 
 
 def check_ints(**values):

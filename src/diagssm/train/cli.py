@@ -121,11 +121,11 @@ def add_bench(sub):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
     import torch
 
     from diagssm import __version__
 
+    parser = argparse.ArgumentParser(prog="diagssm", description="Diagonal state space models: tools.")
     parser.add_argument("--version", action="version", version=f"diagssm {__version__} (torch {torch.__version__})",
                         help="print diagssm's and torch's versions and exit")
     sub = parser.add_subparsers(dest="command", required=True)
