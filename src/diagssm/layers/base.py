@@ -22,6 +22,7 @@ from torch import nn
 from diagssm import hippo
 from diagssm.ops import fft_conv
 from diagssm.ops.chunked import diagonal_chunked
+from diagssm.ops.step import diagonal_step
 from diagssm.ops.kernels import vandermonde_contract, vandermonde_sum
 
 log = logging.getLogger("diagssm")
@@ -132,6 +133,18 @@ class SSMLayer(nn.Module):
         hippo._check_int("batch_size", batch_size, 0, type(self).__name__)
         return torch.zeros(batch_size, *shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
 
+    def inference_cached(self, key, build):
+        """`build()`, reused under no autograd (inference) until a parameter changes (tracked by
+        the parameters' identities and version counters, which in-place updates bump) or `key`
+        (the arguments build depends on) or dtype/device do: generation then does not rebuild the
+        step's system at every step. With autograd on, built afresh each call."""
+        if torch.is_grad_enabled():
+            return build()
+        key = (key, self.D.dtype, self.D.device, tuple((id(p), p._version) for p in self.parameters()))
+        if getattr(self, "_step_cache", (None,))[0] != key:
+            self._step_cache = (key, build())
+        return self._step_cache[1]
+
     def extra_repr(self):
         keys = ("d_model", "d_state", "init", "measure", "rank", "variant", "discretization", "blocks", "channels",
                 "bidirectional")
@@ -230,17 +243,11 @@ class DiagonalSSM(SSMLayer):
         return y, x
 
     def step_system(self, L, rate):
-        """(A_bar, B_bar, C) for `step`. Without autograd (inference) it is computed once and
-        reused until a parameter changes (tracked by the parameters' version counters) or
-        rate/L/dtype/device do, so generation does not rediscretise at every step."""
-        if torch.is_grad_enabled():
+        """(A_bar, B_bar, C) for `step`, contiguous (`inference_cached`)."""
+        def build():
             w, B_bar, C = self.system(L, rate)
-            return torch.exp(w), B_bar, C
-        key = (rate, L, self.D.dtype, self.D.device, tuple(p._version for p in self.parameters()))
-        if getattr(self, "_step_cache", (None,))[0] != key:
-            w, B_bar, C = self.system(L, rate)
-            self._step_cache = (key, (torch.exp(w), B_bar, C))
-        return self._step_cache[1]
+            return tuple(t.resolve_conj().contiguous() for t in (torch.exp(w), B_bar, C))
+        return self.inference_cached((rate, L), build)
 
     def system_length(self, L, L_u):
         check_length(L)
@@ -260,6 +267,5 @@ class DiagonalSSM(SSMLayer):
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
         A_bar, B_bar, C = self.step_system(L, rate)
-        x = A_bar * state + B_bar * u_t[..., None]  # (B, H, M)
-        y = self.factor * (C * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
+        y, x = diagonal_step(u_t, state, A_bar, B_bar, C, self.D, self.factor)  # (B, C', H), (B, H, M)
         return y.flatten(1), x

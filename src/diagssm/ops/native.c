@@ -638,3 +638,49 @@ void s5_bwd(float *gu, float *gWin, float *gWout, float *gD, float *ga, float *g
         }
     }
 }
+
+/* One step of the per-channel diagonal SSM (layers/base.py's SSMLayer.step; ops/step.py), complex64
+ * as (Re, Im) pairs. Per batch row b and channel h, with M modes and C' output channels:
+ *   xn[b][h][m] = A[h][m] x[b][h][m] + Bb[h][m] u[b][h]
+ *   y[b][c][h]  = factor sum_m Re(C[c][h][m] xn[b][h][m]) + D[c][h] u[b][h]
+ * In vectors of 4 complex numbers (8 floats), a x = Re(a) x + Im(a) (-Im x, Re x): the parts of a
+ * duplicated over each pair and x's pairs swapped by shuffles; Re(c x) sums c x with the signs
+ * (+, -). The (b, h) rows split over OpenMP threads when there are enough modes to pay for it. */
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef int i8 __attribute__((vector_size(32)));
+#define LD8(p) (*(const v8 *)(p))
+void diag_step(float *y, float *xn, const float *u, const float *x, const float *A, const float *Bb,
+               const float *C, const float *D, float factor, long Bn, long H, long M, long Cp) {
+    const i8 re = {0, 0, 2, 2, 4, 4, 6, 6}, im = {1, 1, 3, 3, 5, 5, 7, 7}, sw = {1, 0, 3, 2, 5, 4, 7, 6};
+    const v8 alt = {-1, 1, -1, 1, -1, 1, -1, 1}, conj = {1, -1, 1, -1, 1, -1, 1, -1};
+    long n = Bn * H, M4 = M / 4 * 4;
+#pragma omp parallel for schedule(static) if (n * M >= 16384)
+    for (long r = 0; r < n; r++) {
+        long b = r / H, h = r % H;
+        const float *xr = x + 2 * r * M, *a = A + 2 * h * M, *bh = Bb + 2 * h * M;
+        float *o = xn + 2 * r * M, ur = u[r];
+        for (long m = 0; m < M4; m += 4) {
+            v8 av = LD8(a + 2 * m), xv = LD8(xr + 2 * m);
+            *(v8 *)(o + 2 * m) = __builtin_shuffle(av, re) * xv + __builtin_shuffle(av, im) * alt *
+                                 __builtin_shuffle(xv, sw) + LD8(bh + 2 * m) * ur;
+        }
+        for (long m = M4; m < M; m++) {
+            float ar = a[2 * m], ai = a[2 * m + 1], pr = xr[2 * m], pi = xr[2 * m + 1];
+            o[2 * m] = ar * pr - ai * pi + bh[2 * m] * ur;
+            o[2 * m + 1] = ar * pi + ai * pr + bh[2 * m + 1] * ur;
+        }
+        for (long c = 0; c < Cp; c++) {
+            const float *ch = C + 2 * (c * H + h) * M;
+            v8 acc = {0};
+            for (long m = 0; m < M4; m += 4)
+                acc += LD8(ch + 2 * m) * LD8(o + 2 * m);
+            acc *= conj;
+            float s = 0;
+            for (long j = 0; j < 8; j++)
+                s += acc[j];
+            for (long m = M4; m < M; m++)
+                s += ch[2 * m] * o[2 * m] - ch[2 * m + 1] * o[2 * m + 1];
+            y[(b * Cp + c) * H + h] = factor * s + D[c * H + h] * ur;
+        }
+    }
+}

@@ -1,0 +1,140 @@
+"""ops.diagonal_step (one step of the per-channel diagonal SSM) on its native kernel against
+diagonal_step_ref, its reference twin, in float64; where the kernel cannot run, the twin itself;
+and the layers' steps (S4D, DSS), which run on it in float32 inference."""
+import pytest
+import torch
+
+from diagssm.layers import DSS, S4D
+from diagssm.ops import chunked_native, diagonal_step, diagonal_step_ref
+from diagssm.ops import step as step_mod
+from helpers import assert_close, randn
+
+C64, C128 = torch.complex64, torch.complex128
+needs_native = pytest.mark.skipif(not chunked_native.available(),
+                                  reason=f"native kernels unavailable: {chunked_native.why_unavailable()}")
+
+
+def problem(Bsz, H, M, Cp, seed=0):
+    """float64/complex128 (u_t, state, A_bar, B_bar, C, D), none of them zero; |A_bar| < 1."""
+    g = torch.Generator().manual_seed(seed)
+    A_bar = torch.polar(0.5 + 0.49 * torch.rand(H, M, generator=g, dtype=torch.float64),
+                        torch.randn(H, M, generator=g, dtype=torch.float64))
+    return (randn(Bsz, H, seed=seed + 1), randn(Bsz, H, M, dtype=C128, seed=seed + 2), A_bar,
+            randn(H, M, dtype=C128, seed=seed + 3), randn(Cp, H, M, dtype=C128, seed=seed + 4),
+            randn(Cp, H, seed=seed + 5))
+
+
+def single(ts):
+    return tuple(t.to(C64 if t.is_complex() else torch.float32) for t in ts)
+
+
+def no_reference(*args):
+    raise AssertionError("diagonal_step ran its reference twin, not the native kernel")
+
+
+@needs_native
+@pytest.mark.parametrize("factor", [1, 2])
+@pytest.mark.parametrize("Bsz,H,M,Cp", [(1, 3, 1, 1), (2, 5, 7, 2), (3, 16, 32, 1), (16, 64, 32, 3), (4, 9, 13, 1)])
+def test_matches_the_reference(Bsz, H, M, Cp, factor, monkeypatch):
+    """Tails of M not a multiple of 4 (1, 7, 13), C' = 1-3 output channels, and a problem large enough
+    for the kernel's threads (16 x 64 x 32 modes)."""
+    ts = problem(Bsz, H, M, Cp, seed=M)
+    monkeypatch.setattr(step_mod, "diagonal_step_ref", no_reference)
+    with torch.no_grad():
+        y, x = diagonal_step(*single(ts), factor)
+    monkeypatch.undo()
+    want_y, want_x = diagonal_step_ref(*ts, factor)
+    assert y.shape == (Bsz, Cp, H) and x.shape == (Bsz, H, M)
+    assert y.dtype == torch.float32 and x.dtype == C64
+    assert_close(x, want_x)
+    assert_close(y, want_y, scale=10)  # sums over M modes
+
+
+@needs_native
+def test_strided_and_conjugate_views(monkeypatch):
+    """Inputs that are transposed views or carry the conjugate bit are read as their values."""
+    u, h, A, Bb, C, D = single(problem(3, 8, 6, 2, seed=7))
+    u_t, A_t = u.t().contiguous().t(), A.t().contiguous().t()  # same values, column-major
+    A_conj = A.conj().resolve_conj().conj()  # the conjugate bit set, same values
+    monkeypatch.setattr(step_mod, "diagonal_step_ref", no_reference)
+    with torch.no_grad():
+        got = [diagonal_step(u_t, h, A_t, Bb, C, D, 2), diagonal_step(u, h, A_conj, Bb, C.conj().conj(), D, 2)]
+    monkeypatch.undo()
+    want = diagonal_step_ref(u, h, A, Bb, C, D, 2)
+    assert A_conj.is_conj() and not u_t.is_contiguous()
+    for y, x in got:
+        assert_close(x, want[1])
+        assert_close(y, want[0])
+
+
+@pytest.mark.parametrize("case", ["requires grad", "float64"])
+def test_the_reference_where_the_kernel_cannot_run(case):
+    """With a tensor that requires grad (autograd on) the step is differentiable: the twin runs, and
+    its gradients are the float64 twin's; float64 runs the twin."""
+    ts = problem(2, 4, 5, 1, seed=3)
+    ts = ts if case == "float64" else single(ts)
+    leaves = [t.clone().requires_grad_() for t in ts] if case == "requires grad" else list(ts)
+    y, x = diagonal_step(*leaves, 2)
+    assert step_mod.unsupported(*leaves) != ""
+    want_y, want_x = diagonal_step_ref(*problem(2, 4, 5, 1, seed=3), 2)
+    assert_close(y, want_y, scale=10)
+    assert_close(x, want_x)
+    if case == "requires grad":
+        w = randn(*y.shape, seed=9).float()
+        got = torch.autograd.grad((y * w).sum() + x.abs().sum(), leaves)
+        ref_leaves = [t.clone().requires_grad_() for t in problem(2, 4, 5, 1, seed=3)]
+        ry, rx = diagonal_step_ref(*ref_leaves, 2)
+        want = torch.autograd.grad((ry * w.double()).sum() + rx.abs().sum(), ref_leaves)
+        for g, r in zip(got, want):
+            assert_close(g, r, scale=10)
+
+
+def test_why_the_kernel_cannot_run():
+    ts = single(problem(2, 4, 5, 1))
+    assert "CPU" in step_mod.unsupported(*ts[:1], ts[1].to("meta"), *ts[2:])
+    assert "complex64" in step_mod.unsupported(*problem(2, 4, 5, 1))
+    with torch.enable_grad():
+        assert "autograd" in step_mod.unsupported(ts[0].requires_grad_(), *ts[1:])
+    with torch.no_grad():
+        assert step_mod.unsupported(*ts) in ("", chunked_native.why_unavailable())
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_shape_mismatch_is_an_error(which):
+    ts = list(single(problem(2, 4, 5, 2)))
+    ts[which] = ts[which][..., :-1] if ts[which].dim() > 1 else ts[which][None]
+    with pytest.raises(ValueError, match="diagonal_step: "):
+        diagonal_step(*ts, 2)
+
+
+def test_non_tensor_is_an_error():
+    ts = list(single(problem(2, 4, 5, 1)))
+    ts[3] = ts[3].tolist()
+    with pytest.raises(TypeError, match="must be tensors"):
+        diagonal_step(*ts, 2)
+
+
+@needs_native
+@pytest.mark.parametrize("make", [lambda: S4D(32, d_state=16, channels=2), lambda: DSS(32, d_state=16)])
+def test_layer_steps_run_on_the_kernel(make, monkeypatch):
+    """A float32 layer's steps under no_grad run on the kernel and follow its float64 twin's steps
+    over 20 steps from a random state."""
+    torch.manual_seed(0)
+    layer = make()
+    ref = type(layer)(32, d_state=16, channels=layer.channels).double()
+    ref.load_state_dict(layer.state_dict())
+    u = randn(3, 20, 32, seed=4)
+    h = randn(3, 32, layer.n_modes, dtype=C128, seed=5)
+    h32, ys, want = h.to(C64), [], []
+    monkeypatch.setattr(step_mod, "diagonal_step_ref", no_reference)
+    with torch.no_grad():
+        for k in range(u.shape[1]):
+            y, h32 = layer.step(u[:, k].float(), h32)
+            ys.append(y)
+    monkeypatch.undo()
+    with torch.no_grad():
+        for k in range(u.shape[1]):
+            y, h = ref.step(u[:, k], h)
+            want.append(y)
+    assert_close(h32, h, scale=10)
+    assert_close(torch.stack(ys), torch.stack(want), scale=10)
