@@ -330,14 +330,21 @@ def test_rate_may_be_a_numpy_number(who):
     assert not torch.allclose(layer(u, rate=2.0), layer(u))
 
 
-def test_step_system_cache_follows_parameter_updates():
-    """Inference reuses the discretised system; an optimiser step (in-place update) refreshes it."""
-    layer = make("s4d-legs")
+@pytest.mark.parametrize("who", ["S4D", "S5", "S4"])
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+def test_step_system_cache_follows_parameter_updates(who, change):
+    """Inference reuses the discretised system; an optimiser step (in-place update) or a parameter
+    replaced by a new one refreshes it."""
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](4, 8).double()
     u_t, h = randn(2, 4, seed=13), random_state(layer, 2)
     with torch.no_grad():
         y1, _ = layer.step(u_t, h)
         assert torch.equal(layer.step(u_t, h)[0], y1)  # cached
-        layer.log_dt += 0.5  # in place, as an optimiser does
+        if change == "in place":
+            layer.log_dt += 0.5  # as an optimiser does
+        else:
+            layer.log_dt = torch.nn.Parameter(layer.log_dt + 0.5)
         y2, _ = layer.step(u_t, h)
     with torch.enable_grad():
         y_ref, _ = layer.step(u_t, h)  # computed afresh

@@ -357,12 +357,24 @@ class S4(SSMLayer):
         self.check_recurrent()
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
-        Lambda, P, dt = self.Lambda(), self.low_rank(), self.dt(rate)[:, None]  # (H, M), (r, H, M), (H, 1)
-        rhs = state + dt / 2 * apply_A(Lambda, P, state) + dt * as_complex(self.B) * u_t[..., None]  # (B, H, M)
-        d = 1 / (1 - dt / 2 * Lambda)  # (H, M)
-        G = torch.einsum("shm,hm,thm->hst", P.conj(), d, P).real  # (H, r, r)
-        lhs = torch.eye(self.rank, dtype=G.dtype, device=G.device) + dt[..., None] * G  # (H, r, r)
-        q = small_solve(lhs, 2 * torch.einsum("shm,hm,bhm->bhs", P.conj(), d, rhs).real[..., None])[..., 0]  # (B, H, r)
-        x = d * (rhs - dt / 2 * torch.einsum("bhr,rhm->bhm", q.to(rhs.dtype), P))  # (B, H, M)
-        y = 2 * (as_complex(self.C) * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
+        E, Pc2, Ph, dB, d, Pd2, inv, dPh, C = self.step_system(rate)
+        q0 = torch.einsum("shm,bhm->bhs", Pc2, state).real  # (B, H, r): 2 Re(P^H x)
+        rhs = E * state - torch.einsum("bhs,shm->bhm", q0.to(state.dtype), Ph) + dB * u_t[..., None]  # (B, H, M)
+        q = torch.einsum("hst,bht->bhs", inv, torch.einsum("shm,bhm->bhs", Pd2, rhs).real)  # (B, H, r)
+        x = d * rhs - torch.einsum("bhs,shm->bhm", q.to(rhs.dtype), dPh)  # (B, H, M)
+        y = 2 * (C * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
         return y.flatten(1), x
+
+    def step_system(self, rate):
+        """What `step` reuses (`inference_cached`), per channel: E = 1 + dt/2 Lambda, 2 conj(P),
+        dt/2 P, dt B, d = 1/(1 - dt/2 Lambda), 2 conj(P) d, the inverse of I + dt Re(P^H d P)
+        (r x r), d dt/2 P and C. Shapes (H, M), (r, H, M), (H, r, r), C (C', H, M)."""
+        def build():
+            Lambda, P, dt = self.Lambda(), self.low_rank(), self.dt(rate)[:, None]  # (H, M), (r, H, M), (H, 1)
+            d = 1 / (1 - dt / 2 * Lambda)  # (H, M)
+            G = torch.einsum("shm,hm,thm->hst", P.conj(), d, P).real  # (H, r, r)
+            eye = torch.eye(self.rank, dtype=G.dtype, device=G.device)
+            inv = small_solve(eye + dt[..., None] * G, eye.expand_as(G))  # (H, r, r)
+            return (1 + dt / 2 * Lambda, 2 * P.conj(), dt / 2 * P, dt * as_complex(self.B), d, 2 * P.conj() * d,
+                    inv, d * dt / 2 * P, as_complex(self.C))
+        return self.inference_cached(rate, build)

@@ -288,7 +288,16 @@ class S5(SSMLayer):
         self.check_recurrent()
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
-        A_bar, B_scale = self.discrete(rate)  # (M,)
-        h = A_bar * state + B_scale * mix_in(u_t, as_complex(self.B))  # (B, M)
-        y = self.factor * mix_out(h, as_complex(self.C)[0]) + self.D * u_t  # (B, H)
+        A_bar, W_in, W_out = self.step_system(rate)  # (M,), (H, 2M), (H, 2M)
+        h = A_bar * state + torch.view_as_complex((u_t @ W_in).unflatten(-1, (-1, 2)))  # (B, M)
+        y = torch.addmm(self.D * u_t, torch.view_as_real(h).flatten(-2), W_out.T)  # (B, H)
         return y, h
+
+    def step_system(self, rate):
+        """(Lambda_bar, W_in, W_out) for `step`: B_bar u = u W_in and factor Re(C_tilde h) = [Re h, Im h]
+        W_out^T as real matrices (`in_weight`, `out_weight`), reused in inference (`inference_cached`)."""
+        def build():
+            A_bar, B_scale = self.discrete(rate)  # (M,)
+            W_in = in_weight(B_scale[:, None] * as_complex(self.B))  # (H, 2M)
+            return A_bar, W_in, out_weight(self.factor * as_complex(self.C)[0])
+        return self.inference_cached(rate, build)
