@@ -305,7 +305,8 @@ def test_other_vector_widths_pass_the_native_tests(march, tmp_path):
     probe = "from diagssm.ops import chunked_native as c; print(c.available() and c.vector_floats())"
     built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert built.stdout.strip() == str(floats), built.stderr[-3000:]
-    files = ["tests/test_chunked_native.py", "tests/test_s5_native.py", "tests/test_scan_native.py"]
+    files = ["tests/test_chunked_native.py", "tests/test_s5_native.py", "tests/test_scan_native.py",
+             "tests/test_step_native.py"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k",
                            "not vector_width"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]
