@@ -62,7 +62,7 @@ import time
 
 import torch
 
-from diagssm.cpu import cpu_fields, cpu_flags
+from diagssm.cpu import cpu_fields, cpu_flags, kept_freed_memory
 from diagssm.layers import DSS, S4, S4D, S5
 from diagssm.ops import chunked_native
 from diagssm.ops.chunked import chunk_size
@@ -206,7 +206,7 @@ def setup_process(threads):
     """Threads, flush-to-zero of denormals; returns what took effect (recorded with each case)."""
     torch.set_num_threads(threads)
     return dict(threads=torch.get_num_threads(), flush_denormal=torch.set_flush_denormal(True),
-                thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""), allocator=allocator())
+                thp=os.environ.get("THP_MEM_ALLOC_ENABLE", ""), allocator=allocator(), top_pad=kept_freed_memory())
 
 
 def case_env():
@@ -225,8 +225,11 @@ def process_settings(results, inline=False):
     thp = bool(done) and all(r.get("thp") == "1" for r in done)
     allocators = sorted({r.get("allocator", "") for r in done})
     alloc = "; ".join(a or "the C library's malloc" for a in allocators) or "the C library's malloc"
+    pads = sorted({r.get("top_pad", 0) for r in done})
+    pad = "; ".join(f"{p >> 20} MB" if p else "not set" for p in pads) or "not set"
     return (f"torch.set_flush_denormal(True): {'set' if fz else 'NOT in effect'}; THP_MEM_ALLOC_ENABLE=1: "
-            f"{'set' if thp else 'NOT in effect' + (' (--inline)' if inline else '')}. Allocator: {alloc}.")
+            f"{'set' if thp else 'NOT in effect' + (' (--inline)' if inline else '')}. Allocator: {alloc}. "
+            f"Malloc top pad (diagssm.cpu.keep_freed_memory): {pad}.")
 
 
 def allocator():
