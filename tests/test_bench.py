@@ -205,6 +205,16 @@ def test_the_header_names_the_allocator(monkeypatch):
         args, [dict(row, allocator=bench.allocator())])
 
 
+def test_the_header_says_whether_freed_memory_was_kept():
+    """Runs saved before keep_freed_memory existed have no top_pad: it was not set."""
+    args = argparse.Namespace(device="cpu", inline=False, repeats=1, threads=1)
+    row = dict(layer="s5", impl="scan", L=64, flush_denormal=True, thp="1", allocator="")
+    said = "Malloc top pad (diagssm.cpu.keep_freed_memory): "
+    assert said + "not set." in bench.header(args, [row])
+    assert said + "64 MB." in bench.header(args, [dict(row, top_pad=64 << 20)])
+    assert said + "not set; 64 MB." in bench.header(args, [dict(row, top_pad=0), dict(row, top_pad=64 << 20)])
+
+
 def benchmark_script(name):
     """benchmarks/NAME.py loaded as a module (the folder is not a package)."""
     import importlib.util
@@ -247,6 +257,16 @@ def test_bench_s5_times_each_piece(capsys):
     fused = {"fused"} if chunked_native.available() else set()
     assert set(ms) == {"mix_in", "mix_out", "scan", "skip", "loss", "sum"} | fused
     assert all(float(v) > 0 for v in ms.values())
+
+
+def test_bench_step_times_each_piece(capsys):
+    script = benchmark_script("bench_step")
+    assert script.main(["--layers", "s4d", "s5", "--calls", "2", "--repeats", "1", "--threads", "1"]) == 0
+    rows = dict(re.findall(r"^\| (.+) \| ([0-9.]+) \| [0-9.]+ \|$", capsys.readouterr().out, re.M))
+    want = [f"{name}: {what}" for name in ("s4d", "s5") for what in ("layer.step", "block.step", "model.step (4 blocks)")]
+    assert sorted(rows) == sorted(want + ["ops.diagonal_step (B 16, H 128, 32 modes)",
+                                          "ops.diagonal_step_ref (B 16, H 128, 32 modes)"])
+    assert all(float(v) > 0 for v in rows.values())
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
