@@ -122,3 +122,95 @@ def test_the_layer_logs_why_it_composes_pytorch_ops(monkeypatch, caplog):
         y = layer(randn(2, 20, 32, dtype=F32, seed=5))
     assert "S5 scan: PyTorch ops (bidirectional)" in caplog.text
     assert type(y.grad_fn).__name__ != "S5FusedBackward"
+
+
+# ---------------------------------------------------------------- s5_step: one recurrent step
+def step_problem(Bsz, H, P, seed=0):
+    """float64/complex128 (u_t, state, a, W_in, W_out, D), none of them zero, |a| < 1."""
+    u, W_in, a, W_out, D, h0 = problem(Bsz, 1, H, P, with_h0=True, seed=seed)
+    return u[:, 0], h0, a, W_in, W_out, D
+
+
+def no_reference(*args):
+    raise AssertionError("s5_step ran its reference twin, not the native kernel")
+
+
+@needs_native
+@pytest.mark.parametrize("Bsz,H,P", [(1, 3, 1), (2, 5, 3), (3, 16, 32), (16, 128, 32), (4, 24, 7)])
+def test_step_matches_the_reference(Bsz, H, P, monkeypatch):
+    """2P not a multiple of 8 (P = 1, 3, 7), and a problem large enough for the kernel's threads."""
+    ts = step_problem(Bsz, H, P, seed=P)
+    monkeypatch.setattr(s5_native, "s5_step_ref", no_reference)
+    with torch.no_grad():
+        y, h = s5_native.s5_step(*(lower(t) for t in ts))
+    monkeypatch.undo()
+    want_y, want_h = s5_native.s5_step_ref(*ts)
+    assert y.shape == (Bsz, H) and h.shape == (Bsz, P) and y.dtype == F32 and h.dtype == C64
+    assert_close(h, want_h, scale=10)  # sums over H channels
+    assert_close(y, want_y, scale=10)  # and over 2P coordinates
+
+
+@needs_native
+def test_step_reads_strided_and_conjugate_views(monkeypatch):
+    u, h, a, W_in, W_out, D = (lower(t) for t in step_problem(3, 8, 4, seed=7))
+    views = (u.t().contiguous().t(), h, a.conj().resolve_conj().conj(), W_in.t().contiguous().t(), W_out, D)
+    assert not views[0].is_contiguous() and views[2].is_conj() and not views[3].is_contiguous()
+    monkeypatch.setattr(s5_native, "s5_step_ref", no_reference)
+    with torch.no_grad():
+        y, x = s5_native.s5_step(*views)
+    monkeypatch.undo()
+    want_y, want_x = s5_native.s5_step_ref(u, h, a, W_in, W_out, D)
+    assert_close(x, want_x)
+    assert_close(y, want_y)
+
+
+@pytest.mark.parametrize("case", ["requires grad", "float64"])
+def test_step_reference_where_the_kernel_cannot_run(case):
+    """With autograd the twin runs and its gradients are the float64 twin's; float64 runs the twin."""
+    ts = step_problem(2, 6, 3, seed=3)
+    low = ts if case == "float64" else tuple(lower(t) for t in ts)
+    leaves = [t.clone().requires_grad_() for t in low]
+    y, h = s5_native.s5_step(*leaves)
+    assert s5_native.step_unsupported(*leaves) != ""
+    ref = [t.clone().requires_grad_() for t in ts]
+    want_y, want_h = s5_native.s5_step_ref(*ref)
+    assert_close(y, want_y, scale=10)
+    assert_close(h, want_h, scale=10)
+    w = randn(*y.shape, seed=9)
+    got = torch.autograd.grad((y * w.to(y.dtype)).sum() + h.abs().sum(), leaves)
+    want = torch.autograd.grad((want_y * w).sum() + want_h.abs().sum(), ref)
+    for g, r in zip(got, want):
+        assert_close(g, r, scale=10)
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_step_shape_mismatch_is_an_error(which):
+    ts = [lower(t) for t in step_problem(2, 4, 3)]
+    ts[which] = ts[which][..., :-1] if ts[which].dim() > 1 else ts[which][:-1]
+    with pytest.raises(ValueError, match="s5_step: "):
+        s5_native.s5_step(*ts)
+
+
+@needs_native
+def test_layer_steps_run_on_the_step_kernel(monkeypatch):
+    """A float32 S5 layer's steps under no_grad run on the kernel and follow its float64 twin's
+    steps over 20 steps from a random state."""
+    torch.manual_seed(0)
+    layer = S5(16, 8)
+    ref = S5(16, 8).double()
+    ref.load_state_dict(layer.state_dict())
+    u = randn(3, 20, 16, seed=4)
+    h = randn(3, layer.n_modes, dtype=C128, seed=5)
+    h32, ys, want = h.to(C64), [], []
+    monkeypatch.setattr(s5_native, "s5_step_ref", no_reference)
+    with torch.no_grad():
+        for k in range(u.shape[1]):
+            y, h32 = layer.step(u[:, k].float(), h32)
+            ys.append(y)
+    monkeypatch.undo()
+    with torch.no_grad():
+        for k in range(u.shape[1]):
+            y, h = ref.step(u[:, k], h)
+            want.append(y)
+    assert_close(h32, h, scale=10)
+    assert_close(torch.stack(ys), torch.stack(want), scale=10)

@@ -684,3 +684,44 @@ void diag_step(float *y, float *xn, const float *u, const float *x, const float 
         }
     }
 }
+
+/* One step of the S5 layer (layers/s5.py's S5.step; ops/s5_native.py's s5_step), per batch row b,
+ * with P complex modes as (Re, Im) pairs (P2 = 2P floats) and H channels:
+ *   hn[b] = a h[b] + u[b] Win          (Win (H, P2): B_bar u as one real matrix)
+ *   y[b]  = Wout hn[b] + D u[b]        (Wout (H, P2): factor Re(C h) as one real matrix)
+ * The input projection adds the rows of Win; each output is a dot product of P2 floats, kept in a
+ * vector of 8 partial sums. Batch rows split over OpenMP threads when there are enough of them. */
+void s5_step(float *y, float *hn, const float *u, const float *h, const float *a, const float *Win,
+             const float *Wout, const float *D, long Bn, long H, long P) {
+    long P2 = 2 * P, P8 = P2 / 8 * 8;
+#pragma omp parallel for schedule(static) if (Bn * H * P >= 65536)
+    for (long b = 0; b < Bn; b++) {
+        float *o = hn + b * P2;
+        const float *hb = h + b * P2, *ub = u + b * H;
+        for (long p = 0; p < P2; p++)
+            o[p] = 0;
+        for (long k = 0; k < H; k++) {
+            const float *w = Win + k * P2;
+            float uk = ub[k];
+            for (long p = 0; p < P2; p++)
+                o[p] += uk * w[p];
+        }
+        for (long m = 0; m < P; m++) {
+            float ar = a[2 * m], ai = a[2 * m + 1], pr = hb[2 * m], pi = hb[2 * m + 1];
+            o[2 * m] += ar * pr - ai * pi;
+            o[2 * m + 1] += ar * pi + ai * pr;
+        }
+        for (long k = 0; k < H; k++) {
+            const float *w = Wout + k * P2;
+            v8 acc = {0};
+            for (long p = 0; p < P8; p += 8)
+                acc += LD8(w + p) * LD8(o + p);
+            float s = 0;
+            for (long j = 0; j < 8; j++)
+                s += acc[j];
+            for (long p = P8; p < P2; p++)
+                s += w[p] * o[p];
+            y[b * H + k] = s + D[k] * ub[k];
+        }
+    }
+}

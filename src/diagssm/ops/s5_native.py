@@ -14,11 +14,20 @@ The GEMMs are native too (a register tile of 4 rows x 64 columns with AVX-512, 4
 A's entries broadcast; weights of 32 KB stay in L1). Float32 on the CPU, H and P2 multiples of 16,
 the native library built: `unsupported` says which condition fails, and `layers.S5` then composes
 the PyTorch ops as before.
+
+`s5_step` is S5's recurrent step (`S5.step`) in one native call (`s5_step` in native.c: the input
+projection, the complex multiply-add and the output projection per batch row), for float32
+inference on the CPU; `s5_step_ref` is its twin as PyTorch ops, which runs otherwise.
 """
+import logging
+
 import torch
 
 from . import chunked_native
 from .scan import _ptr, scan_ref
+
+log = logging.getLogger(__name__)
+S5_STEP = "S5 step"  # the name under which `chunked_native.log_path` logs the step's path
 
 LANES = chunked_native.LANES
 # time steps per block: u, x and y of one block are 64 + 32 + 64 KB at H = 128, P2 = 64, in L2.
@@ -104,3 +113,56 @@ def s5_fused_ref(u, W_in, a, W_out, D, h0=None):
     x = scan_ref(a, Bu, h0)  # (B, L, P)
     y = torch.view_as_real(x).flatten(-2) @ W_out.T + D * u  # (B, L, H)
     return y, x[:, -1]
+
+
+def step_unsupported(u_t, state, a, W_in, W_out, D):
+    """Why `s5_step` cannot run these tensors on the native kernel ('' when it can)."""
+    ts = (u_t, state, a, W_in, W_out, D)
+    if not all(t.is_cpu for t in ts):
+        return "CPU tensors only"
+    reals, complexes = (u_t, W_in, W_out, D), (state, a)
+    if any(t.dtype != torch.float32 for t in reals) or any(t.dtype != torch.complex64 for t in complexes):
+        return f"float32 input with complex64 states only (got {u_t.dtype}, {state.dtype})"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return "autograd: a tensor requires grad"
+    return "" if chunked_native.available() else chunked_native.why_unavailable()
+
+
+def _check_step(u_t, state, a, W_in, W_out, D):
+    ts = (u_t, state, a, W_in, W_out, D)
+    if not all(torch.is_tensor(t) for t in ts):
+        raise TypeError("s5_step: u_t, state, a, W_in, W_out and D must be tensors")
+    if u_t.dim() != 2 or a.dim() != 1:
+        raise ValueError(f"s5_step: u_t must be (B, H) and a (P,); got {tuple(u_t.shape)}, {tuple(a.shape)}")
+    (Bsz, H), P = u_t.shape, a.shape[0]
+    if tuple(t.shape for t in ts) != ((Bsz, H), (Bsz, P), (P,), (H, 2 * P), (H, 2 * P), (H,)):
+        got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(("u_t", "state", "a", "W_in", "W_out", "D"), ts))
+        raise ValueError(f"s5_step: expected u_t (B, H), state (B, P), a (P,), W_in and W_out (H, 2P), D (H,); "
+                         f"got {got}")
+
+
+def s5_step(u_t, state, a, W_in, W_out, D):
+    """One step of S5: h = a state + u_t W_in (as P complex modes), y_t = [Re h, Im h] W_out^T + D u_t,
+    as one native call (float32 inference on the CPU: `step_unsupported`), else `s5_step_ref`.
+    W_in and W_out are `layers.s5`'s `in_weight(B_bar)` and `out_weight(factor C)`.
+
+    Shapes: u_t (B, H) real; state (B, P) complex; a (P,) complex; W_in, W_out (H, 2P) real; D (H,)
+    -> y_t (B, H), h (B, P)
+    """
+    _check_step(u_t, state, a, W_in, W_out, D)
+    why = step_unsupported(u_t, state, a, W_in, W_out, D)
+    chunked_native.log_path(log, S5_STEP, "native kernel", "PyTorch ops", why)
+    if why:
+        return s5_step_ref(u_t, state, a, W_in, W_out, D)
+    u_t, state, a, W_in, W_out, D = (t.resolve_conj().contiguous() for t in (u_t, state, a, W_in, W_out, D))
+    (Bsz, H), P = u_t.shape, a.shape[0]
+    y, h = torch.empty_like(u_t), torch.empty_like(state)
+    chunked_native.library().s5_step(y.data_ptr(), h.data_ptr(), u_t.data_ptr(), state.data_ptr(), a.data_ptr(),
+                                     W_in.data_ptr(), W_out.data_ptr(), D.data_ptr(), Bsz, H, P)
+    return y, h
+
+
+def s5_step_ref(u_t, state, a, W_in, W_out, D):
+    """Reference twin of `s5_step`, as PyTorch ops (differentiable)."""
+    h = a * state + torch.view_as_complex((u_t @ W_in).unflatten(-1, (-1, 2)))  # (B, P)
+    return torch.addmm(D * u_t, torch.view_as_real(h).flatten(-2), W_out.T), h  # (B, H), (B, P)
