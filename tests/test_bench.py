@@ -264,8 +264,9 @@ def test_bench_step_times_each_piece(capsys):
     assert script.main(["--layers", "s4d", "s5", "--calls", "2", "--repeats", "1", "--threads", "1"]) == 0
     rows = dict(re.findall(r"^\| (.+) \| ([0-9.]+) \| [0-9.]+ \|$", capsys.readouterr().out, re.M))
     want = [f"{name}: {what}" for name in ("s4d", "s5") for what in ("layer.step", "block.step", "model.step (4 blocks)")]
-    assert sorted(rows) == sorted(want + ["ops.diagonal_step (B 16, H 128, 32 modes)",
-                                          "ops.diagonal_step_ref (B 16, H 128, 32 modes)"])
+    ops = [f"ops.{fn} (B 16, H 128, 32 modes)" for fn in ("diagonal_step", "diagonal_step_ref", "s5_native.s5_step",
+                                                          "s5_native.s5_step_ref")]
+    assert sorted(rows) == sorted(want + ops)
     assert all(float(v) > 0 for v in rows.values())
 
 
