@@ -189,28 +189,3 @@ def test_step_shape_mismatch_is_an_error(which):
     ts[which] = ts[which][..., :-1] if ts[which].dim() > 1 else ts[which][:-1]
     with pytest.raises(ValueError, match="s5_step: "):
         s5_native.s5_step(*ts)
-
-
-@needs_native
-def test_layer_steps_run_on_the_step_kernel(monkeypatch):
-    """A float32 S5 layer's steps under no_grad run on the kernel and follow its float64 twin's
-    steps over 20 steps from a random state."""
-    torch.manual_seed(0)
-    layer = S5(16, 8)
-    ref = S5(16, 8).double()
-    ref.load_state_dict(layer.state_dict())
-    u = randn(3, 20, 16, seed=4)
-    h = randn(3, layer.n_modes, dtype=C128, seed=5)
-    h32, ys, want = h.to(C64), [], []
-    monkeypatch.setattr(s5_native, "s5_step_ref", no_reference)
-    with torch.no_grad():
-        for k in range(u.shape[1]):
-            y, h32 = layer.step(u[:, k].float(), h32)
-            ys.append(y)
-    monkeypatch.undo()
-    with torch.no_grad():
-        for k in range(u.shape[1]):
-            y, h = ref.step(u[:, k], h)
-            want.append(y)
-    assert_close(h32, h, scale=10)
-    assert_close(torch.stack(ys), torch.stack(want), scale=10)

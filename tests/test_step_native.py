@@ -1,11 +1,14 @@
 """ops.diagonal_step (one step of the per-channel diagonal SSM) on its native kernel against
 diagonal_step_ref, its reference twin, in float64; where the kernel cannot run, the twin itself;
-and the layers' steps (S4D, DSS), which run on it in float32 inference."""
+and the layers' steps (S4D, DSS; S5 on ops.s5_step, tested in test_s5_native.py), which run on
+their kernels in float32 inference."""
+import copy
+
 import pytest
 import torch
 
-from diagssm.layers import DSS, S4D
-from diagssm.ops import chunked_native, diagonal_step, diagonal_step_ref
+from diagssm.layers import DSS, S4D, S5
+from diagssm.ops import chunked_native, diagonal_step, diagonal_step_ref, s5_native
 from diagssm.ops import step as step_mod
 from helpers import assert_close, randn
 
@@ -115,18 +118,19 @@ def test_non_tensor_is_an_error():
 
 
 @needs_native
-@pytest.mark.parametrize("make", [lambda: S4D(32, d_state=16, channels=2), lambda: DSS(32, d_state=16)])
-def test_layer_steps_run_on_the_kernel(make, monkeypatch):
-    """A float32 layer's steps under no_grad run on the kernel and follow its float64 twin's steps
-    over 20 steps from a random state."""
+@pytest.mark.parametrize("make, twin", [(lambda: S4D(32, d_state=16, channels=2), (step_mod, "diagonal_step_ref")),
+                                        (lambda: DSS(32, d_state=16), (step_mod, "diagonal_step_ref")),
+                                        (lambda: S5(32, 16), (s5_native, "s5_step_ref"))])
+def test_layer_steps_run_on_the_kernel(make, twin, monkeypatch):
+    """A float32 layer's steps under no_grad run on its step kernel (S4D and DSS: diagonal_step,
+    S5: s5_step) and follow its float64 twin's steps over 20 steps from a random state."""
     torch.manual_seed(0)
     layer = make()
-    ref = type(layer)(32, d_state=16, channels=layer.channels).double()
-    ref.load_state_dict(layer.state_dict())
+    ref = copy.deepcopy(layer).double()
     u = randn(3, 20, 32, seed=4)
-    h = randn(3, 32, layer.n_modes, dtype=C128, seed=5)
+    h = randn(*layer.default_state(3).shape, dtype=C128, seed=5)
     h32, ys, want = h.to(C64), [], []
-    monkeypatch.setattr(step_mod, "diagonal_step_ref", no_reference)
+    monkeypatch.setattr(*twin, no_reference)
     with torch.no_grad():
         for k in range(u.shape[1]):
             y, h32 = layer.step(u[:, k].float(), h32)
