@@ -103,11 +103,14 @@ class SSMLayer(nn.Module):
             raise ValueError(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
 
     def check_state(self, state, batch_size):
-        empty = self.default_state(0)  # no allocation on the step path: only shape and dtype
-        shape = (batch_size,) + tuple(empty.shape[1:])
-        if not torch.is_tensor(state) or tuple(state.shape) != shape or state.dtype != empty.dtype:
+        spec = self.__dict__.get("_state_spec")  # (dtype, device) -> the state's trailing shape and dtype
+        if spec is None or spec[0] != (self.D.dtype, self.D.device):
+            empty = self.default_state(0)
+            spec = self.__dict__["_state_spec"] = ((self.D.dtype, self.D.device), tuple(empty.shape[1:]), empty.dtype)
+        shape, dtype = (batch_size,) + spec[1], spec[2]
+        if not torch.is_tensor(state) or tuple(state.shape) != shape or state.dtype != dtype:
             got = (tuple(state.shape), state.dtype) if torch.is_tensor(state) else type(state).__name__
-            raise ValueError(f"state must have shape {shape} and dtype {empty.dtype}; got {got}")
+            raise ValueError(f"state must have shape {shape} and dtype {dtype}; got {got}")
 
     def check_recurrent(self, L=None, rate=1.0):
         if self.bidirectional:
@@ -140,7 +143,8 @@ class SSMLayer(nn.Module):
         step's system at every step. With autograd on, built afresh each call."""
         if torch.is_grad_enabled():
             return build()
-        key = (key, self.D.dtype, self.D.device, tuple((id(p), p._version) for p in self.parameters()))
+        params = self.parameters() if self._modules else [p for p in self._parameters.values() if p is not None]
+        key = (key, self.D.dtype, self.D.device, tuple((id(p), p._version) for p in params))
         if getattr(self, "_step_cache", (None,))[0] != key:
             self._step_cache = (key, build())
         return self._step_cache[1]

@@ -145,6 +145,12 @@ def paths(forget=False):
     return taken
 
 
+def dense(*ts):
+    """The tensors as the kernels read them: contiguous, without a pending conjugate bit (unchanged,
+    no op dispatched, when they are already)."""
+    return tuple(t if t.is_contiguous() and not t.is_conj() else t.resolve_conj().contiguous() for t in ts)
+
+
 def log_path(logger, what, native, fallback, why):
     """Say at INFO, whenever it changes, which path `what` runs: `native` ('' why) or `fallback` (why)."""
     if what not in _paths or _paths[what] != why:

@@ -154,7 +154,7 @@ def s5_step(u_t, state, a, W_in, W_out, D):
     chunked_native.log_path(log, S5_STEP, "native kernel", "PyTorch ops", why)
     if why:
         return s5_step_ref(u_t, state, a, W_in, W_out, D)
-    u_t, state, a, W_in, W_out, D = (t.resolve_conj().contiguous() for t in (u_t, state, a, W_in, W_out, D))
+    u_t, state, a, W_in, W_out, D = chunked_native.dense(u_t, state, a, W_in, W_out, D)
     (Bsz, H), P = u_t.shape, a.shape[0]
     y, h = torch.empty_like(u_t), torch.empty_like(state)
     chunked_native.library().s5_step(y.data_ptr(), h.data_ptr(), u_t.data_ptr(), state.data_ptr(), a.data_ptr(),

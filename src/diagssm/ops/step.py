@@ -60,7 +60,7 @@ def diagonal_step(u_t, state, A_bar, B_bar, C, D, factor):
     chunked_native.log_path(log, STEP, "native kernel", "PyTorch ops", why)
     if why:
         return diagonal_step_ref(u_t, state, A_bar, B_bar, C, D, factor)
-    u_t, state, A_bar, B_bar, C, D = (t.resolve_conj().contiguous() for t in (u_t, state, A_bar, B_bar, C, D))
+    u_t, state, A_bar, B_bar, C, D = chunked_native.dense(u_t, state, A_bar, B_bar, C, D)
     (Bsz, H), M, Cp = u_t.shape, A_bar.shape[-1], C.shape[0]
     y, x = u_t.new_empty(Bsz, Cp, H), torch.empty_like(state)
     chunked_native.library().diag_step(y.data_ptr(), x.data_ptr(), u_t.data_ptr(), state.data_ptr(),
