@@ -3,7 +3,8 @@ inference throughput): microseconds per call, median of --repeats batches of --c
 a warm-up, for
   - `ops.diagonal_step` (S4D's and DSS's step, one native call) and `diagonal_step_ref` (the same
     step as PyTorch ops), at B = 16, H = 128, 32 complex modes; S5's `s5_native.s5_step` and
-    `s5_step_ref` (P = 32 modes shared by the channels);
+    `s5_step_ref` (P = 32 modes shared by the channels); S4's `ops.step.dplr_step` and
+    `dplr_step_ref` (32 modes per channel, rank 1);
   - one layer's `step` (its checks, the cached system, the step) for S4D, DSS, S5 and S4;
   - one block's `step` (norm, layer, GELU and output linear, residual) and a 4-layer model's `step`,
     as `diagssm bench` builds it (d_model 128, d_state 64, embedding encoder, per-step head).
@@ -29,6 +30,7 @@ from diagssm.cpu import keep_freed_memory
 from diagssm.layers import DSS, S4, S4D, S5
 from diagssm.models import SequenceModel
 from diagssm.ops import diagonal_step, diagonal_step_ref, s5_native
+from diagssm.ops.step import dplr_step, dplr_step_ref
 
 LAYERS = {"s4d": S4D, "dss": DSS, "s5": S5, "s4": S4}
 
@@ -62,6 +64,11 @@ def cases(names):
     s5_args = (u_t, s5.default_state(B) + 0.1, *s5.step_system(1.0), s5.D.detach())
     for fn in (s5_native.s5_step, s5_native.s5_step_ref):
         out.append((f"ops.s5_native.{fn.__name__} (B {B}, H {H}, {s5.n_modes} modes)", lambda fn=fn: fn(*s5_args)))
+    s4 = S4(H, d_state=N, check_finite=False)
+    s4_args = (u_t, s4.default_state(B) + 0.1, *s4.step_system(1.0), s4.D.detach())
+    for fn in (dplr_step, dplr_step_ref):
+        what = f"ops.{fn.__name__} (B {B}, H {H}, {s4.n_modes} modes, rank {s4.rank})"
+        out.append((what, lambda fn=fn: fn(*s4_args)))
     for name in names:
         layer = LAYERS[name](H, d_state=N, check_finite=False)
         s = layer.default_state(B) + 0.1

@@ -266,6 +266,7 @@ def test_bench_step_times_each_piece(capsys):
     want = [f"{name}: {what}" for name in ("s4d", "s5") for what in ("layer.step", "block.step", "model.step (4 blocks)")]
     ops = [f"ops.{fn} (B 16, H 128, 32 modes)" for fn in ("diagonal_step", "diagonal_step_ref", "s5_native.s5_step",
                                                           "s5_native.s5_step_ref")]
+    ops += [f"ops.{fn} (B 16, H 128, 32 modes, rank 1)" for fn in ("dplr_step", "dplr_step_ref")]
     assert sorted(rows) == sorted(want + ops)
     assert all(float(v) > 0 for v in rows.values())
 

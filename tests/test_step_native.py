@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from diagssm.layers import DSS, S4D, S5
+from diagssm.layers import DSS, S4, S4D, S5
 from diagssm.ops import chunked_native, diagonal_step, diagonal_step_ref, s5_native
 from diagssm.ops import step as step_mod
 from helpers import assert_close, randn
@@ -120,10 +120,11 @@ def test_non_tensor_is_an_error():
 @needs_native
 @pytest.mark.parametrize("make, twin", [(lambda: S4D(32, d_state=16, channels=2), (step_mod, "diagonal_step_ref")),
                                         (lambda: DSS(32, d_state=16), (step_mod, "diagonal_step_ref")),
-                                        (lambda: S5(32, 16), (s5_native, "s5_step_ref"))])
+                                        (lambda: S5(32, 16), (s5_native, "s5_step_ref")),
+                                        (lambda: S4(32, d_state=16, channels=2), (step_mod, "dplr_step_ref"))])
 def test_layer_steps_run_on_the_kernel(make, twin, monkeypatch):
     """A float32 layer's steps under no_grad run on its step kernel (S4D and DSS: diagonal_step,
-    S5: s5_step) and follow its float64 twin's steps over 20 steps from a random state."""
+    S5: s5_step, S4: dplr_step) and follow its float64 twin's steps over 20 steps from a random state."""
     torch.manual_seed(0)
     layer = make()
     ref = copy.deepcopy(layer).double()
@@ -142,3 +143,60 @@ def test_layer_steps_run_on_the_kernel(make, twin, monkeypatch):
             want.append(y)
     assert_close(h32, h, scale=10)
     assert_close(torch.stack(ys), torch.stack(want), scale=10)
+
+
+# ---------------------------------------------------------------- dplr_step: S4's bilinear step
+def dplr_problem(Bsz, H, M, R, Cp, seed=0):
+    """float64/complex128 (u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D), none of them zero."""
+    c = [randn(*shape, dtype=C128, seed=seed + k) for k, shape in enumerate(
+        [(Bsz, H, M), (H, M), (R, H, M), (R, H, M), (H, M), (H, M), (R, H, M), (R, H, M), (Cp, H, M)])]
+    state, E, Pc2, Ph, dB, d, Pd2, dPh, C = c
+    return (randn(Bsz, H, seed=seed + 20), state, E, Pc2, Ph, dB, d, Pd2, randn(H, R, R, seed=seed + 21), dPh, C,
+            randn(Cp, H, seed=seed + 22))
+
+
+@needs_native
+@pytest.mark.parametrize("Bsz,H,M,R,Cp", [(1, 3, 1, 1, 1), (2, 5, 7, 2, 2), (3, 16, 32, 1, 1), (16, 64, 32, 2, 1),
+                                         (4, 9, 13, 3, 2), (2, 4, 8, 8, 1)])
+def test_dplr_matches_the_reference(Bsz, H, M, R, Cp, monkeypatch):
+    """Tails of M (1, 7, 13), ranks 1-3 and 8 (the kernel's largest), C' = 1-2, and a problem large
+    enough for the kernel's threads."""
+    ts = dplr_problem(Bsz, H, M, R, Cp, seed=M + R)
+    monkeypatch.setattr(step_mod, "dplr_step_ref", no_reference)
+    with torch.no_grad():
+        y, x = step_mod.dplr_step(*single(ts))
+    monkeypatch.undo()
+    want_y, want_x = step_mod.dplr_step_ref(*ts)
+    assert y.shape == (Bsz, Cp, H) and x.shape == (Bsz, H, M) and y.dtype == torch.float32 and x.dtype == C64
+    assert_close(x, want_x, scale=100)  # sums over M modes and r ranks, twice
+    assert_close(y, want_y, scale=100)
+
+
+@pytest.mark.parametrize("case", ["requires grad", "float64", "rank 9"])
+def test_dplr_reference_where_the_kernel_cannot_run(case):
+    """With autograd the twin runs and its gradients are the float64 twin's; float64 and ranks above
+    the kernel's 8 run the twin."""
+    R = 9 if case == "rank 9" else 2
+    ts = dplr_problem(2, 4, 5, R, 1, seed=3)
+    low = ts if case == "float64" else single(ts)
+    leaves = [t.clone().requires_grad_(case == "requires grad") for t in low]
+    y, x = step_mod.dplr_step(*leaves)
+    assert step_mod.dplr_unsupported(*leaves) != ""
+    ref = [t.clone().requires_grad_() for t in ts]
+    want_y, want_x = step_mod.dplr_step_ref(*ref)
+    assert_close(y, want_y, scale=100)
+    assert_close(x, want_x, scale=100)
+    if case == "requires grad":
+        w = randn(*y.shape, seed=9)
+        got = torch.autograd.grad((y * w.float()).sum() + x.abs().sum(), leaves)
+        want = torch.autograd.grad((want_y * w).sum() + want_x.abs().sum(), ref)
+        for g, r in zip(got, want):
+            assert_close(g, r, scale=100)
+
+
+@pytest.mark.parametrize("which", range(12))
+def test_dplr_shape_mismatch_is_an_error(which):
+    ts = list(single(dplr_problem(2, 4, 5, 2, 2)))
+    ts[which] = ts[which][..., :-1]
+    with pytest.raises(ValueError, match="dplr_step: "):
+        step_mod.dplr_step(*ts)

@@ -35,7 +35,8 @@ from torch import nn
 from diagssm import hippo
 from diagssm.layers.base import (SSMLayer, as_complex, check_bools, check_even_state, check_length,
                                  check_positive_ints, check_rate, complex_parameter, log_uniform)
-from diagssm.ops import fft_conv
+from diagssm.ops import chunked_native, fft_conv
+from diagssm.ops.step import dplr_step
 from diagssm.ops.cauchy import cauchy
 
 MIN_NEG_REAL = 1e-4  # Re Lambda <= -1e-4 at init (S4's clamp), since Re Lambda = -exp(log_Lambda_re)
@@ -357,12 +358,7 @@ class S4(SSMLayer):
         self.check_recurrent()
         self.check_input(u_t, "u_t")
         self.check_state(state, u_t.shape[0])
-        E, Pc2, Ph, dB, d, Pd2, inv, dPh, C = self.step_system(rate)
-        q0 = torch.einsum("shm,bhm->bhs", Pc2, state).real  # (B, H, r): 2 Re(P^H x)
-        rhs = E * state - torch.einsum("bhs,shm->bhm", q0.to(state.dtype), Ph) + dB * u_t[..., None]  # (B, H, M)
-        q = torch.einsum("hst,bht->bhs", inv, torch.einsum("shm,bhm->bhs", Pd2, rhs).real)  # (B, H, r)
-        x = d * rhs - torch.einsum("bhs,shm->bhm", q.to(rhs.dtype), dPh)  # (B, H, M)
-        y = 2 * (C * x[:, None]).sum(-1).real + self.D * u_t[:, None]  # (B, C', H)
+        y, x = dplr_step(u_t, state, *self.step_system(rate), self.D)  # (B, C', H), (B, H, M)
         return y.flatten(1), x
 
     def step_system(self, rate):
@@ -375,6 +371,7 @@ class S4(SSMLayer):
             G = torch.einsum("shm,hm,thm->hst", P.conj(), d, P).real  # (H, r, r)
             eye = torch.eye(self.rank, dtype=G.dtype, device=G.device)
             inv = small_solve(eye + dt[..., None] * G, eye.expand_as(G))  # (H, r, r)
-            return (1 + dt / 2 * Lambda, 2 * P.conj(), dt / 2 * P, dt * as_complex(self.B), d, 2 * P.conj() * d,
-                    inv, d * dt / 2 * P, as_complex(self.C))
+            terms = (1 + dt / 2 * Lambda, 2 * P.conj(), dt / 2 * P, dt * as_complex(self.B), d, 2 * P.conj() * d,
+                     inv, d * dt / 2 * P, as_complex(self.C))
+            return chunked_native.dense(*terms)
         return self.inference_cached(rate, build)

@@ -99,8 +99,9 @@ def _load():
     lib.s5_bwd.argtypes = [P] * 16 + [N] * 5
     lib.diag_step.argtypes = [P] * 8 + [ctypes.c_float] + [N] * 4
     lib.s5_step.argtypes = [P] * 8 + [N] * 3
+    lib.dplr_step.argtypes = [P] * 14 + [N] * 5
     for f in (lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd, lib.s5_fwd, lib.s5_bwd, lib.diag_step,
-              lib.s5_step):
+              lib.s5_step, lib.dplr_step):
         f.restype = None
     lib.rows_mm.restype = lib.rows_red.restype = ctypes.c_int  # -1: a thread's scratch not allocated
     return lib, ""

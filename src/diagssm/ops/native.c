@@ -644,44 +644,100 @@ void s5_bwd(float *gu, float *gWin, float *gWout, float *gD, float *ga, float *g
  *   xn[b][h][m] = A[h][m] x[b][h][m] + Bb[h][m] u[b][h]
  *   y[b][c][h]  = factor sum_m Re(C[c][h][m] xn[b][h][m]) + D[c][h] u[b][h]
  * In vectors of 4 complex numbers (8 floats), a x = Re(a) x + Im(a) (-Im x, Re x): the parts of a
- * duplicated over each pair and x's pairs swapped by shuffles; Re(c x) sums c x with the signs
- * (+, -). The (b, h) rows split over OpenMP threads when there are enough modes to pay for it. */
+ * duplicated over each pair and x's pairs swapped by shuffles (cmul_into); Re(c x) sums c x with the
+ * signs (+, -) (redot). The (b, h) rows split over OpenMP threads when there are enough modes to
+ * pay for it. */
 typedef float v8 __attribute__((vector_size(32), aligned(4)));
 typedef int i8 __attribute__((vector_size(32)));
 #define LD8(p) (*(const v8 *)(p))
+
+/* sum_m Re(a_m x_m) over M complex numbers */
+static inline float redot(const float *a, const float *x, long M) {
+    const v8 conj = {1, -1, 1, -1, 1, -1, 1, -1};
+    long M4 = M / 4 * 4;
+    v8 acc = {0};
+    for (long m = 0; m < M4; m += 4)
+        acc += LD8(a + 2 * m) * LD8(x + 2 * m);
+    acc *= conj;
+    float s = 0;
+    for (long j = 0; j < 8; j++)
+        s += acc[j];
+    for (long m = M4; m < M; m++)
+        s += a[2 * m] * x[2 * m] - a[2 * m + 1] * x[2 * m + 1];
+    return s;
+}
+
+/* z = a x + w over M complex numbers (z may be x or w) */
+static inline void cmul_into(float *z, const float *a, const float *x, const float *w, long M) {
+    const i8 re = {0, 0, 2, 2, 4, 4, 6, 6}, im = {1, 1, 3, 3, 5, 5, 7, 7}, sw = {1, 0, 3, 2, 5, 4, 7, 6};
+    const v8 alt = {-1, 1, -1, 1, -1, 1, -1, 1};
+    long M4 = M / 4 * 4;
+    for (long m = 0; m < M4; m += 4) {
+        v8 av = LD8(a + 2 * m), xv = LD8(x + 2 * m);
+        *(v8 *)(z + 2 * m) = __builtin_shuffle(av, re) * xv + __builtin_shuffle(av, im) * alt *
+                             __builtin_shuffle(xv, sw) + LD8(w + 2 * m);
+    }
+    for (long m = M4; m < M; m++) {
+        float ar = a[2 * m], ai = a[2 * m + 1], pr = x[2 * m], pi = x[2 * m + 1];
+        z[2 * m] = ar * pr - ai * pi + w[2 * m];
+        z[2 * m + 1] = ar * pi + ai * pr + w[2 * m + 1];
+    }
+}
+
 void diag_step(float *y, float *xn, const float *u, const float *x, const float *A, const float *Bb,
                const float *C, const float *D, float factor, long Bn, long H, long M, long Cp) {
-    const i8 re = {0, 0, 2, 2, 4, 4, 6, 6}, im = {1, 1, 3, 3, 5, 5, 7, 7}, sw = {1, 0, 3, 2, 5, 4, 7, 6};
-    const v8 alt = {-1, 1, -1, 1, -1, 1, -1, 1}, conj = {1, -1, 1, -1, 1, -1, 1, -1};
-    long n = Bn * H, M4 = M / 4 * 4;
+    long n = Bn * H;
 #pragma omp parallel for schedule(static) if (n * M >= 16384)
     for (long r = 0; r < n; r++) {
         long b = r / H, h = r % H;
-        const float *xr = x + 2 * r * M, *a = A + 2 * h * M, *bh = Bb + 2 * h * M;
         float *o = xn + 2 * r * M, ur = u[r];
-        for (long m = 0; m < M4; m += 4) {
-            v8 av = LD8(a + 2 * m), xv = LD8(xr + 2 * m);
-            *(v8 *)(o + 2 * m) = __builtin_shuffle(av, re) * xv + __builtin_shuffle(av, im) * alt *
-                                 __builtin_shuffle(xv, sw) + LD8(bh + 2 * m) * ur;
+        for (long m = 0; m < 2 * M; m++)
+            o[m] = Bb[2 * h * M + m] * ur;
+        cmul_into(o, A + 2 * h * M, x + 2 * r * M, o, M);
+        for (long c = 0; c < Cp; c++)
+            y[(b * Cp + c) * H + h] = factor * redot(C + 2 * (c * H + h) * M, o, M) + D[c * H + h] * ur;
+    }
+}
+
+/* One bilinear step of S4 in its DPLR form (layers/s4.py's S4.step; ops/step.py's dplr_step), per
+ * batch row b and channel h, with M modes, rank R <= 8 and C' outputs (the step_system's terms):
+ *   q0 = Re(Pc2 x) (R numbers),  rhs = E x - sum_s q0_s Ph_s + dB u,  t = Re(Pd2 rhs),
+ *   q = inv t (R x R),  xn = d rhs - sum_s q_s dPh_s,  y_c = 2 Re(C_c xn) + D_c u.
+ * E, dB, d (H, M), Pc2, Ph, Pd2, dPh (R, H, M), C (C', H, M) complex; inv (H, R, R), D (C', H) real. */
+#define RMAX 8
+void dplr_step(float *y, float *xn, const float *u, const float *x, const float *E, const float *Pc2,
+               const float *Ph, const float *dB, const float *d, const float *Pd2, const float *inv,
+               const float *dPh, const float *C, const float *D, long Bn, long H, long M, long R, long Cp) {
+    long n = Bn * H, HM2 = 2 * H * M;
+#pragma omp parallel for schedule(static) if (n * M * R >= 8192)
+    for (long r = 0; r < n; r++) {
+        long b = r / H, h = r % H, hm = 2 * h * M;
+        const float *xr = x + 2 * r * M;
+        float *o = xn + 2 * r * M, ur = u[r], q[RMAX], t[RMAX];
+        for (long s = 0; s < R; s++)
+            q[s] = redot(Pc2 + s * HM2 + hm, xr, M);
+        for (long m = 0; m < 2 * M; m++)
+            o[m] = dB[hm + m] * ur;
+        for (long s = 0; s < R; s++)
+            for (long m = 0; m < 2 * M; m++)
+                o[m] -= q[s] * Ph[s * HM2 + hm + m];
+        cmul_into(o, E + hm, xr, o, M);
+        for (long s = 0; s < R; s++)
+            t[s] = redot(Pd2 + s * HM2 + hm, o, M);
+        for (long s = 0; s < R; s++) {
+            q[s] = 0;
+            for (long k = 0; k < R; k++)
+                q[s] += inv[(h * R + s) * R + k] * t[k];
         }
-        for (long m = M4; m < M; m++) {
-            float ar = a[2 * m], ai = a[2 * m + 1], pr = xr[2 * m], pi = xr[2 * m + 1];
-            o[2 * m] = ar * pr - ai * pi + bh[2 * m] * ur;
-            o[2 * m + 1] = ar * pi + ai * pr + bh[2 * m + 1] * ur;
-        }
-        for (long c = 0; c < Cp; c++) {
-            const float *ch = C + 2 * (c * H + h) * M;
-            v8 acc = {0};
-            for (long m = 0; m < M4; m += 4)
-                acc += LD8(ch + 2 * m) * LD8(o + 2 * m);
-            acc *= conj;
-            float s = 0;
-            for (long j = 0; j < 8; j++)
-                s += acc[j];
-            for (long m = M4; m < M; m++)
-                s += ch[2 * m] * o[2 * m] - ch[2 * m + 1] * o[2 * m + 1];
-            y[(b * Cp + c) * H + h] = factor * s + D[c * H + h] * ur;
-        }
+        float w[2 * M];
+        for (long m = 0; m < 2 * M; m++)
+            w[m] = 0;
+        for (long s = 0; s < R; s++)
+            for (long m = 0; m < 2 * M; m++)
+                w[m] -= q[s] * dPh[s * HM2 + hm + m];
+        cmul_into(o, d + hm, o, w, M);
+        for (long c = 0; c < Cp; c++)
+            y[(b * Cp + c) * H + h] = 2 * redot(C + 2 * (c * H + h) * M, o, M) + D[c * H + h] * ur;
     }
 }
 

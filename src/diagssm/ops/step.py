@@ -9,6 +9,9 @@ step (`diagssm bench`'s throughput rows). `diagonal_step` runs it as one call of
 where it can: on the CPU, complex64 state, float32 input, with nothing to differentiate (no autograd
 graph is built through the kernel). Otherwise, and where the kernels are not built, it runs
 `diagonal_step_ref`; it logs (INFO, on change) which of the two it runs and why.
+
+`dplr_step` does the same for S4's bilinear step through its diagonal-plus-low-rank structure
+(`dplr_step` in native.c; twin `dplr_step_ref`).
 """
 import logging
 
@@ -17,7 +20,7 @@ import torch
 from . import chunked_native
 
 log = logging.getLogger(__name__)
-STEP = "diagonal step"  # the name under which `chunked_native.log_path` logs the path
+STEP, DPLR_STEP = "diagonal step", "S4 (DPLR) step"  # the names under which `chunked_native.log_path` logs
 NAMES = ("u_t", "state", "A_bar", "B_bar", "C", "D")
 
 
@@ -74,3 +77,73 @@ def diagonal_step_ref(u_t, state, A_bar, B_bar, C, D, factor):
     x = A_bar * state + B_bar * u_t[..., None]  # (B, H, M)
     y = factor * (C * x[:, None]).sum(-1).real + D * u_t[:, None]  # (B, C', H)
     return y, x
+
+
+# ---------------------------------------------------------------- S4's bilinear DPLR step
+DPLR_NAMES = ("u_t", "state", "E", "Pc2", "Ph", "dB", "d", "Pd2", "inv", "dPh", "C", "D")
+MAX_RANK = 8  # native.c's RMAX
+
+
+def _check_dplr(ts):
+    if not all(torch.is_tensor(t) for t in ts):
+        raise TypeError(f"dplr_step: {', '.join(DPLR_NAMES)} must be tensors")
+    u_t, E, Pc2, C = ts[0], ts[2], ts[3], ts[10]
+    if u_t.dim() != 2 or E.dim() != 2 or Pc2.dim() != 3 or C.dim() != 3:
+        raise ValueError(f"dplr_step: u_t and E must be 2-d, Pc2 and C 3-d; got {tuple(u_t.shape)}, "
+                         f"{tuple(E.shape)}, {tuple(Pc2.shape)}, {tuple(C.shape)}")
+    (Bsz, H), M, R, Cp = u_t.shape, E.shape[1], Pc2.shape[0], C.shape[0]
+    hm, rhm = (H, M), (R, H, M)
+    want = ((Bsz, H), (Bsz, H, M), hm, rhm, rhm, hm, hm, rhm, (H, R, R), rhm, (Cp, H, M), (Cp, H))
+    if tuple(t.shape for t in ts) != want:
+        got = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(DPLR_NAMES, ts))
+        raise ValueError(f"dplr_step: expected u_t (B, H), state (B, H, M), E, dB, d (H, M), Pc2, Ph, Pd2, dPh "
+                         f"(r, H, M), inv (H, r, r), C (C', H, M), D (C', H); got {got}")
+
+
+def dplr_unsupported(*ts):
+    """Why `dplr_step` cannot run these tensors on the native kernel ('' when it can)."""
+    if not all(t.is_cpu for t in ts):
+        return "CPU tensors only"
+    reals = (ts[0], ts[8], ts[11])  # u_t, inv, D
+    if any(t.dtype != torch.float32 for t in reals) or any(t.dtype != torch.complex64 for t in ts if t.is_complex()) \
+            or sum(t.is_complex() for t in ts) != len(ts) - len(reals):
+        return f"float32 input with complex64 states only (got {ts[0].dtype}, {ts[1].dtype})"
+    if ts[3].shape[0] > MAX_RANK:
+        return f"rank {ts[3].shape[0]} > {MAX_RANK}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return "autograd: a tensor requires grad"
+    return "" if chunked_native.available() else chunked_native.why_unavailable()
+
+
+def dplr_step(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
+    """One bilinear step of S4 through its diagonal-plus-low-rank structure (`layers.S4.step`), with
+    the terms of `S4.step_system`:
+        q0 = 2 Re(P^H x),  rhs = E x - dt/2 P q0 + dt B u_t,  q = inv 2 Re(P^H d rhs),
+        x' = d rhs - d dt/2 P q,  y_t = 2 Re(C x') + D u_t
+    (E = 1 + dt/2 Lambda, d = 1/(1 - dt/2 Lambda), inv the inverse of I + dt Re(P^H d P)), on the
+    native kernel where `dplr_unsupported` allows it, else `dplr_step_ref`.
+
+    Shapes: u_t (B, H) real; state (B, H, M) complex; E, dB, d (H, M) and Pc2 = 2 conj(P), Ph = dt/2 P,
+    Pd2 = 2 conj(P) d, dPh = d dt/2 P (r, H, M) complex; inv (H, r, r) real; C (C', H, M) complex;
+    D (C', H) real -> y_t (B, C', H), x' (B, H, M)
+    """
+    ts = (u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D)
+    _check_dplr(ts)
+    why = dplr_unsupported(*ts)
+    chunked_native.log_path(log, DPLR_STEP, "native kernel", "PyTorch ops", why)
+    if why:
+        return dplr_step_ref(*ts)
+    ts = chunked_native.dense(*ts)
+    (Bsz, H), M, R, Cp = u_t.shape, E.shape[1], Pc2.shape[0], C.shape[0]
+    y, x = ts[0].new_empty(Bsz, Cp, H), torch.empty_like(ts[1])
+    chunked_native.library().dplr_step(y.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in ts), Bsz, H, M, R, Cp)
+    return y, x
+
+
+def dplr_step_ref(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
+    """Reference twin of `dplr_step`, as PyTorch ops (differentiable)."""
+    q0 = torch.einsum("shm,bhm->bhs", Pc2, state).real  # (B, H, r): 2 Re(P^H x)
+    rhs = E * state - torch.einsum("bhs,shm->bhm", q0.to(state.dtype), Ph) + dB * u_t[..., None]  # (B, H, M)
+    q = torch.einsum("hst,bht->bhs", inv, torch.einsum("shm,bhm->bhs", Pd2, rhs).real)  # (B, H, r)
+    x = d * rhs - torch.einsum("bhs,shm->bhm", q.to(rhs.dtype), dPh)  # (B, H, M)
+    return 2 * (C * x[:, None]).sum(-1).real + D * u_t[:, None], x  # (B, C', H), (B, H, M)
