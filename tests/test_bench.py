@@ -263,7 +263,8 @@ def test_bench_step_times_each_piece(capsys):
     script = benchmark_script("bench_step")
     assert script.main(["--layers", "s4d", "s5", "--calls", "2", "--repeats", "1", "--threads", "1"]) == 0
     rows = dict(re.findall(r"^\| (.+) \| ([0-9.]+) \| [0-9.]+ \|$", capsys.readouterr().out, re.M))
-    want = [f"{name}: {what}" for name in ("s4d", "s5") for what in ("layer.step", "block.step", "model.step (4 blocks)")]
+    pieces = ("layer.step", "block.step", "model.step (4 blocks)")
+    want = [f"{name}: {what}" for name in ("s4d", "s5") for what in pieces]
     ops = [f"ops.{fn} (B 16, H 128, 32 modes)" for fn in ("diagonal_step", "diagonal_step_ref", "s5_native.s5_step",
                                                           "s5_native.s5_step_ref")]
     ops += [f"ops.{fn} (B 16, H 128, 32 modes, rank 1)" for fn in ("dplr_step", "dplr_step_ref")]
