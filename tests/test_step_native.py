@@ -1,7 +1,6 @@
-"""ops.diagonal_step (one step of the per-channel diagonal SSM) on its native kernel against
-diagonal_step_ref, its reference twin, in float64; where the kernel cannot run, the twin itself;
-and the layers' steps (S4D, DSS; S5 on ops.s5_step, tested in test_s5_native.py), which run on
-their kernels in float32 inference."""
+"""The step ops on their native kernels against their reference twins in float64: ops.diagonal_step
+(S4D, DSS), ops.dplr_step (S4) and ops.s5_step (S5); where a kernel cannot run, the twin itself; and
+the layers' steps, which run on them in float32 inference."""
 import copy
 
 import pytest
@@ -68,28 +67,6 @@ def test_strided_and_conjugate_views(monkeypatch):
     for y, x in got:
         assert_close(x, want[1])
         assert_close(y, want[0])
-
-
-@pytest.mark.parametrize("case", ["requires grad", "float64"])
-def test_the_reference_where_the_kernel_cannot_run(case):
-    """With a tensor that requires grad (autograd on) the step is differentiable: the twin runs, and
-    its gradients are the float64 twin's; float64 runs the twin."""
-    ts = problem(2, 4, 5, 1, seed=3)
-    ts = ts if case == "float64" else single(ts)
-    leaves = [t.clone().requires_grad_() for t in ts] if case == "requires grad" else list(ts)
-    y, x = diagonal_step(*leaves, 2)
-    assert step_mod.unsupported(*leaves) != ""
-    want_y, want_x = diagonal_step_ref(*problem(2, 4, 5, 1, seed=3), 2)
-    assert_close(y, want_y, scale=10)
-    assert_close(x, want_x)
-    if case == "requires grad":
-        w = randn(*y.shape, seed=9).float()
-        got = torch.autograd.grad((y * w).sum() + x.abs().sum(), leaves)
-        ref_leaves = [t.clone().requires_grad_() for t in problem(2, 4, 5, 1, seed=3)]
-        ry, rx = diagonal_step_ref(*ref_leaves, 2)
-        want = torch.autograd.grad((ry * w.double()).sum() + rx.abs().sum(), ref_leaves)
-        for g, r in zip(got, want):
-            assert_close(g, r, scale=10)
 
 
 def test_why_the_kernel_cannot_run():
@@ -172,31 +149,92 @@ def test_dplr_matches_the_reference(Bsz, H, M, R, Cp, monkeypatch):
     assert_close(y, want_y, scale=100)
 
 
-@pytest.mark.parametrize("case", ["requires grad", "float64", "rank 9"])
-def test_dplr_reference_where_the_kernel_cannot_run(case):
-    """With autograd the twin runs and its gradients are the float64 twin's; float64 and ranks above
-    the kernel's 8 run the twin."""
-    R = 9 if case == "rank 9" else 2
-    ts = dplr_problem(2, 4, 5, R, 1, seed=3)
-    low = ts if case == "float64" else single(ts)
-    leaves = [t.clone().requires_grad_(case == "requires grad") for t in low]
-    y, x = step_mod.dplr_step(*leaves)
-    assert step_mod.dplr_unsupported(*leaves) != ""
-    ref = [t.clone().requires_grad_() for t in ts]
-    want_y, want_x = step_mod.dplr_step_ref(*ref)
-    assert_close(y, want_y, scale=100)
-    assert_close(x, want_x, scale=100)
-    if case == "requires grad":
-        w = randn(*y.shape, seed=9)
-        got = torch.autograd.grad((y * w.float()).sum() + x.abs().sum(), leaves)
-        want = torch.autograd.grad((want_y * w).sum() + want_x.abs().sum(), ref)
-        for g, r in zip(got, want):
-            assert_close(g, r, scale=100)
-
-
 @pytest.mark.parametrize("which", range(12))
 def test_dplr_shape_mismatch_is_an_error(which):
     ts = list(single(dplr_problem(2, 4, 5, 2, 2)))
     ts[which] = ts[which][..., :-1]
     with pytest.raises(ValueError, match="dplr_step: "):
         step_mod.dplr_step(*ts)
+
+
+# ---------------------------------------------------------------- s5_step: S5's step
+def s5_problem(Bsz, H, P, seed=0):
+    """float64/complex128 (u_t, state, a, W_in, W_out, D), none of them zero, |a| < 1."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.polar(0.45 + 0.5 * torch.rand(P, generator=g, dtype=torch.float64),
+                    3 * torch.rand(P, generator=g, dtype=torch.float64))
+    return (randn(Bsz, H, seed=seed + 1), randn(Bsz, P, dtype=C128, seed=seed + 2), a,
+            randn(H, 2 * P, seed=seed + 3) / H ** 0.5, randn(H, 2 * P, seed=seed + 4) / P ** 0.5,
+            randn(H, seed=seed + 5))
+
+
+@needs_native
+@pytest.mark.parametrize("Bsz,H,P", [(1, 3, 1), (2, 5, 3), (3, 16, 32), (16, 128, 32), (4, 24, 7)])
+def test_s5_matches_the_reference(Bsz, H, P, monkeypatch):
+    """2P not a multiple of 8 (P = 1, 3, 7), and a problem large enough for the kernel's threads."""
+    ts = s5_problem(Bsz, H, P, seed=P)
+    monkeypatch.setattr(s5_native, "s5_step_ref", no_reference)
+    with torch.no_grad():
+        y, h = s5_native.s5_step(*single(ts))
+    monkeypatch.undo()
+    want_y, want_h = s5_native.s5_step_ref(*ts)
+    assert y.shape == (Bsz, H) and h.shape == (Bsz, P) and y.dtype == torch.float32 and h.dtype == C64
+    assert_close(h, want_h, scale=10)  # sums over H channels
+    assert_close(y, want_y, scale=10)  # and over 2P coordinates
+
+
+@needs_native
+def test_s5_reads_strided_and_conjugate_views(monkeypatch):
+    u, h, a, W_in, W_out, D = single(s5_problem(3, 8, 4, seed=7))
+    views = (u.t().contiguous().t(), h, a.conj().resolve_conj().conj(), W_in.t().contiguous().t(), W_out, D)
+    assert not views[0].is_contiguous() and views[2].is_conj() and not views[3].is_contiguous()
+    monkeypatch.setattr(s5_native, "s5_step_ref", no_reference)
+    with torch.no_grad():
+        y, x = s5_native.s5_step(*views)
+    monkeypatch.undo()
+    want_y, want_x = s5_native.s5_step_ref(u, h, a, W_in, W_out, D)
+    assert_close(x, want_x)
+    assert_close(y, want_y)
+
+
+@pytest.mark.parametrize("which", range(6))
+def test_s5_shape_mismatch_is_an_error(which):
+    ts = list(single(s5_problem(2, 4, 3)))
+    ts[which] = ts[which][..., :-1] if ts[which].dim() > 1 else ts[which][:-1]
+    with pytest.raises(ValueError, match="s5_step: "):
+        s5_native.s5_step(*ts)
+
+
+# ---------------------------------------------------------------- every step op: its twin where the kernel cannot run
+# name: (op, twin, why-not, float64 inputs, extra arguments, the tolerance's scale: sums over modes and ranks)
+OPS = {
+    "diagonal": (diagonal_step, diagonal_step_ref, step_mod.unsupported, lambda R: problem(2, 4, 5, 1, seed=3),
+                 (2,), 10),
+    "dplr": (step_mod.dplr_step, step_mod.dplr_step_ref, step_mod.dplr_unsupported,
+             lambda R: dplr_problem(2, 4, 5, R, 1, seed=3), (), 100),
+    "s5": (s5_native.s5_step, s5_native.s5_step_ref, s5_native.step_unsupported, lambda R: s5_problem(2, 6, 3, seed=3),
+           (), 10),
+}
+
+
+@pytest.mark.parametrize("op, case", [(op, case) for op in OPS for case in ("requires grad", "float64")] +
+                         [("dplr", "rank 9")])
+def test_the_twin_where_the_kernel_cannot_run(op, case):
+    """With a tensor that requires grad (autograd on) the step is differentiable: the twin runs, and
+    its gradients are the float64 twin's; float64 runs the twin, and so do S4's ranks above the
+    kernel's 8."""
+    fast, twin, why_not, make, extra, scale = OPS[op]
+    ts = make(9 if case == "rank 9" else 2)
+    leaves = [t.clone().requires_grad_(case == "requires grad") for t in (ts if case == "float64" else single(ts))]
+    y, x = fast(*leaves, *extra)
+    assert why_not(*leaves) != ""
+    ref = [t.clone().requires_grad_() for t in ts]
+    want_y, want_x = twin(*ref, *extra)
+    assert_close(y, want_y, scale=scale)
+    assert_close(x, want_x, scale=scale)
+    if case == "requires grad":
+        w = randn(*y.shape, seed=9)
+        got = torch.autograd.grad((y * w.float()).sum() + x.abs().sum(), leaves)
+        want = torch.autograd.grad((want_y * w).sum() + want_x.abs().sum(), ref)
+        for g, r in zip(got, want):
+            assert_close(g, r, scale=scale)
