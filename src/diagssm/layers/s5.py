@@ -298,5 +298,5 @@ class S5(SSMLayer):
             A_bar, B_scale = self.discrete(rate)  # (M,)
             W_in = in_weight(B_scale[:, None] * as_complex(self.B))  # (H, 2M)
             W_out = out_weight(self.factor * as_complex(self.C)[0])  # (H, 2M)
-            return tuple(t.resolve_conj().contiguous() for t in (A_bar, W_in, W_out))
+            return chunked_native.dense(A_bar, W_in, W_out)
         return self.inference_cached(rate, build)

@@ -152,6 +152,20 @@ def dense(*ts):
     return tuple(t if t.is_contiguous() and not t.is_conj() else t.resolve_conj().contiguous() for t in ts)
 
 
+def step_unsupported(reals, complexes):
+    """Why a step op (ops/step.py, s5_native.s5_step) cannot run on its kernel ('' when it can): its
+    real tensors must be float32 and its complex ones complex64, all on the CPU, with nothing to
+    differentiate (the kernels build no autograd graph), and the kernels built."""
+    ts = reals + complexes
+    if not all(t.is_cpu for t in ts):
+        return "CPU tensors only"
+    if any(t.dtype != torch.float32 for t in reals) or any(t.dtype != torch.complex64 for t in complexes):
+        return f"float32 inputs with complex64 states only (got {reals[0].dtype}, {complexes[0].dtype})"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return "autograd: a tensor requires grad"
+    return "" if available() else why_unavailable()
+
+
 def log_path(logger, what, native, fallback, why):
     """Say at INFO, whenever it changes, which path `what` runs: `native` ('' why) or `fallback` (why)."""
     if what not in _paths or _paths[what] != why:

@@ -117,15 +117,7 @@ def s5_fused_ref(u, W_in, a, W_out, D, h0=None):
 
 def step_unsupported(u_t, state, a, W_in, W_out, D):
     """Why `s5_step` cannot run these tensors on the native kernel ('' when it can)."""
-    ts = (u_t, state, a, W_in, W_out, D)
-    if not all(t.is_cpu for t in ts):
-        return "CPU tensors only"
-    reals, complexes = (u_t, W_in, W_out, D), (state, a)
-    if any(t.dtype != torch.float32 for t in reals) or any(t.dtype != torch.complex64 for t in complexes):
-        return f"float32 input with complex64 states only (got {u_t.dtype}, {state.dtype})"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return "autograd: a tensor requires grad"
-    return "" if chunked_native.available() else chunked_native.why_unavailable()
+    return chunked_native.step_unsupported((u_t, W_in, W_out, D), (state, a))
 
 
 def _check_step(u_t, state, a, W_in, W_out, D):

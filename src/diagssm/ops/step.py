@@ -41,14 +41,7 @@ def _check(u_t, state, A_bar, B_bar, C, D):
 
 def unsupported(u_t, state, A_bar, B_bar, C, D):
     """Why `diagonal_step` cannot run these tensors on the native kernel ('' when it can)."""
-    ts = (u_t, state, A_bar, B_bar, C, D)
-    if not all(t.is_cpu for t in ts):
-        return "CPU tensors only"
-    if u_t.dtype != torch.float32 or D.dtype != torch.float32 or any(t.dtype != torch.complex64 for t in ts[1:5]):
-        return f"float32 input with complex64 states only (got {u_t.dtype}, {state.dtype})"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return "autograd: a tensor requires grad"
-    return "" if chunked_native.available() else chunked_native.why_unavailable()
+    return chunked_native.step_unsupported((u_t, D), (state, A_bar, B_bar, C))
 
 
 def diagonal_step(u_t, state, A_bar, B_bar, C, D, factor):
@@ -100,19 +93,11 @@ def _check_dplr(ts):
                          f"(r, H, M), inv (H, r, r), C (C', H, M), D (C', H); got {got}")
 
 
-def dplr_unsupported(*ts):
+def dplr_unsupported(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
     """Why `dplr_step` cannot run these tensors on the native kernel ('' when it can)."""
-    if not all(t.is_cpu for t in ts):
-        return "CPU tensors only"
-    reals = (ts[0], ts[8], ts[11])  # u_t, inv, D
-    if any(t.dtype != torch.float32 for t in reals) or any(t.dtype != torch.complex64 for t in ts if t.is_complex()) \
-            or sum(t.is_complex() for t in ts) != len(ts) - len(reals):
-        return f"float32 input with complex64 states only (got {ts[0].dtype}, {ts[1].dtype})"
-    if ts[3].shape[0] > MAX_RANK:
-        return f"rank {ts[3].shape[0]} > {MAX_RANK}"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return "autograd: a tensor requires grad"
-    return "" if chunked_native.available() else chunked_native.why_unavailable()
+    if Pc2.shape[0] > MAX_RANK:
+        return f"rank {Pc2.shape[0]} > {MAX_RANK}"
+    return chunked_native.step_unsupported((u_t, inv, D), (state, E, Pc2, Ph, dB, d, Pd2, dPh, C))
 
 
 def dplr_step(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
