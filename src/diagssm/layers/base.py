@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from diagssm import hippo
-from diagssm.ops import fft_conv
+from diagssm.ops import chunked_native, fft_conv
 from diagssm.ops.chunked import diagonal_chunked
 from diagssm.ops.step import diagonal_step
 from diagssm.ops.kernels import vandermonde_contract, vandermonde_sum
@@ -250,7 +250,7 @@ class DiagonalSSM(SSMLayer):
         """(A_bar, B_bar, C) for `step`, contiguous (`inference_cached`)."""
         def build():
             w, B_bar, C = self.system(L, rate)
-            return tuple(t.resolve_conj().contiguous() for t in (torch.exp(w), B_bar, C))
+            return chunked_native.dense(torch.exp(w), B_bar, C)
         return self.inference_cached((rate, L), build)
 
     def system_length(self, L, L_u):

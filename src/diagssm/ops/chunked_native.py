@@ -152,6 +152,17 @@ def dense(*ts):
     return tuple(t if t.is_contiguous() and not t.is_conj() else t.resolve_conj().contiguous() for t in ts)
 
 
+def check_step_args(who, names, ts, dims, want, expected):
+    """The step ops' argument check: tensors of the ranks `dims` whose shapes are `want(*ts)` (the
+    sizes read from the tensors), else an error naming `who` and every argument's shape; `expected`
+    says the shapes in words."""
+    if not all(torch.is_tensor(t) for t in ts):
+        raise TypeError(f"{who}: {', '.join(names)} must be tensors")
+    if tuple(t.dim() for t in ts) != dims or tuple(t.shape for t in ts) != want(*ts):
+        got = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(names, ts))
+        raise ValueError(f"{who}: expected {expected}; got {got}")
+
+
 def step_unsupported(reals, complexes):
     """Why a step op (ops/step.py, s5_native.s5_step) cannot run on its kernel ('' when it can): its
     real tensors must be float32 and its complex ones complex64, all on the CPU, with nothing to

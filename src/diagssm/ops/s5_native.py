@@ -120,17 +120,14 @@ def step_unsupported(u_t, state, a, W_in, W_out, D):
     return chunked_native.step_unsupported((u_t, W_in, W_out, D), (state, a))
 
 
-def _check_step(u_t, state, a, W_in, W_out, D):
-    ts = (u_t, state, a, W_in, W_out, D)
-    if not all(torch.is_tensor(t) for t in ts):
-        raise TypeError("s5_step: u_t, state, a, W_in, W_out and D must be tensors")
-    if u_t.dim() != 2 or a.dim() != 1:
-        raise ValueError(f"s5_step: u_t must be (B, H) and a (P,); got {tuple(u_t.shape)}, {tuple(a.shape)}")
+def _want_step(u_t, state, a, W_in, W_out, D):
     (Bsz, H), P = u_t.shape, a.shape[0]
-    if tuple(t.shape for t in ts) != ((Bsz, H), (Bsz, P), (P,), (H, 2 * P), (H, 2 * P), (H,)):
-        got = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(("u_t", "state", "a", "W_in", "W_out", "D"), ts))
-        raise ValueError(f"s5_step: expected u_t (B, H), state (B, P), a (P,), W_in and W_out (H, 2P), D (H,); "
-                         f"got {got}")
+    return (Bsz, H), (Bsz, P), (P,), (H, 2 * P), (H, 2 * P), (H,)
+
+
+def _check_step(*ts):
+    chunked_native.check_step_args("s5_step", ("u_t", "state", "a", "W_in", "W_out", "D"), ts, (2, 2, 1, 2, 2, 1),
+                                   _want_step, "u_t (B, H), state (B, P), a (P,), W_in and W_out (H, 2P), D (H,)")
 
 
 def s5_step(u_t, state, a, W_in, W_out, D):

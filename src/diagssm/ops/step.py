@@ -24,19 +24,14 @@ STEP, DPLR_STEP = "diagonal step", "S4 (DPLR) step"  # the names under which `ch
 NAMES = ("u_t", "state", "A_bar", "B_bar", "C", "D")
 
 
-def _check(u_t, state, A_bar, B_bar, C, D):
-    ts = (u_t, state, A_bar, B_bar, C, D)
-    if not all(torch.is_tensor(t) for t in ts):
-        raise TypeError("diagonal_step: u_t, state, A_bar, B_bar, C and D must be tensors")
-    if u_t.dim() != 2 or A_bar.dim() != 2 or C.dim() != 3:
-        raise ValueError(f"diagonal_step: u_t and A_bar must be 2-d, C 3-d; got {tuple(u_t.shape)}, "
-                         f"{tuple(A_bar.shape)}, {tuple(C.shape)}")
+def _want(u_t, state, A_bar, B_bar, C, D):
     (Bsz, H), M, Cp = u_t.shape, A_bar.shape[1], C.shape[0]
-    want = ((Bsz, H), (Bsz, H, M), (H, M), (H, M), (Cp, H, M), (Cp, H))
-    if tuple(t.shape for t in ts) != want:
-        got = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(NAMES, ts))
-        raise ValueError(f"diagonal_step: expected u_t (B, H), state (B, H, M), A_bar and B_bar (H, M), C (C', H, M), "
-                         f"D (C', H); got {got}")
+    return (Bsz, H), (Bsz, H, M), (H, M), (H, M), (Cp, H, M), (Cp, H)
+
+
+def _check(*ts):
+    chunked_native.check_step_args("diagonal_step", NAMES, ts, (2, 3, 2, 2, 3, 2), _want,
+                                   "u_t (B, H), state (B, H, M), A_bar and B_bar (H, M), C (C', H, M), D (C', H)")
 
 
 def unsupported(u_t, state, A_bar, B_bar, C, D):
@@ -77,20 +72,16 @@ DPLR_NAMES = ("u_t", "state", "E", "Pc2", "Ph", "dB", "d", "Pd2", "inv", "dPh", 
 MAX_RANK = 8  # native.c's RMAX
 
 
-def _check_dplr(ts):
-    if not all(torch.is_tensor(t) for t in ts):
-        raise TypeError(f"dplr_step: {', '.join(DPLR_NAMES)} must be tensors")
-    u_t, E, Pc2, C = ts[0], ts[2], ts[3], ts[10]
-    if u_t.dim() != 2 or E.dim() != 2 or Pc2.dim() != 3 or C.dim() != 3:
-        raise ValueError(f"dplr_step: u_t and E must be 2-d, Pc2 and C 3-d; got {tuple(u_t.shape)}, "
-                         f"{tuple(E.shape)}, {tuple(Pc2.shape)}, {tuple(C.shape)}")
+def _want_dplr(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
     (Bsz, H), M, R, Cp = u_t.shape, E.shape[1], Pc2.shape[0], C.shape[0]
     hm, rhm = (H, M), (R, H, M)
-    want = ((Bsz, H), (Bsz, H, M), hm, rhm, rhm, hm, hm, rhm, (H, R, R), rhm, (Cp, H, M), (Cp, H))
-    if tuple(t.shape for t in ts) != want:
-        got = ", ".join(f"{name} {tuple(t.shape)}" for name, t in zip(DPLR_NAMES, ts))
-        raise ValueError(f"dplr_step: expected u_t (B, H), state (B, H, M), E, dB, d (H, M), Pc2, Ph, Pd2, dPh "
-                         f"(r, H, M), inv (H, r, r), C (C', H, M), D (C', H); got {got}")
+    return (Bsz, H), (Bsz, H, M), hm, rhm, rhm, hm, hm, rhm, (H, R, R), rhm, (Cp, H, M), (Cp, H)
+
+
+def _check_dplr(ts):
+    chunked_native.check_step_args("dplr_step", DPLR_NAMES, ts, (2, 3, 2, 3, 3, 2, 2, 3, 3, 3, 3, 2), _want_dplr,
+                                   "u_t (B, H), state (B, H, M), E, dB, d (H, M), Pc2, Ph, Pd2, dPh (r, H, M), "
+                                   "inv (H, r, r), C (C', H, M), D (C', H)")
 
 
 def dplr_unsupported(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
