@@ -4,6 +4,8 @@
     python benchmarks/bench_chunked.py --kernels torch          # the PyTorch path (default: native where it runs)
     python benchmarks/bench_chunked.py --chunk 32 --block 4     # other chunk / time-block sizes
     python benchmarks/bench_chunked.py --channels 2             # C' = 2 output channels
+    python benchmarks/bench_chunked.py --H 100                  # H channels (not a multiple of 16: padded lanes)
+    python benchmarks/bench_chunked.py --H 20 --pad-limit 2     # padded further than the library would
     python benchmarks/bench_chunked.py --profile                # and where one pass spends its time
     python benchmarks/bench_chunked.py --parts                  # and its pieces alone: matmul rate, one layout pass,
                                                                 # the system side's helpers, the native kernels
@@ -27,6 +29,7 @@ import statistics
 import torch
 
 from diagssm.bench import PeakMemory, device_arg, median_ms, setup_process
+from diagssm.ops import chunked_native
 
 
 def load_op(path):
@@ -48,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int)
     ap.add_argument("--block", type=int)
     ap.add_argument("--channels", type=int, default=1, help="output channels C' (y is (B, L, C', H))")
+    ap.add_argument("--H", type=int, default=128, help="channels H of u (B, L, H)")
+    ap.add_argument("--pad-limit", type=float, help="chunked_native.PAD_LIMIT: the most lanes per channel for "
+                    "which the native path pads H (default: the library's)")
     ap.add_argument("--module", help="a chunked.py file to time instead of the installed one")
     ap.add_argument("--kernels", choices=("auto", "native", "torch"),
                     help="the op's native kernels (ops/chunked_native.py), its PyTorch path, or native where "
@@ -63,11 +69,26 @@ def main(argv=None):
         ap.error("--sections times the installed op's helpers; leave out --module")
     if args.device != "cpu" and (args.parts or args.sections):
         ap.error("--parts and --sections time CPU pieces; leave them out with --device")
+    if args.H < 1:
+        ap.error(f"--H must be >= 1 (got {args.H})")
+    limit = chunked_native.PAD_LIMIT
+    if args.pad_limit is not None:
+        if args.pad_limit < 1:
+            ap.error(f"--pad-limit must be >= 1 (got {args.pad_limit})")
+        chunked_native.PAD_LIMIT = args.pad_limit
+    try:
+        return run(args)
+    finally:
+        chunked_native.PAD_LIMIT = limit
+
+
+def run(args):
+    """Time the op as `main`'s arguments say (module docstring); 0."""
     kernels = args.kernels or "auto"
     setup_process(args.threads)
     op = load_op(args.module)
     takes = inspect.signature(op).parameters
-    Bsz, H, M = 16, 128, 32
+    Bsz, H, M = 16, args.H, 32
     g, dev = torch.Generator().manual_seed(0), args.device
     w = torch.complex(-0.1 * torch.rand(H, M, generator=g), torch.randn(H, M, generator=g)).to(dev).requires_grad_()
     B_bar = torch.randn(H, M, dtype=torch.complex64, generator=g).to(dev).requires_grad_()
@@ -100,7 +121,8 @@ def main(argv=None):
     if args.parts:
         parts(u.detach(), args)
     if args.sections:
-        native = type(forward().grad_fn).__name__.startswith("ChunkedNative")
+        forward()
+        native = chunked_native.paths().get(chunked_native.CHUNKED_OP) == ""  # the path the op logged
         sections(forward, weight, [u, w, B_bar, C, D], args.repeats, native)
     if args.profile:
         with torch.profiler.profile(record_shapes=True) as prof:

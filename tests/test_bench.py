@@ -356,6 +356,23 @@ def test_bench_chunked_sections_of_the_native_path(capsys):
     assert ms["_chunks_fwd"] + ms["_carry"] < ms["forward"] and ms["_red"] + ms["_carry_back"] < ms["backward"]
 
 
+@pytest.mark.skipif(not chunked_native.available(), reason="native kernels unavailable")
+def test_bench_chunked_pads_lanes_as_told_and_restores_the_limit(capsys):
+    """--H 20 runs on 32 lanes only with --pad-limit >= 1.6; --sections then times the native helpers."""
+    script = benchmark_script("bench_chunked")
+    limit = chunked_native.PAD_LIMIT
+    argv = ["--L", "256", "--repeats", "2", "--threads", "1", "--H", "20", "--kernels", "native"]
+    with pytest.raises(ValueError, match="H = 20 would run on 32 lanes"):
+        script.main(argv)
+    assert script.main(argv + ["--pad-limit", "2", "--sections"]) == 0
+    assert chunked_native.PAD_LIMIT == limit
+    first, last = capsys.readouterr().out.splitlines()
+    assert "H=20 " in first and "'native': True" in first
+    assert {"_chunks_fwd", "_mm", "_red"} <= set(re.findall(r"(\w+) [0-9.]+", last.split(":", 1)[1]))
+    with pytest.raises(SystemExit):
+        script.main(argv + ["--pad-limit", "0.5"])
+
+
 def test_one_case_with_profile_prints_its_op_table(capsys):
     assert bench.main(["--one", "s5", "scan", "64", "--repeats", "1", "--threads", "1", "--profile"]) == 0
     out, err = capsys.readouterr()

@@ -52,6 +52,8 @@ def run(fn, u, h0, params, gy, gh, **kw):
     (2, 5, 16, 4, None, None, 1),  # shorter than one chunk (T = 8)
     (2, 100, 16, 4, 16, None, 2),  # two output channels: chunks of y are (2 T, H) rows
     (3, 130, 32, 2, 8, 3 * 3 * 4 * 32, 3),  # three, in time blocks, a last chunk of 2 steps
+    (2, 100, 40, 4, 16, None, 1),  # H = 40 on 48 lanes (`apply_on_lanes`: zero channels appended, cut off)
+    (3, 130, 100, 2, 8, 3 * 3 * 4 * 112, 2),  # H = 100 on 112 lanes, two output channels, in time blocks
 ])
 @pytest.mark.parametrize("fused", [True, False], ids=["chunks_fwd", "three-calls"])
 def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbers, Cp, fused, monkeypatch):
@@ -186,7 +188,8 @@ def test_backward_keeps_u_and_the_chunk_states_only():
 
 @pytest.mark.parametrize("case,why", [
     (dict(dtype=torch.float64), "float32 on the CPU only"),
-    (dict(H=3), "H must be a multiple of 16"),
+    (dict(H=3), "H = 3 would run on 16 lanes (a multiple of 16): over 1.2x the channels"),
+    (dict(H=20), "H = 20 would run on 32 lanes"),
     (dict(chunk=6), "the chunk length must be a multiple of 4"),
     (dict(M=3), "an even number of modes"),
 ])

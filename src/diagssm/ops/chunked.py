@@ -309,7 +309,7 @@ def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, bloc
     if why:
         y, x_last = _Chunked.apply(*args, block or block_size(nc, H * Bsz * T, u.device))
     else:
-        y, x_last = chunked_native.ChunkedNative.apply(*args)
+        y, x_last = chunked_native.apply_on_lanes(*args)
     return y, x_last.transpose(0, 1)
 
 

@@ -16,8 +16,9 @@ $DIAGSSM_CACHE (default ~/.cache/diagssm) under a name keyed by the source, the 
 it is written to a temporary file and renamed into place. Its register tiles follow the target's
 vector width (`vector_floats()`: 16 floats with AVX-512, 8 with AVX2, else 4). Without a
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
-Float32 on the CPU only, a chunk length that is a multiple of 4, H a multiple of 16 and an even number of
-modes: `unsupported` says which condition fails. C' > 1 output channels make each chunk of y a (T C', H)
+Float32 on the CPU only, a chunk length that is a multiple of 4 and an even number of modes; the
+kernels run H channels in multiples of LANES = 16, and `apply_on_lanes` pads other H with zero
+channels where that costs at most PAD_LIMIT times the channels: `unsupported` says which condition fails. C' > 1 output channels make each chunk of y a (T C', H)
 row (y is (B, L, C', H)): the output weights' columns are taken in (step, channel) order to match. The same
 library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64) and the
 fused S5 op of `ops.s5_native` (`s5_fwd`, `s5_bwd`).
@@ -184,6 +185,15 @@ def log_path(logger, what, native, fallback, why):
         logger.info("%s: %s", what, native if not why else f"{fallback} ({why})")
 
 
+def lanes(H):
+    """The channels the kernels run for H: H rounded up to a multiple of LANES (`apply_on_lanes`)."""
+    return -(-H // LANES) * LANES
+
+
+# the most lanes per channel (`lanes(H) / H`) for which the op pads H rather than run its PyTorch path
+PAD_LIMIT = 1.2
+
+
 def unsupported(u, Cp, T, M):
     """Why the native kernels cannot run this problem of M modes, C' output channels and chunk
     length T ('' when they can)."""
@@ -192,8 +202,8 @@ def unsupported(u, Cp, T, M):
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
     if T % 4:
         return f"the chunk length must be a multiple of 4 (got T = {T})"
-    if H % LANES:
-        return f"H must be a multiple of {LANES} (got {H})"
+    if lanes(H) > PAD_LIMIT * H:
+        return f"H = {H} would run on {lanes(H)} lanes (a multiple of {LANES}): over {PAD_LIMIT}x the channels"
     if M % 2:
         return f"an even number of modes only (got M = {M})"
     return "" if available() else why_unavailable()
@@ -488,3 +498,20 @@ class ChunkedNative(torch.autograd.Function):
             _untile(g, out.permute(1, 2, 0))  # the (H, K, I) gradients returned, written as (K, I, H) views
         return (gu, _swap_columns(gW, Cp), g_into_, _complex_grad(gA, P, H), g_into_r_, _complex_grad(gA_r, P, H),
                 _complex_of_lanes(Lb[:, nbk]), None)
+
+
+def apply_on_lanes(u, W, into, aT, into_r, a_r, x0, T):
+    """`ChunkedNative.apply` for any number of channels H: where H is not a multiple of LANES, zero
+    channels are appended to the inputs and to every per-channel tensor up to `lanes(H)` (zero weights
+    and decays, so their outputs and states are zero), and cut off the outputs again (views). Autograd
+    takes the gradients through the padding: those of the real channels are unchanged."""
+    H = u.shape[-1]
+    pad = lanes(H) - H
+    if not pad:
+        return ChunkedNative.apply(u, W, into, aT, into_r, a_r, x0, T)
+
+    def padded(t, dim):
+        return torch.cat([t, t.new_zeros(t.shape[:dim] + (pad,) + t.shape[dim + 1:])], dim)
+
+    y, x_last = ChunkedNative.apply(padded(u, 2), *(padded(t, 0) for t in (W, into, aT, into_r, a_r, x0)), T)
+    return y[..., :H], x_last[:H]
