@@ -4,6 +4,7 @@
     python benchmarks/bench_s5.py --L 4096
     python benchmarks/bench_s5.py --tb 32 64 128 256   # the fused op's forward and backward per block size
     python benchmarks/bench_s5.py --layer --bidirectional   # the whole layer (DIAGSSM_NATIVE=0: PyTorch ops)
+    python benchmarks/bench_s5.py --layer --H 100 --N 56    # other sizes (on padded lanes: ops.s5_native)
 
 Each piece is timed on its own at the layer's sizes (median of --repeats, after one warm-up), in
 float32, forward + backward with gradients of every input:
@@ -85,15 +86,15 @@ def block_sizes(Bsz, L, H, M, sizes, repeats):
     return lines
 
 
-def layer_time(L, bidirectional, repeats):
+def layer_time(L, bidirectional, repeats, H=bench.H, N=bench.N):
     """One line: the S5 layer's forward + backward median ms, as `diagssm bench` times its cases (loss
-    sum(y * w), at its B, H and d_state), and the path the layer took."""
+    sum(y * w), at its B; H and d_state N default to its), and the path the layer took."""
     chunked_native.paths(forget=True)
-    _, fwd_bwd = bench._case("s5", "scan", bidirectional=bidirectional)
-    u, w = bench._inputs(L)
+    _, fwd_bwd = bench._case("s5", "scan", size=(H, N), bidirectional=bidirectional)
+    u, w = bench._inputs(L, channels=H)
     ms = median_ms(lambda: fwd_bwd(u, w), repeats, warmup=1)
     why = chunked_native.paths().get(chunked_native.S5_SCAN, "?")
-    return (f"S5 layer{' bidirectional' if bidirectional else ''}, fwd+bwd, B={bench.B} H={bench.H} P={bench.N} "
+    return (f"S5 layer{' bidirectional' if bidirectional else ''}, fwd+bwd, B={bench.B} H={H} P={N} "
             f"L={L}: {ms:.1f} ms (median of {repeats}), {'fused native op' if not why else 'PyTorch ops: ' + why}")
 
 
@@ -105,11 +106,15 @@ def main(argv=None):
     ap.add_argument("--tb", type=int, nargs="+", help="time fused op's forward and backward at these block sizes")
     ap.add_argument("--layer", action="store_true", help="time the whole layer's forward + backward instead")
     ap.add_argument("--bidirectional", action="store_true", help="with --layer: a bidirectional layer")
+    ap.add_argument("--H", type=int, default=bench.H, help="with --layer: the layer's d_model")
+    ap.add_argument("--N", type=int, default=bench.N, help="with --layer: the layer's d_state")
     args = ap.parse_args(argv)
+    if (args.H, args.N) != (bench.H, bench.N) and not args.layer:
+        ap.error("--H and --N go with --layer")
     setup_process(args.threads)
     Bsz, H, M = 16, 128, 32
     if args.layer:
-        print(layer_time(args.L, args.bidirectional, args.repeats))
+        print(layer_time(args.L, args.bidirectional, args.repeats, args.H, args.N))
         return 0
     if args.tb:
         print("\n".join(block_sizes(Bsz, args.L, H, M, args.tb, args.repeats)))

@@ -284,6 +284,17 @@ def test_bench_s5_times_the_whole_layer_and_names_its_path(bidirectional, capsys
     assert line.endswith("fused native op") if fused else "PyTorch ops: " in line
 
 
+def test_bench_s5_times_a_layer_of_other_sizes(capsys):
+    """H = 40, d_state 28 (14 modes): the fused op on padded lanes (48 and 32) where it is built."""
+    script = benchmark_script("bench_s5")
+    assert script.main(["--L", "64", "--repeats", "1", "--threads", "1", "--layer", "--H", "40", "--N", "28"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "B=16 H=40 P=28 L=64: " in line
+    assert line.endswith("fused native op") if chunked_native.available() else "PyTorch ops: " in line
+    with pytest.raises(SystemExit):
+        script.main(["--H", "40"])
+
+
 def test_bench_chunked_script_takes_output_channels(capsys):
     script = benchmark_script("bench_chunked")
     # the loss weights y (B, L, C', H) flattened to 2 H columns: an op that left out a channel fails here

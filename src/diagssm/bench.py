@@ -188,10 +188,12 @@ NAIVE = {"s4d": s4d_naive, "dss": dss_naive, "s5": s5_naive}
 
 
 # ---------------------------------------------------------------- one case, in this process
-def make_layer(name, impl, seed=0, device="cpu", **options):
+def make_layer(name, impl, seed=0, device="cpu", size=None, **options):
     """The benchmarked layer (float32, check_finite=False, and `options` for its constructor, e.g.
-    bidirectional=True), on `device`; the naive case reads its parameters."""
+    bidirectional=True), on `device`, of `size` (H, d_state) (default: the module's H, N); the naive
+    case reads its parameters."""
     torch.manual_seed(seed)
+    H, N = size or (globals()["H"], globals()["N"])
     kw = dict(check_finite=False, **options)
     if name in ("s4d", "dss"):
         layer = (S4D if name == "s4d" else DSS)(H, N, backend=impl if impl != "naive" else "auto", **kw)
@@ -287,26 +289,26 @@ class PeakMemory:
         return maxrss_mb() - self.base
 
 
-def _case(name, impl, device="cpu", **options):
-    """(run, fwd_bwd) of one case on `device` (`options`: for the layer's constructor): run(u) -> y;
+def _case(name, impl, device="cpu", size=None, **options):
+    """(run, fwd_bwd) of one case on `device` (`size`, `options`: for `make_layer`): run(u) -> y;
     fwd_bwd(u, w) takes the gradients of sum(y * w) with respect to u and every parameter. Loads the
     libraries with a small pass first."""
-    layer = make_layer(name, impl, device=device, **options)
+    layer = make_layer(name, impl, device=device, size=size, **options)
     params = list(layer.parameters())
     run = (lambda x: NAIVE[name](layer, x)) if impl == "naive" else layer
 
     def fwd_bwd(x, w):
         torch.autograd.grad((run(x) * w).sum(), [x] + params, allow_unused=True)
 
-    fwd_bwd(*_inputs(WARM_L, device, seed=2))  # load libraries
+    fwd_bwd(*_inputs(WARM_L, device, seed=2, channels=layer.d_model))  # load libraries
     return run, fwd_bwd
 
 
-def _inputs(L, device="cpu", seed=1):
-    """u (B, L, H) requiring gradients and the loss weights w, drawn on the CPU (the same numbers on
-    every device), then moved to `device`."""
+def _inputs(L, device="cpu", seed=1, channels=H):
+    """u (B, L, channels) requiring gradients and the loss weights w, drawn on the CPU (the same
+    numbers on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
-    u, w = torch.randn(B, L, H, generator=g), torch.randn(B, L, H, generator=g)
+    u, w = torch.randn(B, L, channels, generator=g), torch.randn(B, L, channels, generator=g)
     return u.to(device).requires_grad_(), w.to(device)
 
 

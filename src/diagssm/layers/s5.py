@@ -236,7 +236,8 @@ class S5(SSMLayer):
                 chunked_native.log_path(log, chunked_native.S5_SCAN, "fused native op (ops.s5_native)", "PyTorch ops",
                                         why)
                 if not why:  # projections, scan and skip term fused, one pass over u and y
-                    y, last = s5_native.S5Fused.apply(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D, state)
+                    y, last = s5_native.apply_on_lanes(u, W_in, A_bar, out_weight(self.factor * C[0]), self.D,
+                                                       state)
                     return (y, last) if return_state else y
             Bu = mix_in(u, B_bar)  # (B, L, M)
         else:

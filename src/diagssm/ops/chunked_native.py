@@ -500,6 +500,14 @@ class ChunkedNative(torch.autograd.Function):
                 _complex_of_lanes(Lb[:, nbk]), None)
 
 
+def zero_padded(t, dim, n):
+    """t with n zeros appended along `dim` (t itself when n = 0), through autograd."""
+    if not n:
+        return t
+    dim %= t.dim()
+    return torch.cat([t, t.new_zeros(t.shape[:dim] + (n,) + t.shape[dim + 1:])], dim)
+
+
 def apply_on_lanes(u, W, into, aT, into_r, a_r, x0, T):
     """`ChunkedNative.apply` for any number of channels H: where H is not a multiple of LANES, zero
     channels are appended to the inputs and to every per-channel tensor up to `lanes(H)` (zero weights
@@ -509,9 +517,6 @@ def apply_on_lanes(u, W, into, aT, into_r, a_r, x0, T):
     pad = lanes(H) - H
     if not pad:
         return ChunkedNative.apply(u, W, into, aT, into_r, a_r, x0, T)
-
-    def padded(t, dim):
-        return torch.cat([t, t.new_zeros(t.shape[:dim] + (pad,) + t.shape[dim + 1:])], dim)
-
-    y, x_last = ChunkedNative.apply(padded(u, 2), *(padded(t, 0) for t in (W, into, aT, into_r, a_r, x0)), T)
+    y, x_last = ChunkedNative.apply(zero_padded(u, 2, pad), *(zero_padded(t, 0, pad) for t in
+                                                              (W, into, aT, into_r, a_r, x0)), T)
     return y[..., :H], x_last[:H]

@@ -11,9 +11,10 @@ native.c): a block's u, x and y stay in cache between the two GEMMs, the scan an
 u is read and y written once, and only the states x go to memory (saved for the backward).
 
 The GEMMs are native too (a register tile of 4 rows x 64 columns with AVX-512, 4 x 16 below it,
-A's entries broadcast; weights of 32 KB stay in L1). Float32 on the CPU, H and P2 multiples of 16,
-the native library built: `unsupported` says which condition fails, and `layers.S5` then composes
-the PyTorch ops as before.
+A's entries broadcast; weights of 32 KB stay in L1). Float32 on the CPU and the native library
+built; the kernels run H and P2 in multiples of 16, and `apply_on_lanes` pads other sizes with zeros
+where that costs at most `chunked_native.PAD_LIMIT` times them: `unsupported` says which condition
+fails, and `layers.S5` then composes the PyTorch ops as before.
 
 `s5_step` is S5's recurrent step (`S5.step`) in one native call (`s5_step` in native.c: the input
 projection, the complex multiply-add and the output projection per batch row), for float32
@@ -42,8 +43,10 @@ def unsupported(u, W_in, h0):
     H, P2 = W_in.shape
     if u.device.type != "cpu" or u.dtype != torch.float32:
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
-    if H % LANES or P2 % LANES:
-        return f"H and 2 x modes must be multiples of {LANES} (got H = {H}, {P2})"
+    for name, n in (("H", H), ("2 x modes", P2)):
+        if chunked_native.lanes(n) > chunked_native.PAD_LIMIT * n:
+            return (f"{name} = {n} would run on {chunked_native.lanes(n)} lanes (a multiple of {LANES}): "
+                    f"over {chunked_native.PAD_LIMIT}x")
     if h0 is not None and h0.shape != (u.shape[0], P2 // 2):
         return "h0 must be (B, modes)"
     return "" if chunked_native.available() else chunked_native.why_unavailable()
@@ -104,7 +107,24 @@ def s5_fused(u, W_in, a, W_out, D, h0=None):
     why = unsupported(u, W_in, h0)
     if why:
         raise ValueError(f"s5_fused: {why}")
-    return S5Fused.apply(u, W_in, a, W_out, D, h0)
+    return apply_on_lanes(u, W_in, a, W_out, D, h0)
+
+
+def apply_on_lanes(u, W_in, a, W_out, D, h0=None):
+    """`S5Fused.apply` for any H and P2: where either is not a multiple of LANES, zero channels (rows of
+    W_in and W_out, D, channels of u) and zero modes (columns of W_in and W_out, a, h0) are appended up
+    to `chunked_native.lanes`, and cut off the outputs again (views). A zero mode decays at once and
+    is read by no channel, a zero channel reads and writes no mode, so the real outputs and, through
+    autograd, their gradients are unchanged."""
+    H, P2 = W_in.shape
+    ph, pp = chunked_native.lanes(H) - H, chunked_native.lanes(P2) - P2
+    if not (ph or pp):
+        return S5Fused.apply(u, W_in, a, W_out, D, h0)
+    pad = chunked_native.zero_padded
+    W_in, W_out = (pad(pad(w, 0, ph), 1, pp) for w in (W_in, W_out))
+    h0 = None if h0 is None else pad(h0, 1, pp // 2)
+    y, last = S5Fused.apply(pad(u, 2, ph), W_in, pad(a, 0, pp // 2), W_out, pad(D, 0, ph), h0)
+    return y[..., :H], last[:, :P2 // 2]
 
 
 def s5_fused_ref(u, W_in, a, W_out, D, h0=None):
