@@ -91,7 +91,8 @@ def test_a_block_that_ends_on_the_last_step():
         assert_close(x, y, scale=100)
 
 
-@pytest.mark.parametrize("case,why", [("float64", "float32 on the CPU only"), ("H = 24", "H = 24 would run on 32 lanes"),
+@pytest.mark.parametrize("case,why", [("float64", "float32 on the CPU only"),
+                                      ("H = 24", "H = 24 would run on 32 lanes"),
                                       ("h0 (P,)", r"h0 must be \(B, modes\)")])
 def test_unsupported_problems_raise(case, why):
     u, W_in, a, W_out, D, h0 = problem(2, 10, 24 if case == "H = 24" else 16, 8, True)

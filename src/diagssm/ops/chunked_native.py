@@ -18,8 +18,9 @@ vector width (`vector_floats()`: 16 floats with AVX-512, 8 with AVX2, else 4). W
 compiler, or with DIAGSSM_NATIVE=0, `available()` is False and callers use the PyTorch path.
 Float32 on the CPU only, a chunk length that is a multiple of 4 and an even number of modes; the
 kernels run H channels in multiples of LANES = 16, and `apply_on_lanes` pads other H with zero
-channels where that costs at most PAD_LIMIT times the channels: `unsupported` says which condition fails. C' > 1 output channels make each chunk of y a (T C', H)
-row (y is (B, L, C', H)): the output weights' columns are taken in (step, channel) order to match. The same
+channels where that costs at most PAD_LIMIT times the channels: `unsupported` says which condition
+fails. C' > 1 output channels make each chunk of y a (T C', H) row (y is (B, L, C', H)): the output
+weights' columns are taken in (step, channel) order to match. The same
 library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64) and the
 fused S5 op of `ops.s5_native` (`s5_fwd`, `s5_bwd`).
 """
