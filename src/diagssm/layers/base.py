@@ -171,6 +171,7 @@ class DiagonalSSM(SSMLayer):
         """The zero state, (B, H, M) complex."""
         return self.zero_state(batch_size, self.d_model, self.n_modes)
 
+    @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
         """y = K * u + D u (+ the response to `state`), by FFT convolution or chunked matmuls.
 
@@ -261,6 +262,7 @@ class DiagonalSSM(SSMLayer):
             raise ValueError(f"L={L} is shorter than the input's length {L_u}")
         return L
 
+    @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def step(self, u_t, state, rate=1.0, L=None):
         """One step of the recurrence: x = A_bar x + B_bar u_t, y_t = factor Re(C x) + D u_t.
 

@@ -302,6 +302,7 @@ class S4(SSMLayer):
         """The zero state, (B, H, N/2) complex."""
         return self.zero_state(batch_size, self.d_model, self.n_modes)
 
+    @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
         """y = K * u + D u (+ the response to `state`), by FFT convolution.
 
@@ -345,6 +346,7 @@ class S4(SSMLayer):
         return torch.cat([fft_conv(u, K[c], self.D[c], bidirectional=self.bidirectional)
                           for c in range(self.channels)], dim=-1)
 
+    @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def step(self, u_t, state, rate=1.0, L=None):
         """One bilinear step in O(N r) per channel, using the DPLR structure (the recurrent view of S4):
             x' = (I - dt/2 A)^{-1} ((I + dt/2 A) x + dt B u_t),   y_t = 2 Re(C x') + D u_t

@@ -206,6 +206,7 @@ class S5(SSMLayer):
         """The zero state, (B, M) complex (complex64 for float32 parameters, complex128 for float64)."""
         return self.zero_state(batch_size, self.n_modes)
 
+    @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def forward(self, u, state=None, return_state=False, rate=1.0, dt=None, resets=None):
         """y_k = factor Re(C_tilde h_k) + D u_k with h_k = Lambda_bar_k h_(k-1) + B_bar_k u_k, h_(-1) = state.
 
@@ -281,6 +282,7 @@ class S5(SSMLayer):
                 raise ValueError(f"resets must be a bool tensor of shape (B, L) = {(Bsz, L)}; got {got}")
         return dt, resets
 
+    @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def step(self, u_t, state, rate=1.0):
         """One step of the recurrence: h = Lambda_bar state + B_bar u_t, y_t = factor Re(C_tilde h) + D u_t.
 

@@ -25,6 +25,7 @@ library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; com
 fused S5 op of `ops.s5_native` (`s5_fwd`, `s5_bwd`).
 """
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -509,6 +510,26 @@ def zero_padded(t, dim, n):
     return torch.cat([t, t.new_zeros(t.shape[:dim] + (n,) + t.shape[dim + 1:])], dim)
 
 
+_disabled = {}  # fn -> torch.compiler.disable(fn), made on the first compiled call (`eager`)
+
+
+def eager(fn):
+    """`fn`, never traced by torch.compile: a compiled caller breaks its graph there and runs `fn` as it
+    is. Every entry into the native kernels is one: they are ctypes calls on raw pointers, which dynamo
+    cannot follow (traced, the kernels would not run and their outputs would be left unwritten). Made
+    lazily: `torch.compiler.disable` imports dynamo (a second at import time), and outside compiled
+    code `fn` is called directly."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if fn not in _disabled:
+                _disabled[fn] = torch.compiler.disable(fn)
+            return _disabled[fn](*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
+@eager
 def apply_on_lanes(u, W, into, aT, into_r, a_r, x0, T):
     """`ChunkedNative.apply` for any number of channels H: where H is not a multiple of LANES, zero
     channels are appended to the inputs and to every per-channel tensor up to `lanes(H)` (zero weights

@@ -67,11 +67,14 @@ class S5Fused(torch.autograd.Function):
         h0_r = None if h0 is None else _real(h0)
         B, L, H = u.shape
         P2 = W_in.shape[1]
-        y, xs, last = u.new_empty(B, L, H), u.new_empty(B, L, P2), u.new_empty(B, P2)
+        y, xs = u.new_empty(B, L, H), u.new_empty(B, L, P2)
+        # the final state, written as (Re, Im) pairs into a complex tensor: returned as itself, not as a
+        # complex view of a real one (which torch.compile could not trace)
+        last = u.new_empty(B, P2 // 2, dtype=torch.complex64)
         lib.s5_fwd(y.data_ptr(), xs.data_ptr(), last.data_ptr(), u.data_ptr(), W_in.data_ptr(),
                    W_outT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
         ctx.save_for_backward(u, xs, W_in, a_r, W_out.contiguous(), D, h0_r)
-        return y, torch.view_as_complex(last.view(B, -1, 2))
+        return y, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -110,6 +113,7 @@ def s5_fused(u, W_in, a, W_out, D, h0=None):
     return apply_on_lanes(u, W_in, a, W_out, D, h0)
 
 
+@chunked_native.eager
 def apply_on_lanes(u, W_in, a, W_out, D, h0=None):
     """`S5Fused.apply` for any H and P2: where either is not a multiple of LANES, zero channels (rows of
     W_in and W_out, D, channels of u) and zero modes (columns of W_in and W_out, a, h0) are appended up
@@ -163,6 +167,11 @@ def s5_step(u_t, state, a, W_in, W_out, D):
     chunked_native.log_path(log, S5_STEP, "native kernel", "PyTorch ops", why)
     if why:
         return s5_step_ref(u_t, state, a, W_in, W_out, D)
+    return _s5_step_native(u_t, state, a, W_in, W_out, D)
+
+
+@chunked_native.eager
+def _s5_step_native(u_t, state, a, W_in, W_out, D):
     u_t, state, a, W_in, W_out, D = chunked_native.dense(u_t, state, a, W_in, W_out, D)
     (Bsz, H), P = u_t.shape, a.shape[0]
     y, h = torch.empty_like(u_t), torch.empty_like(state)

@@ -284,6 +284,11 @@ class _NativeScan(torch.autograd.Function):
         return ga.sum(0), lam, gh0, None
 
 
+@chunked_native.eager
+def _native_scan(a, b, h0, reverse):
+    return _NativeScan.apply(a, b, h0, reverse)
+
+
 def scan(A_bar, Bu, h0=None, reverse=False):
     """Fast scan (chunked two-level loop; backward is a scan too). Same contract as `scan_ref`.
 
@@ -303,5 +308,5 @@ def scan(A_bar, Bu, h0=None, reverse=False):
     why = _native_problem(a, b, h0)
     chunked_native.log_path(log, chunked_native.SCAN, "native kernel", "PyTorch loop", why)
     if not why:  # a constant A_bar in complex64 on the CPU: the native kernel
-        return _NativeScan.apply(a.reshape(-1), b, h0, reverse)  # (B, L, P)
+        return _native_scan(a.reshape(-1), b, h0, reverse)  # (B, L, P)
     return _Scan.apply(a, b, h0, reverse)  # (B, L, P)

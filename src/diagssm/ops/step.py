@@ -51,6 +51,11 @@ def diagonal_step(u_t, state, A_bar, B_bar, C, D, factor):
     chunked_native.log_path(log, STEP, "native kernel", "PyTorch ops", why)
     if why:
         return diagonal_step_ref(u_t, state, A_bar, B_bar, C, D, factor)
+    return _diagonal_step_native(u_t, state, A_bar, B_bar, C, D, factor)
+
+
+@chunked_native.eager
+def _diagonal_step_native(u_t, state, A_bar, B_bar, C, D, factor):
     u_t, state, A_bar, B_bar, C, D = chunked_native.dense(u_t, state, A_bar, B_bar, C, D)
     (Bsz, H), M, Cp = u_t.shape, A_bar.shape[-1], C.shape[0]
     y, x = u_t.new_empty(Bsz, Cp, H), torch.empty_like(state)
@@ -109,7 +114,13 @@ def dplr_step(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
     chunked_native.log_path(log, DPLR_STEP, "native kernel", "PyTorch ops", why)
     if why:
         return dplr_step_ref(*ts)
+    return _dplr_step_native(ts)
+
+
+@chunked_native.eager
+def _dplr_step_native(ts):
     ts = chunked_native.dense(*ts)
+    u_t, E, Pc2, C = ts[0], ts[2], ts[3], ts[10]
     (Bsz, H), M, R, Cp = u_t.shape, E.shape[1], Pc2.shape[0], C.shape[0]
     y, x = ts[0].new_empty(Bsz, Cp, H), torch.empty_like(ts[1])
     chunked_native.library().dplr_step(y.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in ts), Bsz, H, M, R, Cp)
