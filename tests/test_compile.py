@@ -14,7 +14,8 @@ needs_native = pytest.mark.skipif(not chunked_native.available(),
                                   reason=f"native kernels unavailable: {chunked_native.why_unavailable()}")
 LAYERS = {  # (H, N) not multiples of 16 too: the padded lanes
     "s4d": lambda: S4D(32, 16), "s4d-H40": lambda: S4D(40, 16), "dss": lambda: DSS(32, 16),
-    "s5": lambda: S5(32, 16), "s5-H40-N28": lambda: S5(40, 28), "s5-bidirectional": lambda: S5(32, 16, bidirectional=True),
+    "s5": lambda: S5(32, 16), "s5-H40-N28": lambda: S5(40, 28),
+    "s5-bidirectional": lambda: S5(32, 16, bidirectional=True),
     "s4": lambda: S4(32, 16),
 }
 
