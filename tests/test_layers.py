@@ -224,6 +224,18 @@ def test_bad_input_errors():
 EVERY_LAYER = {"S4D": S4D, "DSS": DSS, "S4": S4, "S5": S5}
 
 
+@pytest.mark.parametrize("who", list(EVERY_LAYER))
+@pytest.mark.parametrize("H", [16, 40])
+def test_empty_sequences_are_an_error(who, H):
+    """B = 0 or L = 0: a clear error from every layer (S4D, DSS and S5 had raised PyTorch's errors from
+    inside their ops at B = 0), on the native and the padded paths alike."""
+    layer = EVERY_LAYER[who](H, 8)
+    with pytest.raises(ValueError, match="u has batch size B = 0; need B >= 1"):
+        layer(torch.randn(0, 70, H))
+    with pytest.raises(ValueError, match="u has length L = 0; need L >= 1"):
+        layer(torch.randn(2, 0, H))
+
+
 @pytest.mark.parametrize("who, name, value", [
     (who, name, value) for who in EVERY_LAYER for name, value in
     [("d_model", 0), ("d_model", -1), ("d_model", 2.5), ("d_model", True), ("channels", 0), ("channels", 1.0)]

@@ -99,6 +99,8 @@ class SSMLayer(nn.Module):
                              f"convert one of them (layer.to({u.dtype}) or {name}.to({self.param_dtype()}))")
         if ndim == 3 and u.shape[1] < 1:
             raise ValueError(f"{name} has length L = 0; need L >= 1")
+        if ndim == 3 and u.shape[0] < 1:  # (a step of B = 0 inputs returns empty tensors)
+            raise ValueError(f"{name} has batch size B = 0; need B >= 1")
         if self.check_finite and not torch.isfinite(u).all():
             raise ValueError(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
 
