@@ -224,6 +224,20 @@ def test_bad_input_errors():
 EVERY_LAYER = {"S4D": S4D, "DSS": DSS, "S4": S4, "S5": S5}
 
 
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")  # default_state in float16
+@pytest.mark.parametrize("who", list(EVERY_LAYER))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_layers_are_an_error_that_says_what_to_do(who, dtype):
+    """model.half() or .bfloat16(): a clear error from forward and step (they had failed inside PyTorch's
+    complex ops: "not implemented for 'ComplexHalf'", "Expected both inputs to be Half, Float or Double")."""
+    layer = EVERY_LAYER[who](16, 8).to(dtype)
+    want = f"{who} runs in float32 or float64 .* its parameters are {dtype}.*keep_ssm_float32"
+    with pytest.raises(ValueError, match=want):
+        layer(torch.randn(2, 10, 16, dtype=dtype))
+    with pytest.raises(ValueError, match=want):
+        layer.step(torch.randn(2, 16, dtype=dtype), layer.default_state(2))
+
+
 @pytest.mark.parametrize("who", list(EVERY_LAYER))
 @pytest.mark.parametrize("H", [16, 40])
 def test_empty_sequences_are_an_error(who, H):

@@ -94,6 +94,11 @@ class SSMLayer(nn.Module):
             want = "(B, L, H)" if ndim == 3 else "(B, H)"
             got = tuple(u.shape) if torch.is_tensor(u) else type(u).__name__
             raise ValueError(f"{name} must be {want} with H = d_model = {self.d_model}; got {got}")
+        if self.param_dtype() not in (torch.float32, torch.float64):
+            raise ValueError(f"{type(self).__name__} runs in float32 or float64 (its SSM is complex arithmetic, "
+                             f"which PyTorch lacks at lower precision); its parameters are {self.param_dtype()}. "
+                             f"Keep the SSM layers in float32: for mixed precision run the model under "
+                             f"torch.autocast with diagssm.train.world.keep_ssm_float32(model)")
         if u.dtype != self.param_dtype():
             raise ValueError(f"{name} has dtype {u.dtype} but the layer's parameters are {self.param_dtype()}; "
                              f"convert one of them (layer.to({u.dtype}) or {name}.to({self.param_dtype()}))")
