@@ -193,14 +193,14 @@ def make_layer(name, impl, seed=0, device="cpu", size=None, **options):
     bidirectional=True), on `device`, of `size` (H, d_state) (default: the module's H, N); the naive
     case reads its parameters."""
     torch.manual_seed(seed)
-    H, N = size or (globals()["H"], globals()["N"])
+    d_model, d_state = size or (H, N)
     kw = dict(check_finite=False, **options)
     if name in ("s4d", "dss"):
-        layer = (S4D if name == "s4d" else DSS)(H, N, backend=impl if impl != "naive" else "auto", **kw)
+        layer = (S4D if name == "s4d" else DSS)(d_model, d_state, backend=impl if impl != "naive" else "auto", **kw)
     elif name == "s5":
-        layer = S5(H, N, mode=impl if impl != "naive" else "auto", **kw)
+        layer = S5(d_model, d_state, mode=impl if impl != "naive" else "auto", **kw)
     else:
-        layer = S4(H, N, **kw)
+        layer = S4(d_model, d_state, **kw)
     return layer.to(device)
 
 
