@@ -133,3 +133,22 @@ def test_compiled_model_matches_float64(layer):
     assert_close(y32, y64, scale=100)
     for a, b in zip(g32, g64):
         assert_close(a, b, scale=100)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("name", ["fft_conv", "s4"])
+def test_jit_trace_at_the_traced_length(name):
+    """torch.jit.trace (deprecated in torch, still used for export): a trace at one length gives the
+    float64 results on new inputs of that length. Traced, a size is a tensor, and the FFT length's
+    search (`conv._fast_len`) changed it in place: a wrong FFT length, outputs off by up to 42."""
+    torch.manual_seed(0)
+    u, u2 = randn(2, 128, 32, seed=12), randn(2, 128, 32, seed=13)
+    if name == "fft_conv":
+        K, D = randn(32, 128, seed=14), randn(32, seed=15)
+        module, want = torch.nn.Module(), lambda x: ops.fft_conv_ref(x, K, D)
+        module.forward = lambda x: ops.fft_conv(x, K, D)
+    else:
+        module = S4(32, 16).double()
+        want = module
+    traced = torch.jit.trace(module, u, check_trace=False)
+    assert_close(traced(u2), want(u2))

@@ -44,6 +44,7 @@ def _check_conv_args(u, K, D, bidirectional):
 
 def _fast_len(m):
     """The smallest 2,3,5-smooth integer >= m (a fast FFT size)."""
+    m = int(m)  # a Python int: under torch.jit.trace a size is a tensor, which `//=` and `+=` would change in place
     while True:
         k = m
         for p in (2, 3, 5):
