@@ -73,3 +73,28 @@ def test_resume_without_checkpoint_starts_at_zero(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     out = Trainer(cfg, tmp_path / "run", resume=True).run()
     assert out.step == 3 and "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+def test_throughput_leaves_out_evaluation(tmp_path, monkeypatch):
+    """tok/s in the progress bar counts training time only: an evaluation inside a logging window
+    (here one that takes 1 s more) no longer lowers it."""
+    import time
+
+    from diagssm.train.loop import Trainer as T
+    validate, means, rates = T.validate, T.window_means, []
+
+    def slow_validate(self, epoch):
+        validate(self, epoch)
+        time.sleep(1.0)
+
+    def recorded(self):
+        out = means(self)
+        rates.append((self.step, out[2]))
+        return out
+
+    monkeypatch.setattr(T, "validate", slow_validate)
+    monkeypatch.setattr(T, "window_means", recorded)
+    cfg = from_dict({**TINY, "run": {**TINY["run"], "max_steps": 12, "log_every": 20, "eval_every": 10}})
+    T(cfg, tmp_path / "run").run()
+    tokens = 11 * cfg.optim.batch_size * TINY["task"]["params"]["seq_len"]  # steps 1-11, one window
+    assert dict(rates)[11] > tokens / 0.75  # the 1 s of evaluation after step 10 left out

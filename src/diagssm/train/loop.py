@@ -297,10 +297,12 @@ class Trainer:
         if s % r.log_every == 0 or last:
             self.log.log(s, epoch, "train", loss, metric, self.lr, self.elapsed_now())
             self._reset_window()
+        paused = time.perf_counter()  # evaluation and checkpoints are not training: kept out of tok/s
         if s % r.eval_every == 0 or last:
             self.validate(epoch)
         if s % r.checkpoint_every == 0 or last:
             self.save()
+        self.window_start += time.perf_counter() - paused
 
     def validate(self, epoch):
         with compile_errors(self.cfg.run.compile):
