@@ -94,18 +94,18 @@ class SSMLayer(nn.Module):
             want = "(B, L, H)" if ndim == 3 else "(B, H)"
             got = tuple(u.shape) if torch.is_tensor(u) else type(u).__name__
             raise ValueError(f"{name} must be {want} with H = d_model = {self.d_model}; got {got}")
-        if self.param_dtype() not in (torch.float32, torch.float64):
+        dtype = self.param_dtype()
+        if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"{type(self).__name__} runs in float32 or float64 (its SSM is complex arithmetic, "
-                             f"which PyTorch lacks at lower precision); its parameters are {self.param_dtype()}. "
+                             f"which PyTorch lacks at lower precision); its parameters are {dtype}. "
                              f"Keep the SSM layers in float32: for mixed precision run the model under "
                              f"torch.autocast with diagssm.train.world.keep_ssm_float32(model)")
-        if u.dtype != self.param_dtype():
-            raise ValueError(f"{name} has dtype {u.dtype} but the layer's parameters are {self.param_dtype()}; "
-                             f"convert one of them (layer.to({u.dtype}) or {name}.to({self.param_dtype()}))")
-        if ndim == 3 and u.shape[1] < 1:
-            raise ValueError(f"{name} has length L = 0; need L >= 1")
-        if ndim == 3 and u.shape[0] < 1:  # (a step of B = 0 inputs returns empty tensors)
-            raise ValueError(f"{name} has batch size B = 0; need B >= 1")
+        if u.dtype != dtype:
+            raise ValueError(f"{name} has dtype {u.dtype} but the layer's parameters are {dtype}; "
+                             f"convert one of them (layer.to({u.dtype}) or {name}.to({dtype}))")
+        if ndim == 3 and min(u.shape[:2]) < 1:  # (a step of B = 0 inputs returns empty tensors)
+            what = "length L" if u.shape[1] < 1 else "batch size B"
+            raise ValueError(f"{name} has {what} = 0; need {what[-1]} >= 1")
         if self.check_finite and not torch.isfinite(u).all():
             raise ValueError(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
 

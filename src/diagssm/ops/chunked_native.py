@@ -187,6 +187,13 @@ def log_path(logger, what, native, fallback, why):
         logger.info("%s: %s", what, native if not why else f"{fallback} ({why})")
 
 
+def step_path(logger, what, why, ref, native, *args):
+    """A step op's dispatch: `native(*args)` where `why` is '' (the kernel can run), else the twin
+    `ref(*args)`; `log_path` says which."""
+    log_path(logger, what, "native kernel", "PyTorch ops", why)
+    return ref(*args) if why else native(*args)
+
+
 def lanes(H):
     """The channels the kernels run for H: H rounded up to a multiple of LANES (`apply_on_lanes`)."""
     return -(-H // LANES) * LANES
@@ -194,6 +201,13 @@ def lanes(H):
 
 # the most lanes per channel (`lanes(H) / H`) for which the op pads H rather than run its PyTorch path
 PAD_LIMIT = 1.2
+
+
+def too_few_for_lanes(name, n, unit=""):
+    """Why a size n (named `name`) is too far below a multiple of LANES to pad ('' when it is not)."""
+    if lanes(n) > PAD_LIMIT * n:
+        return f"{name} = {n} would run on {lanes(n)} lanes (a multiple of {LANES}): over {PAD_LIMIT}x{unit}"
+    return ""
 
 
 def unsupported(u, Cp, T, M):
@@ -204,8 +218,8 @@ def unsupported(u, Cp, T, M):
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
     if T % 4:
         return f"the chunk length must be a multiple of 4 (got T = {T})"
-    if lanes(H) > PAD_LIMIT * H:
-        return f"H = {H} would run on {lanes(H)} lanes (a multiple of {LANES}): over {PAD_LIMIT}x the channels"
+    if narrow := too_few_for_lanes("H", H, " the channels"):
+        return narrow
     if M % 2:
         return f"an even number of modes only (got M = {M})"
     return "" if available() else why_unavailable()

@@ -30,7 +30,6 @@ from .scan import _ptr, scan_ref
 log = logging.getLogger(__name__)
 S5_STEP = "S5 step"  # the name under which `chunked_native.log_path` logs the step's path
 
-LANES = chunked_native.LANES
 # time steps per block: u, x and y of one block are 64 + 32 + 64 KB at H = 128, P2 = 64, in L2.
 # Fwd / bwd ms at B = 16, L = 16384 on 2 cores, two runs in opposite orders
 # (`benchmarks/bench_s5.py --tb 32 64 128 256`): TB = 32 41-46 / 78-119, 64 34-39 / 66-67,
@@ -43,10 +42,8 @@ def unsupported(u, W_in, h0):
     H, P2 = W_in.shape
     if u.device.type != "cpu" or u.dtype != torch.float32:
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
-    for name, n in (("H", H), ("2 x modes", P2)):
-        if chunked_native.lanes(n) > chunked_native.PAD_LIMIT * n:
-            return (f"{name} = {n} would run on {chunked_native.lanes(n)} lanes (a multiple of {LANES}): "
-                    f"over {chunked_native.PAD_LIMIT}x")
+    if narrow := chunked_native.too_few_for_lanes("H", H) or chunked_native.too_few_for_lanes("2 x modes", P2):
+        return narrow
     if h0 is not None and h0.shape != (u.shape[0], P2 // 2):
         return "h0 must be (B, modes)"
     return "" if chunked_native.available() else chunked_native.why_unavailable()
@@ -115,9 +112,9 @@ def s5_fused(u, W_in, a, W_out, D, h0=None):
 
 @chunked_native.eager
 def apply_on_lanes(u, W_in, a, W_out, D, h0=None):
-    """`S5Fused.apply` for any H and P2: where either is not a multiple of LANES, zero channels (rows of
-    W_in and W_out, D, channels of u) and zero modes (columns of W_in and W_out, a, h0) are appended up
-    to `chunked_native.lanes`, and cut off the outputs again (views). A zero mode decays at once and
+    """`S5Fused.apply` for any H and P2: where either is not a multiple of `chunked_native.LANES`, zero
+    channels (rows of W_in and W_out, D, channels of u) and zero modes (columns of W_in and W_out, a,
+    h0) are appended up to `chunked_native.lanes`, and cut off the outputs again (views). A zero mode decays at once and
     is read by no channel, a zero channel reads and writes no mode, so the real outputs and, through
     autograd, their gradients are unchanged."""
     H, P2 = W_in.shape
@@ -164,10 +161,7 @@ def s5_step(u_t, state, a, W_in, W_out, D):
     """
     _check_step(u_t, state, a, W_in, W_out, D)
     why = step_unsupported(u_t, state, a, W_in, W_out, D)
-    chunked_native.log_path(log, S5_STEP, "native kernel", "PyTorch ops", why)
-    if why:
-        return s5_step_ref(u_t, state, a, W_in, W_out, D)
-    return _s5_step_native(u_t, state, a, W_in, W_out, D)
+    return chunked_native.step_path(log, S5_STEP, why, s5_step_ref, _s5_step_native, u_t, state, a, W_in, W_out, D)
 
 
 @chunked_native.eager

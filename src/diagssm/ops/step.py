@@ -48,10 +48,8 @@ def diagonal_step(u_t, state, A_bar, B_bar, C, D, factor):
     """
     _check(u_t, state, A_bar, B_bar, C, D)
     why = unsupported(u_t, state, A_bar, B_bar, C, D)
-    chunked_native.log_path(log, STEP, "native kernel", "PyTorch ops", why)
-    if why:
-        return diagonal_step_ref(u_t, state, A_bar, B_bar, C, D, factor)
-    return _diagonal_step_native(u_t, state, A_bar, B_bar, C, D, factor)
+    return chunked_native.step_path(log, STEP, why, diagonal_step_ref, _diagonal_step_native,
+                                    u_t, state, A_bar, B_bar, C, D, factor)
 
 
 @chunked_native.eager
@@ -111,14 +109,11 @@ def dplr_step(u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D):
     ts = (u_t, state, E, Pc2, Ph, dB, d, Pd2, inv, dPh, C, D)
     _check_dplr(ts)
     why = dplr_unsupported(*ts)
-    chunked_native.log_path(log, DPLR_STEP, "native kernel", "PyTorch ops", why)
-    if why:
-        return dplr_step_ref(*ts)
-    return _dplr_step_native(ts)
+    return chunked_native.step_path(log, DPLR_STEP, why, dplr_step_ref, _dplr_step_native, *ts)
 
 
 @chunked_native.eager
-def _dplr_step_native(ts):
+def _dplr_step_native(*ts):
     ts = chunked_native.dense(*ts)
     u_t, E, Pc2, C = ts[0], ts[2], ts[3], ts[10]
     (Bsz, H), M, R, Cp = u_t.shape, E.shape[1], Pc2.shape[0], C.shape[0]
