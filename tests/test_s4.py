@@ -14,6 +14,7 @@ from helpers import assert_close, randn
 
 C128, F64 = torch.complex128, torch.float64
 CONFIGS = [("legs", 1), ("legt", 2)]
+BACKENDS = ["fft", "chunked"]  # S4.forward's two algorithms; every forward test runs on both
 
 
 def layer(H=3, N=8, measure="legs", rank=1, seed=0, perturb=True, **kw):
@@ -121,10 +122,11 @@ def test_kernel_does_not_depend_on_previous_length():
 
 # --- convolution vs recurrence -------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("measure, rank", CONFIGS)
 @pytest.mark.parametrize("L", [1, 3, 17, 100])
-def test_conv_equals_step_rollout(measure, rank, L):
-    m = layer(measure=measure, rank=rank, channels=2)
+def test_conv_equals_step_rollout(measure, rank, L, backend):
+    m = layer(measure=measure, rank=rank, channels=2, backend=backend)
     u = randn(2, L, 3, seed=2)
     x0 = randn(2, 3, 4, dtype=C128, seed=3)
     y, x = m(u, state=x0, return_state=True)
@@ -137,9 +139,10 @@ def test_conv_equals_step_rollout(measure, rank, L):
     assert_close(m(u), y0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("L, t", [(37, 10), (1000, 617), (5, 1)])
-def test_split_at_t(L, t):
-    m = layer(measure="legt", rank=2)
+def test_split_at_t(L, t, backend):
+    m = layer(measure="legt", rank=2, backend=backend)
     u = randn(2, L, 3, seed=4)
     x0 = randn(2, 3, 4, dtype=C128, seed=5)
     y, x = m(u, state=x0, return_state=True)
@@ -149,8 +152,9 @@ def test_split_at_t(L, t):
     assert_close(x2, x, scale=1000)
 
 
-def test_bidirectional_is_forward_plus_reversed():
-    bi = layer(channels=2, bidirectional=True, seed=3)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bidirectional_is_forward_plus_reversed(backend):
+    bi = layer(channels=2, bidirectional=True, seed=3, backend=backend)
     assert bi.C.shape[0] == 4 and bi.kernel(20).shape == (4, 3, 20)
     fwd, bwd = copy.deepcopy(bi), copy.deepcopy(bi)
     for one, part in ((fwd, slice(0, 2)), (bwd, slice(2, 4))):
@@ -163,8 +167,9 @@ def test_bidirectional_is_forward_plus_reversed():
     assert_close(bi(u), fwd(u) + flip(bwd(flip(u))), scale=10)
 
 
-def test_rate_scales_dt():
-    m = layer(channels=2)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rate_scales_dt(backend):
+    m = layer(channels=2, backend=backend)
     m2 = copy.deepcopy(m)
     with torch.no_grad():
         m2.log_dt.add_(math.log(2.0))
@@ -214,9 +219,10 @@ def test_n_ssm_equal_H_gives_independent_channels():
                 assert rows.tolist() == [s == owner(h) for s in range(n_ssm)], (n_ssm, h)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n_ssm", [1, 3])
-def test_n_ssm_conv_equals_step_rollout(n_ssm):
-    m = layer(H=3, n_ssm=n_ssm, channels=2)
+def test_n_ssm_conv_equals_step_rollout(n_ssm, backend):
+    m = layer(H=3, n_ssm=n_ssm, channels=2, backend=backend)
     u, x0 = randn(2, 17, 3, seed=2), randn(2, 3, 4, dtype=C128, seed=3)
     y, x = m(u, state=x0, return_state=True)
     y_step, x_step = rollout(m, u, x0)
@@ -263,9 +269,10 @@ def test_state_dict_round_trip():
     assert torch.equal(other(u), m(u))
 
 
-def test_float32_close_to_float64():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_close_to_float64(backend):
     torch.manual_seed(0)
-    m32 = S4(4, 16, channels=2)
+    m32 = S4(4, 16, channels=2, backend=backend)
     m64 = copy.deepcopy(m32).double()
     u = randn(2, 1000, 4, seed=10)
     x0 = randn(2, 4, 8, dtype=C128, seed=11)

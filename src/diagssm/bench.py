@@ -5,7 +5,8 @@ Layers at B = 16, H = 128, d_state = 64, float32, CPU, L in {1024, 4096, 16384, 
 
     S4D, DSS  backend="chunked" and "fft"      vs  `s4d_naive`, `dss_naive` (Vandermonde + FFT conv)
     S5        mode="scan" and "conv"           vs  `s5_naive` (odd-even associative scan)
-    S4        as it is ("dplr")                    (no naive baseline here)
+    S4        backend="chunked" and "fft"          (no naive baseline here; "dplr" in results before
+                                                    session 25 is today's "fft")
 
 Per case: fwd ms (forward under no_grad) and fwd+bwd ms (gradients of u and of every parameter,
 loss = sum(y * w), w fixed random), each the median of --repeats after one warm-up, and peak MB:
@@ -37,7 +38,10 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
                    4 B L H * 2 + 8 B L M            (fused native op: u read, y written, h written once)
     conv     FLOPs 8 B L H M + (2 B M + M) 5 n log2 n + 6 B M n
              bytes 4 B L H * 2 + 8 B M (3 n + 3 L)
-    dplr     the fft path's terms + Cauchy H N (L/2) (10 + 8*4) (1/(z - w), four Cauchy products)
+    S4's chunked (a dense carry on n_x = N real coordinates): FLOPs 2 B L H (T/2 + 2 N + N^2/T)
+             (Toeplitz half, N in, N out, the carry's (N, N) product per chunk), bytes as chunked's
+             PyTorch kernels with N numbers per chunk state
+    S4's fft ("dplr" before session 25): the fft path's terms + Cauchy H N (L/2) (10 + 8*4) (1/(z - w), four Cauchy products)
              + c_tilde k 8 H N^3 (A_bar^L by k = floor(log2 L) + popcount(L) - 1 complex (N, N) matmuls)
              bytes: the fft path's + 8 H N L
 
@@ -71,7 +75,7 @@ from diagssm.train.world import check_device
 B, H, N = 16, 128, 64
 M = N // 2
 LAYERS = ("s4d", "dss", "s5", "s4")
-FAST = {"s4d": ("chunked", "fft"), "dss": ("chunked", "fft"), "s5": ("scan", "conv"), "s4": ("dplr",)}
+FAST = {"s4d": ("chunked", "fft"), "dss": ("chunked", "fft"), "s5": ("scan", "conv"), "s4": ("chunked", "fft")}
 HAS_NAIVE = ("s4d", "dss", "s5")
 LENGTHS, QUICK_LENGTHS = (1024, 4096, 16384, 65536), (1024,)
 PROBE_L, WARM_L, STEPS = 1024, 256, 200
@@ -200,7 +204,7 @@ def make_layer(name, impl, seed=0, device="cpu", size=None, **options):
     elif name == "s5":
         layer = S5(d_model, d_state, mode=impl if impl != "naive" else "auto", **kw)
     else:
-        layer = S4(d_model, d_state, **kw)
+        layer = S4(d_model, d_state, backend=impl, **kw)
     return layer.to(device)
 
 
@@ -451,10 +455,15 @@ def cost(name, impl, L, native=False):
     case ran the native kernels (chunked) or the fused native op (scan), which move fewer bytes."""
     lg = math.log2
     n = 2 * L
+    T = chunk_size(L)
+    if name == "s4" and impl == "chunked":  # per step: Toeplitz half, N in, N out, the dense carry N^2 / T
+        return 2 * B * L * H * (T / 2 + 2 * N + N * N / T), 4 * B * L * H * 8 + 4 * B * H * N * (L / T) * 4
     if impl == "chunked":  # per step: the causal half of a (T, T) Toeplitz block, 2M sums in, 2M out
-        T = chunk_size(L)
         return 2 * B * L * H * (T / 2 + 4 * M), 4 * B * L * H * (3 if native else 8) + 8 * B * H * M * (L / T) * 4
     fft = ((2 * B * H + H) * 2.5 * n * lg(n) + 6 * B * H * n / 2, 4 * B * L * H * 14)
+    if impl == "dplr" or (name == "s4" and impl == "fft"):
+        k = L.bit_length() - 1 + bin(L).count("1") - 1  # matmuls of torch.linalg.matrix_power(A_bar, L)
+        return fft[0] + H * N * (L / 2) * (10 + 8 * 4) + k * 8 * H * N**3, fft[1] + 8 * H * N * L
     if impl == "fft":
         return fft[0] + 4 * H * M * L, fft[1]
     if impl == "scan":
@@ -463,9 +472,6 @@ def cost(name, impl, L, native=False):
         n = 2 ** math.ceil(lg(2 * L))
         return (8 * B * L * H * M + (2 * B * M + M) * 5 * n * lg(n) + 6 * B * M * n,
                 4 * B * L * H * 2 + 8 * B * M * (3 * n + 3 * L))
-    if impl == "dplr":
-        k = L.bit_length() - 1 + bin(L).count("1") - 1  # matmuls of torch.linalg.matrix_power(A_bar, L)
-        return fft[0] + H * N * (L / 2) * (10 + 8 * 4) + k * 8 * H * N**3, fft[1] + 8 * H * N * L
     raise ValueError(f"no cost estimate for impl={impl!r}")
 
 

@@ -133,6 +133,31 @@ class SSMLayer(nn.Module):
         system at length L in this dtype ('' when it can)."""
         return ""
 
+    def pick_backend(self, u, L=None, rate=1.0):
+        """"chunked" on the CPU in float32 and float64, "fft" on other devices, unless `self.backend`
+        names one; `recurrent_problem` can veto the chunked path. On a GPU (H100, fwd+bwd, B = 16,
+        H = 128, N = 64, L = 1024-65536, float32 and float64: docs/benchmarks/backends-gpu-h100.md)
+        "fft" was faster at every length and dtype than the chunked op's PyTorch path: by 1.3-3.8x
+        with the GPU's larger time blocks (`chunked.BLOCK_NUMBERS_GPU`), 2.1-12x before them (many
+        small kernel launches; the native kernels are CPU-only).
+        S4D and DSS forward + backward in float32 (docs/benchmarks/layers-cpu-2core.md, the chunked
+        op on its native kernels): chunked as fast as "fft" or faster at every length measured,
+        1.0x (DSS) to 2.1x (S4D) at L = 1024, 1.7-2.4x at 4096, 2.4-2.7x at 16384, 2.1-2.8x at
+        65536, with 23-40% of its memory. By dtype, L = 1024-16384 (benchmarks/bench_backends.py,
+        session 8, before the native kernels): chunked faster in 30 of 32 cases over two runs; the
+        two exceptions, float64 at L <= 4096, were faster in the other run. S4 (its dense-carry
+        chunked path, `ops.chunked_dense`), fwd+bwd in float32 on the CPU: docs/benchmarks/
+        s4-cpu-2core-session25-run1.md and -run2.md; not measured on a GPU, where "fft" stays."""
+        backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
+        why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
+        if why and self.backend == "chunked":
+            raise ValueError(f"{type(self).__name__}: {why}; use backend='fft' or 'auto'")
+        backend = "fft" if why else backend
+        if backend != getattr(self, "last_backend", None):
+            log.info("%s: %s backend on %s%s", type(self).__name__, backend, u.device, f" ({why})" if why else "")
+            self.last_backend = backend
+        return backend
+
     def param_dtype(self):
         return self.D.dtype
 
@@ -206,29 +231,6 @@ class DiagonalSSM(SSMLayer):
         else:
             y, x = self._forward_fft(u, state, return_state, rate, L)
         return (y, x) if return_state else y
-
-    def pick_backend(self, u, L=None, rate=1.0):
-        """"chunked" on the CPU in float32 and float64, "fft" on other devices, unless `self.backend`
-        names one; `recurrent_problem` can veto the chunked path. On a GPU (H100, fwd+bwd, B = 16,
-        H = 128, N = 64, L = 1024-65536, float32 and float64: docs/benchmarks/backends-gpu-h100.md)
-        "fft" was faster at every length and dtype than the chunked op's PyTorch path: by 1.3-3.8x
-        with the GPU's larger time blocks (`chunked.BLOCK_NUMBERS_GPU`), 2.1-12x before them (many
-        small kernel launches; the native kernels are CPU-only).
-        S4D and DSS forward + backward in float32 (docs/benchmarks/layers-cpu-2core.md, the chunked
-        op on its native kernels): chunked as fast as "fft" or faster at every length measured,
-        1.0x (DSS) to 2.1x (S4D) at L = 1024, 1.7-2.4x at 4096, 2.4-2.7x at 16384, 2.1-2.8x at
-        65536, with 23-40% of its memory. By dtype, L = 1024-16384 (benchmarks/bench_backends.py,
-        session 8, before the native kernels): chunked faster in 30 of 32 cases over two runs; the
-        two exceptions, float64 at L <= 4096, were faster in the other run."""
-        backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
-        why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
-        if why and self.backend == "chunked":
-            raise ValueError(f"{type(self).__name__}: {why}; use backend='fft' or 'auto'")
-        backend = "fft" if why else backend
-        if backend != getattr(self, "last_backend", None):
-            log.info("%s: %s backend on %s%s", type(self).__name__, backend, u.device, f" ({why})" if why else "")
-            self.last_backend = backend
-        return backend
 
     def _forward_chunked(self, u, state, rate, L):
         w, B_bar, C = self.system(L, rate)  # (H, M), (H, M), (C', H, M)

@@ -25,6 +25,11 @@ at the roots of unity omega_k = exp(-2 pi i k / L), where omega^L = 1:
 and (g - A)^{-1} = (g - Lambda + p p^H)^{-1} by the Woodbury identity, every term a Cauchy product
 (`ops.cauchy`); K = irfft(K_hat). C is the plain C of the continuous system; C_tilde is computed
 for the requested L each call, so no parameter depends on the last length used.
+
+On the CPU the layer instead runs the same system by chunked matmuls (`backend`; `ops.chunked_dense`):
+the stored state x is N = 2M real numbers [Re x; Im x], on which A_bar is a real (N, N) matrix
+(`real_system`), and K[l] = 2 Re(C A_bar^l B_bar) are the taps of that real system. No C_tilde is
+needed there: it only undoes the FFT's circular wrap-around.
 """
 import math
 
@@ -33,13 +38,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagssm import hippo
-from diagssm.layers.base import (SSMLayer, as_complex, check_bools, check_even_state, check_length,
+from diagssm.layers.base import (SSMLayer, as_complex, check_backend, check_bools, check_even_state, check_length,
                                  check_positive_ints, check_rate, complex_parameter, log_uniform)
 from diagssm.ops import chunked_native, fft_conv
+from diagssm.ops.chunked_dense import dense_chunked, row_powers
 from diagssm.ops.step import dplr_step
 from diagssm.ops.cauchy import cauchy
 
 MIN_NEG_REAL = 1e-4  # Re Lambda <= -1e-4 at init (S4's clamp), since Re Lambda = -exp(log_Lambda_re)
+
+
+def real_coords(z):
+    """[Re z, Im z] along the last dim: a complex (..., M) vector's real coordinates, (..., 2M)."""
+    return torch.cat([z.real, z.imag], dim=-1)
 
 
 def doubled(x):
@@ -207,10 +218,8 @@ def final_state(A_bar, B_bar, u, x0_full):
     L = u.shape[1]
     c = 1 << math.ceil(math.log2(L) / 2)  # in-chunk length, a power of two >= sqrt(L)
     n_chunks = -(-L // c)
-    G, Ap = B_bar[:, None, :], A_bar  # (H, 1, N) rows A^j B_bar; Ap = A^(rows of G)
-    while G.shape[1] < c:
-        G = torch.cat([G, G @ Ap.transpose(-1, -2)], dim=1)  # (H, 2j, N)
-        Ap = Ap @ Ap
+    G = row_powers(B_bar, A_bar.transpose(-1, -2), c)  # (H, c, N) rows A^j B_bar
+    Ap = torch.linalg.matrix_power(A_bar, c)  # (H, N, N)
     U = F.pad(u.transpose(1, 2), (n_chunks * c - L, 0))  # (B, H, n c) zeros first
     U = U.unflatten(-1, (n_chunks, c)).flip(-1).to(G.dtype)  # (B, H, n, c) index c-1-j
     T = U @ G  # (B, H, n, N): sum_j A^{c-1-j} B_bar u_{cm+j}
@@ -233,6 +242,10 @@ class S4(SSMLayer):
         channels: output channels C'' (C is (C', H, N/2)); the output is (B, L, C'' H).
         bidirectional: add an anti-causal kernel with its own C (no recurrent state then).
         check_finite: reject NaN/inf inputs.
+        backend: "auto" | "fft" | "chunked". "fft": the kernel by Cauchy products, then an FFT
+            convolution (S4's algorithm). "chunked": the same system in real coordinates by chunked
+            matmuls with a dense carry (`ops.chunked_dense`; `real_system`). "auto": chunked on the
+            CPU, fft elsewhere (`pick_backend`; the one used is in `last_backend`).
         n_ssm: S, the number of trained copies of (Lambda, P), dividing H: channel h uses copy
             h mod S, as in the S4 code (`SSMKernelDPLR`, `n_ssm`). 1 (default): tied across all
             channels; H: one per channel. Unlike the S4 code, B stays per channel for every S
@@ -251,9 +264,10 @@ class S4(SSMLayer):
     ssm_params = ("log_dt", "log_Lambda_re", "Lambda_im", "P", "B")
 
     def __init__(self, d_model, d_state=64, measure="legs", rank=1, dt_min=1e-3, dt_max=1e-1,
-                 channels=1, bidirectional=False, check_finite=True, n_ssm=1):
+                 channels=1, bidirectional=False, check_finite=True, n_ssm=1, backend="auto"):
         super().__init__()
         check_even_state(d_state, "S4")
+        self.backend = check_backend(backend, "S4")
         check_positive_ints("S4", d_model=d_model, channels=channels, n_ssm=n_ssm)
         if d_model % n_ssm:
             raise ValueError(f"S4: n_ssm={n_ssm} must divide d_model={d_model} (channel h uses copy h mod n_ssm)")
@@ -273,7 +287,7 @@ class S4(SSMLayer):
         self.D = nn.Parameter(torch.randn(channels, H))  # (channels, H)
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, n_ssm={self.n_ssm}"
+        return f"{super().extra_repr()}, n_ssm={self.n_ssm}, backend={self.backend!r}"
 
     def Lambda(self):
         """The diagonal part per channel, (H, N/2) complex, Re < 0 (copy h mod n_ssm: `tie`)."""
@@ -302,14 +316,24 @@ class S4(SSMLayer):
         """The zero state, (B, H, N/2) complex."""
         return self.zero_state(batch_size, self.d_model, self.n_modes)
 
+    def real_system(self, rate=1.0):
+        """The discretised system in real coordinates x = [Re x_stored; Im x_stored] (n = N):
+        A (H, N, N), B (H, N) and C (C', H, N) real with y = C x = 2 Re(C x_stored). The stored half
+        of A_bar [x; conj x] is A11 x + A12 conj x, real-linear in x (module docstring)."""
+        A_bar, B_bar = self.dense(rate)  # (H, N, N), (H, N) doubled
+        M = self.n_modes
+        A11, A12 = A_bar[:, :M, :M], A_bar[:, :M, M:]  # (H, M, M)
+        A = torch.cat([torch.cat([A11.real + A12.real, A12.imag - A11.imag], -1),
+                       torch.cat([A11.imag + A12.imag, A11.real - A12.real], -1)], -2)  # (H, N, N)
+        C = as_complex(self.C)  # (C', H, M)
+        return A, real_coords(B_bar[:, :M]), 2 * real_coords(C.conj())  # (H, N, N), (H, N), (C', H, N)
+
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
-        """y = K * u + D u (+ the response to `state`), by FFT convolution.
+        """y = K * u + D u (+ the response to `state`), by FFT convolution or chunked matmuls.
 
-        The zero-input response 2 Re(C A_bar^(l+1) x0) is the kernel of the input vector
-        B' = (I + dt/2 A) x0 / dt (its B_bar' is A_bar x0; the kernel is linear in B), so it
-        shares the Cauchy products with K. The final state uses the dense doubled A_bar
-        (`final_state`). `L` is accepted for interface parity and unused (S4 does not depend on it).
+        `self.backend` picks the algorithm ("auto": chunked on the CPU, fft elsewhere). `L` is
+        accepted for interface parity and unused (S4 does not depend on it).
 
         Shapes:
             u: (B, L, H); state: (B, H, N/2) complex or None (zero)
@@ -323,6 +347,26 @@ class S4(SSMLayer):
             self.check_recurrent()
             state = self.default_state(Bsz) if state is None else state
             self.check_state(state, Bsz)
+        forward = self._forward_chunked if self.pick_backend(u, L_u, rate) == "chunked" else self._forward_fft
+        y, x = forward(u, state, return_state, rate)
+        return (y, x) if return_state else y
+
+    def _forward_chunked(self, u, state, return_state, rate):
+        """`dense_chunked` of the real system; the anti-causal half runs it on the reversed input."""
+        A, B, C = self.real_system(rate)  # (H, N, N), (H, N), (C', H, N)
+        h0 = None if state is None else real_coords(state)  # (B, H, N)
+        y, x = dense_chunked(u, A, B, C[: self.channels], self.D, h0)  # (B, L, channels, H), (B, H, N)
+        if self.bidirectional:
+            y = y + dense_chunked(u.flip(1), A, B, C[self.channels:])[0].flip(1)
+        M = self.n_modes
+        return y.flatten(2), torch.complex(x[..., :M], x[..., M:])  # (B, L, channels H), (B, H, M)
+
+    def _forward_fft(self, u, state, return_state, rate):
+        """The Cauchy kernel and an FFT convolution. The zero-input response 2 Re(C A_bar^(l+1) x0)
+        is the kernel of the input vector B' = (I + dt/2 A) x0 / dt (its B_bar' is A_bar x0; the
+        kernel is linear in B), so it shares the Cauchy products with K. The final state uses the
+        dense doubled A_bar (`final_state`)."""
+        L_u = u.shape[1]
         Lambda, P, dt = self.Lambda(), self.low_rank(), self.dt(rate)  # (H, M), (r, H, M), (H,)
         A_bar, B_bar = bilinear_dplr(Lambda, P, doubled(as_complex(self.B)), dt)  # (H, N, N), (H, N)
         Bs = as_complex(self.B)[None]  # (1, H, M)
@@ -332,10 +376,10 @@ class S4(SSMLayer):
         K = dplr_kernel(Lambda, P, Bs, c_tilde(as_complex(self.C), A_bar, L_u), dt, L_u)  # (nb, C', H, L)
         y = self._conv(u, K[0])  # (B, L, channels H)
         if state is None:
-            return y
+            return y, None
         y = y + K[1:].permute(0, 3, 1, 2).flatten(2)  # (B, L, C' H)
         if not return_state:
-            return y
+            return y, None
         x = final_state(A_bar, B_bar, u, doubled(state))  # (B, H, N)
         return y, x[..., : self.n_modes]
 

@@ -116,7 +116,7 @@ def _load(x, l0, T, dst, stage):
     (L, H) batch row in place of the per-chunk tiles."""
     H, nb, Bsz, K, _ = dst.shape
     n = min(nb * T, x.shape[1] - l0)
-    full, r = divmod(n, T)
+    full, r = divmod(int(n), int(T))  # int: under torch.jit.trace sizes are tensors
     src = x[:, l0:l0 + full * T].view(Bsz, full, T, K, H)
     stage[:, :full].copy_(src.permute(0, 1, 3, 4, 2))
     if r:  # the sequence's last chunk, r < T real steps (blocks from `_blocks` end there)
@@ -130,7 +130,7 @@ def _store(z, l0, T, x, stage):
     """The inverse of `_load`: steps l0 .. of x (B, L, K, H) <- z (H, nb, B, K, T), cropped to L."""
     H, nb, Bsz, K, _ = z.shape
     n = min(nb * T, x.shape[1] - l0)
-    full, r = divmod(n, T)
+    full, r = divmod(int(n), int(T))  # int: under torch.jit.trace sizes are tensors
     stage.copy_(z.permute(2, 1, 3, 0, 4))  # (B, nb, K, H, T)
     x[:, l0:l0 + full * T].view(Bsz, full, T, K, H).copy_(stage[:, :full].permute(0, 1, 4, 2, 3))
     if r:
