@@ -97,6 +97,17 @@ def test_cost_of_the_chunked_path_is_the_documented_formula():
         assert f > 0 and b > 0 and math.isfinite(f + b)
 
 
+def test_cost_of_s4s_paths():
+    """S4's chunked path: the Toeplitz half, N in, N out and the dense carry's N^2 / T per step;
+    its fft path is what the results before session 25 called "dplr"."""
+    B, H_, N_, T, L = 16, 128, 64, 64, 4096
+    flops, nbytes = bench.cost("s4", "chunked", L)
+    assert flops == 2 * B * L * H_ * (T / 2 + 2 * N_ + N_ * N_ / T)
+    assert nbytes == 4 * B * L * H_ * 8 + 4 * B * H_ * N_ * (L / T) * 4
+    assert bench.cost("s4", "fft", L) == bench.cost("s4", "dplr", L) != bench.cost("s4d", "fft", L)
+    assert bench.FAST["s4"] == ("chunked", "fft")
+
+
 def test_main_inline_runs_every_case_and_writes_numbers(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--inline", "--layers", "s4d", "--lengths", "64", "--threads", "1",

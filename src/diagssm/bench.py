@@ -41,7 +41,8 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
     S4's chunked (a dense carry on n_x = N real coordinates): FLOPs 2 B L H (T/2 + 2 N + N^2/T)
              (Toeplitz half, N in, N out, the carry's (N, N) product per chunk), bytes as chunked's
              PyTorch kernels with N numbers per chunk state
-    S4's fft ("dplr" before session 25): the fft path's terms + Cauchy H N (L/2) (10 + 8*4) (1/(z - w), four Cauchy products)
+    S4's fft ("dplr" before session 25): the fft path's terms + Cauchy H N (L/2) (10 + 8*4)
+             (1/(z - w), four Cauchy products)
              + c_tilde k 8 H N^3 (A_bar^L by k = floor(log2 L) + popcount(L) - 1 complex (N, N) matmuls)
              bytes: the fft path's + 8 H N L
 
