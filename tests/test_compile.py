@@ -16,7 +16,7 @@ LAYERS = {  # (H, N) not multiples of 16 too: the padded lanes
     "s4d": lambda: S4D(32, 16), "s4d-H40": lambda: S4D(40, 16), "dss": lambda: DSS(32, 16),
     "s5": lambda: S5(32, 16), "s5-H40-N28": lambda: S5(40, 28),
     "s5-bidirectional": lambda: S5(32, 16, bidirectional=True),
-    "s4": lambda: S4(32, 16),
+    "s4": lambda: S4(32, 16), "s4-fft": lambda: S4(32, 16, backend="fft"),  # S4: "auto" is chunked on the CPU
 }
 
 
@@ -136,7 +136,7 @@ def test_compiled_model_matches_float64(layer):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
-@pytest.mark.parametrize("name", ["fft_conv", "s4"])
+@pytest.mark.parametrize("name", ["fft_conv", "s4", "s4-fft"])
 def test_jit_trace_at_the_traced_length(name):
     """torch.jit.trace (deprecated in torch, still used for export): a trace at one length gives the
     float64 results on new inputs of that length. Traced, a size is a tensor, and the FFT length's
@@ -148,7 +148,7 @@ def test_jit_trace_at_the_traced_length(name):
         module, want = torch.nn.Module(), lambda x: ops.fft_conv_ref(x, K, D)
         module.forward = lambda x: ops.fft_conv(x, K, D)
     else:
-        module = S4(32, 16).double()
+        module = LAYERS[name]().double()
         want = module
     traced = torch.jit.trace(module, u, check_trace=False)
     assert_close(traced(u2), want(u2))
