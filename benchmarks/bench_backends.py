@@ -1,7 +1,8 @@
-"""The S4D and DSS layers' two backends, "chunked" and "fft", against each other by device, dtype
-and length: the measurements behind `DiagonalSSM.pick_backend`'s "auto" choice.
+"""The S4D, DSS and S4 layers' two backends, "chunked" and "fft", against each other by device, dtype
+and length: the measurements behind `SSMLayer.pick_backend`'s "auto" choice.
 
     python benchmarks/bench_backends.py                                  # float32 and float64, L 1024-16384
+    python benchmarks/bench_backends.py --layers s4                      # S4 (its chunked path has a dense carry)
     python benchmarks/bench_backends.py --dtypes float64 --lengths 1024 4096
     python benchmarks/bench_backends.py --device cuda --lengths 1024 4096 16384 65536
 
@@ -15,14 +16,15 @@ import argparse
 import torch
 
 from diagssm.bench import B, H, N, device_arg, median_ms, setup_process
-from diagssm.layers import DSS, S4D
+from diagssm.layers import DSS, S4, S4D
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+LAYERS = {"s4d": S4D, "dss": DSS, "s4": S4}
 
 
 def make(name, dtype, width, backend="auto", device="cpu"):
     torch.manual_seed(0)
-    return (S4D if name == "s4d" else DSS)(width, N, backend=backend, check_finite=False).to(device, dtype)
+    return LAYERS[name](width, N, backend=backend, check_finite=False).to(device, dtype)
 
 
 def fwd_bwd_ms(name, backend, dtype, L, repeats, batch=B, width=H, device="cpu"):
@@ -42,7 +44,7 @@ def auto_pick(name, dtype, L, width=H, device="cpu"):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--layers", nargs="+", choices=("s4d", "dss"), default=["s4d", "dss"])
+    ap.add_argument("--layers", nargs="+", choices=tuple(LAYERS), default=["s4d", "dss"])
     ap.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 16384])
     ap.add_argument("--repeats", type=int, default=3)

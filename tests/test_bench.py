@@ -406,12 +406,13 @@ def test_one_case_with_profile_prints_its_op_table(capsys):
         bench.parse_args(["--profile"])
 
 
-def test_bench_backends_times_both_backends_per_dtype_and_length(capsys):
+@pytest.mark.parametrize("name", ["dss", "s4"])
+def test_bench_backends_times_both_backends_per_dtype_and_length(capsys, name):
     script = benchmark_script("bench_backends")
-    argv = ["--layers", "dss", "--dtypes", "float32", "float64", "--lengths", "70", "--repeats", "1",
+    argv = ["--layers", name, "--dtypes", "float32", "float64", "--lengths", "70", "--repeats", "1",
             "--threads", "1", "--batch", "2", "--width", "4"]
     assert script.main(argv) == 0
-    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| dss")]
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {name} ")]
     assert [(r[1].strip(), r[2].strip()) for r in rows] == [("float32", "70"), ("float64", "70")]
     for r in rows:
         chunked, fft, ratio = float(r[3]), float(r[4]), float(r[5])
