@@ -33,7 +33,8 @@ LAYERS = {
     "s5-scan": lambda **kw: S5(H, 16, **{"mode": "scan", **kw}),
     "s5-conv": lambda **kw: S5(H, 16, mode="conv", **kw),
     "s5-blocks": lambda **kw: S5(H, 16, blocks=2, mode="scan", **kw),
-    "s4": lambda **kw: S4(H, 16, **kw),
+    "s4": lambda **kw: S4(H, 16, **kw),  # "auto": fft on the GPU
+    "s4-chunked": lambda **kw: S4(H, 16, backend="chunked", **kw),
 }
 # float32 on the GPU against float64 on the CPU: the outputs sum up to L = 300 steps, each parameter
 # gradient B L = 600 terms (the same widening as the CPU tests of these sums use)
@@ -95,9 +96,9 @@ def test_steps_on_the_gpu_equal_the_sequence(name):
     assert_close(state.cpu(), h.cpu().to(C128), scale=SCALE["y"])
 
 
-def test_auto_picks_the_fft_for_s4d_and_dss_and_the_convolution_for_s5_on_the_gpu():
+def test_auto_picks_the_fft_for_s4d_dss_and_s4_and_the_convolution_for_s5_on_the_gpu():
     u = randn(2, 64, H, seed=5).float().to(GPU)
-    for layer in (S4D(H, 16), DSS(H, 16)):
+    for layer in (S4D(H, 16), DSS(H, 16), S4(H, 16)):
         layer.to(GPU)(u)
         assert layer.last_backend == "fft"
     _, s5 = pair("s5-scan", torch.float32, mode="auto")
