@@ -57,6 +57,17 @@ def test_matches_recurrence_float64(L, chunk, D, h0):
         assert_close(a, b, scale=10)
 
 
+def test_gradcheck():
+    """`torch.autograd.gradcheck` of the whole op (its three autograd Functions: the layout copies and
+    the carry) in float64, in time blocks of 2 chunks, with a final state and h0."""
+    u, A, B, C, D, h0 = [a.detach().requires_grad_() for a in system(H=2, n=3, L=11)]
+    op = lambda *args: dense_chunked(*args, chunk=4)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (u, A, B, C, D, h0))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunked_dense, "block_size", lambda nc, numbers: 2)
+        assert torch.autograd.gradcheck(op, (u, A, B, C, D, h0))
+
+
 @pytest.mark.parametrize("L", [64, 75])
 def test_copies_in_time_blocks(monkeypatch, L):
     """The layout copies run in time blocks (`_to_chunks`): blocks of 2 chunks, so 4 or 5 blocks here."""
