@@ -8,7 +8,7 @@ import torch
 
 from diagssm.layers import S4
 from diagssm.layers.base import as_complex
-from diagssm.ops import chunked_dense
+from diagssm.ops import chunked_dense, chunked_native
 from diagssm.ops.chunked_dense import dense_chunked, dense_chunked_ref, row_powers
 from helpers import assert_close, randn
 
@@ -77,6 +77,42 @@ def test_copies_in_time_blocks(monkeypatch, L):
         assert_close(a, b, scale=10)
 
 
+needs_native = pytest.mark.skipif(not chunked_native.available(),
+                                  reason=f"native kernels unavailable: {chunked_native.why_unavailable()}")
+
+
+@needs_native
+@pytest.mark.parametrize("H, Bsz, L, chunk, Cp", [(16, 3, 150, 16, 2), (16, 5, 64, 16, 1), (40, 4, 37, None, 2),
+                                                   (16, 8, 200, 8, 1)])
+@pytest.mark.parametrize("D, h0", [(True, True), (False, False)])
+def test_native_kernels_match_the_recurrence(H, Bsz, L, chunk, Cp, D, h0):
+    """float32 on the native kernels (`ChunkedNative` with `dense_carry`) against the float64 recurrence:
+    batch rows in register tiles of 4 and left over, a partial last chunk, H = 40 on 48 padded lanes."""
+    args64 = system(H=H, n=8, Cp=Cp, Bsz=Bsz, L=L, seed=4, D=D, h0=h0)
+    args32 = [None if a is None else a.detach().float().requires_grad_() for a in args64]
+    chunked_native.paths(forget=True)
+    got = outputs_and_grads(dense_chunked, args32, chunk=chunk, native=True)
+    assert chunked_native.paths()[chunked_native.DENSE_OP] == ""  # logged: the native kernels ran
+    want = outputs_and_grads(dense_chunked_ref, args64)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float32
+        assert_close(a, b, scale=50)
+
+
+def test_native_true_says_why_it_cannot_run():
+    def args(H, n, dtype=torch.float32):
+        return [a.detach().to(dtype) for a in system(H=H, n=n)[:4]]  # u, A, B, C
+    for (H, n, dtype), msg in (((16, 8, F64), "float32 on the CPU only"),
+                               ((16, 6, torch.float32), "n = 6 state coordinates: a multiple of 4 only"),
+                               ((4, 8, torch.float32), "H = 4 would run on 16 lanes")):
+        with pytest.raises(ValueError, match=msg):
+            dense_chunked(*args(H, n, dtype), native=True)
+        y, _ = dense_chunked(*args(H, n, dtype))  # native=None: the PyTorch path, said in the log
+        assert chunked_native.paths()[chunked_native.DENSE_OP].startswith(msg.split(":")[0])
+    with pytest.raises(ValueError, match="native=1 must be"):
+        dense_chunked(*args(16, 8), native=1)
+
+
 def test_float32_close_to_float64():
     args64 = system(H=4, n=8, L=300, seed=3)
     args32 = [a.detach().float().requires_grad_() for a in args64]
@@ -102,10 +138,10 @@ def test_errors_name_the_argument():
 
 # --- the S4 layer on it ----------------------------------------------------------------------------
 
-def s4(backend, seed=0, **kw):
+def s4(backend, seed=0, H=4, **kw):
     """A float64 S4 moved off its initialisation (every parameter matters to the outputs)."""
     torch.manual_seed(seed)
-    m = S4(4, 16, dt_min=0.01, dt_max=0.3, backend=backend, **kw).double()
+    m = S4(H, 16, dt_min=0.01, dt_max=0.3, backend=backend, **kw).double()
     with torch.no_grad():
         for i, p in enumerate(m.parameters()):
             p.add_(0.1 * randn(*p.shape, seed=seed + 20 + i) * p.abs().mean())
@@ -144,12 +180,13 @@ def test_s4_chunked_states_equal_fft():
         assert_close(a, b, scale=100)
 
 
-def test_s4_chunked_float32_close_to_float64():
+@pytest.mark.parametrize("H", [4, 16])  # the PyTorch path (4 channels on 16 lanes), the native kernels
+def test_s4_chunked_float32_close_to_float64(H):
     """The real coordinates in float32 (A_bar's powers are non-normal: HiPPO's) at L = 2000."""
-    m64 = s4("chunked")
-    m32 = S4(4, 16, backend="chunked")
+    m64 = s4("chunked", H=H)
+    m32 = S4(H, 16, backend="chunked")
     m32.load_state_dict(m64.state_dict())
-    u = randn(2, 2000, 4, seed=3)
+    u = randn(2, 2000, H, seed=3)
     got = layer_grads(m32, u.float())
     want = layer_grads(m64, u)
     for a, b in zip(got, want):

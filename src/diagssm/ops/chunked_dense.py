@@ -17,15 +17,23 @@ Per step and channel that is T (Toeplitz) + n (in) + C'n (out) + n^2/T (carry) m
 path, whose C_tilde correction only undoes its circular wrap-around). The powers come by doubling
 (`row_powers`), 6 matmuls of the (n, n) matrices at T = 64, not one per tap.
 
-Layout: u is copied once into chunk-major rows (H, nc, B, T) by `chunked._load` (and back by
-`_store`), so every carry step reads and writes contiguous (H, B, n) blocks. `_Carry` runs the
-loop over chunks with a hand-written backward: autograd's would save a view per chunk and make
-per-chunk copies (3.3 s against 1.2 s a forward + backward in a first prototype at B = 16,
-H = 128, L = 16384).
+Kernels: where they can (float32 on the CPU, n a multiple of 4; `chunked_native.unsupported`), the
+op runs on the native kernels of the diagonal op (`chunked_native.ChunkedNative`: the same weights
+in and out of the state, with a dense carry, `dense_carry` in native.c), on the (B, L, H) layout
+itself. Elsewhere PyTorch's batched matmuls: u is copied once into chunk-major rows (H, nc, B, T) by
+`chunked._load` (and back by `_store`), so every carry step reads and writes contiguous (H, B, n)
+blocks, and `_Carry` runs the loop over chunks with a hand-written backward: autograd's would save a
+view per chunk and make per-chunk copies (3.3 s against 1.2 s a forward + backward in a first
+prototype at B = 16, H = 128, L = 16384).
 """
+import logging
+
 import torch
 
+from . import chunked_native
 from .chunked import _blocks, _load, _stage, _store, block_size, chunk_size
+
+log = logging.getLogger(__name__)
 
 
 def _sizes(t):
@@ -153,18 +161,27 @@ def _check(u, A, B, C, D, h0):
         raise ValueError(f"u, A, B, C, D and h0 must share one real dtype (float32 or float64); got {dtypes}")
 
 
-def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None):
+def native_problem(u, Cp, T, n):
+    """Why the native kernels cannot run this op ('' when they can): `chunked_native.unsupported`, whose
+    modes M are n / 2 here, so n must be a multiple of 4."""
+    return f"n = {n} state coordinates: a multiple of 4 only" if n % 4 else chunked_native.unsupported(u, Cp, T, n // 2)
+
+
+def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None, native=None):
     """Outputs and final state of H dense real LTI systems by chunked matmuls (module docstring).
 
     Shapes:
         u (B, L, H); A (H, n, n); B (H, n); C (C', H, n); D (C', H) or None (no skip term);
         h0 (B, H, n) or None (zero); all real, one dtype
         returns y (B, L, C', H) and the final state x_(L-1) (B, H, n)
-    `chunk` (T) defaults to `chunked.chunk_size(L)`.
+    `chunk` (T) defaults to `chunked.chunk_size(L)`. `native`: run on the native kernels (True:
+    required, an error where they cannot; False: the PyTorch path; None: native where they can).
     """
     _check(u, A, B, C, D, h0)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk={chunk!r} must be None (the default) or an int >= 1")
+    if native is not None and not isinstance(native, bool):
+        raise ValueError(f"native={native!r} must be None (native where it runs), True or False")
     Bsz, L, H = _sizes(u)
     Cp, n, T = C.shape[0], A.shape[-1], chunk or chunk_size(L)
     nc, r = -(-L // T), L - (-(-L // T) - 1) * T  # chunks; real steps of the last one (1..T)
@@ -178,9 +195,19 @@ def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None):
     W_toe = torch.where(lag >= 0, K[..., lag.clamp(min=0)], K.new_zeros(()))  # (C', H, T, T) [i, j] = K[j - i]
     W_toe = W_toe.permute(1, 2, 0, 3).reshape(H, T, Cp * T)  # (H, T, C'T)
     W_out = O.permute(1, 3, 0, 2).reshape(H, n, Cp * T)  # (H, n, C'T)
+    x0 = u.new_zeros(H, Bsz, n) if h0 is None else h0.transpose(0, 1)  # (H, B, n)
+    why = "native=False" if native is False else native_problem(u, Cp, T, n)
+    if native and why:
+        raise ValueError(f"dense_chunked(native=True): {why}")
+    chunked_native.log_path(log, chunked_native.DENSE_OP, "native kernels", "PyTorch kernels", why)
+    if not why:
+        into_r = torch.cat([G[:, :r].flip(1), G.new_zeros(H, T - r, n)], 1)  # (H, T, n), zero past r
+        y, x_last = chunked_native.apply_on_lanes(u, torch.cat([W_toe, W_out], 1), G.flip(1),
+                                                  torch.linalg.matrix_power(A, T), into_r,
+                                                  torch.linalg.matrix_power(A, r), x0, T)
+        return y, x_last.transpose(0, 1)
     U = _ToChunks.apply(u, T)  # (H, nc, B, T)
     S = torch.bmm(U[:, :-1].reshape(H, -1, T), G.flip(1)).view(H, nc - 1, Bsz, n)  # sums of A^(T-1-j) B u_j
-    x0 = u.new_zeros(H, Bsz, n) if h0 is None else h0.transpose(0, 1)  # (H, B, n)
     X = _Carry.apply(S, torch.linalg.matrix_power(A, T), x0)  # (H, nc, B, n)
     Y = torch.baddbmm(torch.bmm(U.reshape(H, -1, T), W_toe), X.reshape(H, -1, n), W_out)  # (H, nc B, C'T)
     y = _FromChunks.apply(Y.view(H, nc, Bsz, Cp, T), L)  # (B, L, C', H)

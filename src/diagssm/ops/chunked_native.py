@@ -96,6 +96,7 @@ def _load():
     lib.chunks_fwd.argtypes = [P, N, N, P, N, N, P, N, N] + [P] * 5 + [N] * 6
     lib.chunks_fwd.restype = ctypes.c_int
     lib.carry_bwd.argtypes = [P, N, N, P, N, N, P, P, P, N, N, N, N, N]
+    lib.dense_carry.argtypes = [P, N, N, P, N, N, N, N, N]
     lib.scan_fwd.argtypes = [P, P, P, P, N, N, N, N]
     lib.scan_bwd.argtypes = [P, P, P, P, P, P, P, N, N, N, N]
     lib.s5_fwd.argtypes = [P] * 9 + [N] * 5
@@ -106,7 +107,7 @@ def _load():
     for f in (lib.carry_fwd, lib.carry_bwd, lib.scan_fwd, lib.scan_bwd, lib.s5_fwd, lib.s5_bwd, lib.diag_step,
               lib.s5_step, lib.dplr_step):
         f.restype = None
-    lib.rows_mm.restype = lib.rows_red.restype = ctypes.c_int  # -1: a thread's scratch not allocated
+    lib.rows_mm.restype = lib.rows_red.restype = lib.dense_carry.restype = ctypes.c_int  # -1: scratch not allocated
     return lib, ""
 
 
@@ -138,6 +139,7 @@ def why_unavailable():
 _paths = {}  # what -> the reason last logged by `log_path` ('' for the native path)
 # the names under which the ops log their paths (`log_path`'s `what`)
 CHUNKED_OP, S5_SCAN, SCAN = "chunked SSM op", "S5 scan", "scan"
+DENSE_OP = "chunked dense SSM op"  # ops.chunked_dense (S4)
 
 
 def paths(forget=False):
@@ -374,6 +376,65 @@ def _carry_back(lib, Lm, X, ar, ai, gA):
                   ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n1 - 1, Bsz)
 
 
+class _DiagonalCarry:
+    """The diagonal systems' carry on lanes: a (H, M) complex (`carry_fwd`, `carry_bwd`); the gradient
+    of a summed per batch row, returned in PyTorch's convention for complex gradients."""
+
+    def __init__(self, lib, a, Bsz):
+        self.lib, (self.ar, self.ai), self.g = lib, _lanes(a), a.real.new_zeros(Bsz, 2 * a.shape[1], a.shape[0])
+
+    def fwd(self, X):
+        _carry(self.lib, X, self.ar, self.ai)
+
+    def bwd(self, Lm, X):
+        _carry_back(self.lib, Lm, X, self.ar, self.ai, self.g)
+
+    def grad(self):
+        return _complex_grad(self.g, self.g.shape[1], self.g.shape[2])
+
+
+class _DenseCarry:
+    """A dense carry on lanes (`ops.chunked_dense`): a (H, n, n) real, X[c] += a X[c - 1] (`dense_carry`);
+    its gradient sum_c Lm[c + 1] X[c]^T by `rows_red`, over every row at once."""
+
+    def __init__(self, lib, a, Bsz):
+        H, n, _ = a.shape
+        self.lib, self.A, self.g = lib, a.permute(1, 2, 0).contiguous(), _tiled_zeros(a, n, n, H)  # A (n, n, H)
+
+    def _run(self, X, adjoint):
+        Bsz, n1, n, H = X.shape
+        _check(self.lib.dense_carry(X.data_ptr(), X.stride(0), X.stride(1), self.A.data_ptr(), n, H, n1 - 1, Bsz,
+                                    adjoint))
+
+    def fwd(self, X):
+        self._run(X, 0)
+
+    def bwd(self, Lm, X):
+        self._run(Lm, 1)
+        _red(self.lib, self.g, Lm[:, 1:], X[:, :Lm.shape[1] - 1])
+
+    def grad(self):
+        n, H = self.A.shape[1:]
+        out = self.A.new_empty(H, n, n)
+        _untile(self.g, out.permute(1, 2, 0))
+        return out
+
+
+def _carry_of(lib, a, Bsz):
+    """The carry for a: (H, M) complex decays (the diagonal op) or (H, n, n) real matrices (the dense one)."""
+    return (_DenseCarry if a.dim() == 3 else _DiagonalCarry)(lib, a, Bsz)
+
+
+def _state_lanes(x):
+    """A state (H, B, M) complex or (H, B, n) real -> its (B, P, H) rows (P = 2M or n)."""
+    return _pairs_lanes(x) if x.is_complex() else x.permute(1, 2, 0)
+
+
+def _state_of_lanes(x, a):
+    """The inverse of `_state_lanes`, for the state of the carry a (complex for complex a)."""
+    return _complex_of_lanes(x) if a.is_complex() else x.permute(2, 0, 1).contiguous()
+
+
 def _pairs_lanes(z):
     """(H, B, M) complex -> (B, 2M, H) real rows (Re z_m, Im z_m) interleaved, channel innermost."""
     H, Bsz, M = z.shape
@@ -417,7 +478,9 @@ def _complex_grad(g, P, H):
 class ChunkedNative(torch.autograd.Function):
     """Same inputs and outputs as `chunked._Chunked`: u (B, L, H), W (H, T + 2M, C'T), into (H, T,
     2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H, B, M)
-    complex -> y (B, L, C', H), x_last (H, B, M). Inside, W's columns are in (step, channel) order
+    complex -> y (B, L, C', H), x_last (H, B, M). Or, for `chunked_dense`'s systems, P = n real state
+    coordinates in place of the 2M (Re, Im) pairs: aT and a_r (H, n, n) real, x0 and x_last (H, B, n)
+    real (`_DenseCarry`; no one-pass forward). Inside, W's columns are in (step, channel) order
     (`_swap_columns`), so that the rows of y are its chunks, (T C', H) blocks; the Toeplitz block is
     then zero where k > i // C', which the kernels' triangular skips are told (`cp`). The last chunk of
     each batch row goes through a small zero-padded copy. Saves u and the states entering each chunk (B, n + 1, 2M, H);
@@ -429,30 +492,30 @@ class ChunkedNative(torch.autograd.Function):
         lib = library()
         u = u.contiguous()
         Bsz, L, H = u.shape
-        nc, M, Cp = -(-L // T), aT.shape[1], W.shape[2] // T
+        nc, P, Cp = -(-L // T), into.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T  # real steps of the last chunk, 1..T
         Ws = _swap_columns(W, T)
-        Wtoe, Wout = _tiles(Ws[:, :T].permute(1, 2, 0)), _tiles(Ws[:, T:].permute(1, 2, 0))  # (T s, C'T), (2M, C'T)
-        X = u.new_empty(Bsz, nc + 1, 2 * M, H)  # states entering chunk c; X[:, nc] the final one
-        X[:, 0] = _pairs_lanes(x0)
+        Wtoe, Wout = _tiles(Ws[:, :T].permute(1, 2, 0)), _tiles(Ws[:, T:].permute(1, 2, 0))  # (T s, C'T), (P, C'T)
+        X = u.new_empty(Bsz, nc + 1, P, H)  # states entering chunk c; X[:, nc] the final one
+        X[:, 0] = _state_lanes(x0)
         U, U_last = _split(u[:, :, None], T, r)
         y = u.new_empty(Bsz, L, Cp, H)
         Y = y[:, :L - r].view(Bsz, nc - 1, T * Cp, H)
-        Win, (ar, ai) = _tiles(into.permute(1, 2, 0)), _lanes(aT)
-        if fused_forward(Bsz) and nc > 1:  # the full chunks in one pass
-            _chunks_fwd(lib, Y, X, U, Win, Wtoe, Wout, ar, ai)
+        Win = _tiles(into.permute(1, 2, 0))
+        if fused_forward(Bsz) and nc > 1 and aT.is_complex():  # the full chunks in one pass (diagonal carry)
+            _chunks_fwd(lib, Y, X, U, Win, Wtoe, Wout, *_lanes(aT))
         else:
             _mm(lib, X[:, 1:nc], U, Win)  # X[:, c + 1] <- chunk c's input sum
-            _carry(lib, X[:, :nc], ar, ai)
+            _carry_of(lib, aT, Bsz).fwd(X[:, :nc])
             _mm(lib, Y, U, Wtoe, A2=X[:, :nc - 1], W2=Wout, tri=1, cp=Cp)
         _mm(lib, X[:, nc:], U_last, _tiles(into_r.permute(1, 2, 0)))  # the last chunk's, to the final state
-        _carry(lib, X[:, nc - 1:], *_lanes(a_r))
+        _carry_of(lib, a_r, Bsz).fwd(X[:, nc - 1:])
         Y_last = u.new_empty(Bsz, 1, T * Cp, H)
         _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1, cp=Cp)
         y[:, L - r:] = Y_last.view(Bsz, T, Cp, H)[:, :r]
         ctx.save_for_backward(u, X, W, into, aT, into_r, a_r)
         ctx.T = T
-        return y, _complex_of_lanes(X[:, nc])
+        return y, _state_of_lanes(X[:, nc], aT)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the kernels are not differentiable: an error, not a wrong answer
@@ -471,15 +534,15 @@ class ChunkedNative(torch.autograd.Function):
         toeT = _tiles(Ws[:, :T].permute(2, 1, 0))  # (C'T, T s)
         g_toe, g_out, g_into, g_into_r = (_tiled_zeros(u, K, I, H) for K, I in
                                           ((T, Cp * T), (P, Cp * T), (T, P), (T, P)))
-        gA, gA_r = u.new_zeros(Bsz, P, H), u.new_zeros(Bsz, P, H)  # gradients of A^T, a_r per batch row
+        carry, carry_r = _carry_of(lib, aT, Bsz), _carry_of(lib, a_r, Bsz)  # they sum the gradients of A^T, a_r
         nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))  # chunks per time block
         # rows_red's threads' sums, for as many threads as the largest call (Bsz nbk rows) has blocks of rows
         p_toe, p_out, p_into = (_partials(lib, g, Bsz * nbk) for g in (g_toe, g_out, g_into))
         # the last chunk: its outputs and the final state, through into_r and a_r
         L_last = u.new_empty(Bsz, 2, P, H)  # gradients of the states entering the last chunk and leaving it
-        L_last[:, 1] = 0 if g_last is None else _pairs_lanes(g_last.resolve_conj())
+        L_last[:, 1] = 0 if g_last is None else _state_lanes(g_last.resolve_conj())
         _mm(lib, L_last[:, :1], G_last, outT)
-        _carry_back(lib, L_last, X[:, nc - 1:], *_lanes(a_r), gA_r)
+        carry_r.bwd(L_last, X[:, nc - 1:])
         GU_last = u.new_empty(Bsz, 1, T, H)
         _mm(lib, GU_last, G_last, toeT, A2=L_last[:, 1:], W2=_tiles(into_r.permute(2, 1, 0)), tri=2, cp=Cp)
         gu[:, L - r:] = GU_last[:, 0, :r]
@@ -487,8 +550,7 @@ class ChunkedNative(torch.autograd.Function):
         _red(lib, g_out, X[:, nc - 1:nc], G_last, parts=p_out)
         _red(lib, g_into_r, U_last, L_last[:, 1:])
         # the full chunks, in time blocks, last first
-        ar, ai = _lanes(aT)
-        intoT = _tiles(into.permute(2, 1, 0))  # (2M, T s)
+        intoT = _tiles(into.permute(2, 1, 0))  # (P, T s)
         Lb = u.new_empty(Bsz, nbk + 1, P, H)  # the states' gradients of one block, and of the next chunk
         Lb[:, nbk] = L_last[:, 0]
         c1 = nc - 1
@@ -499,7 +561,7 @@ class ChunkedNative(torch.autograd.Function):
                 Lb[:, n] = Lb[:, nbk]
             L_ = Lb[:, :n + 1]
             _mm(lib, L_[:, :n], G[:, c0:c1], outT)  # through the block's outputs
-            _carry_back(lib, L_, X[:, c0:], ar, ai, gA)
+            carry.bwd(L_, X[:, c0:])
             _mm(lib, GU[:, c0:c1], G[:, c0:c1], toeT, A2=L_[:, 1:], W2=intoT, tri=2, cp=Cp)
             _red(lib, g_toe, U[:, c0:c1], G[:, c0:c1], tri=1, parts=p_toe, cp=Cp)
             _red(lib, g_out, X[:, c0:c1], G[:, c0:c1], parts=p_out)
@@ -512,8 +574,8 @@ class ChunkedNative(torch.autograd.Function):
         g_into_, g_into_r_ = u.new_empty(H, T, P), u.new_empty(H, T, P)
         for g, out in ((g_toe, gW[:, :T]), (g_out, gW[:, T:]), (g_into, g_into_), (g_into_r, g_into_r_)):
             _untile(g, out.permute(1, 2, 0))  # the (H, K, I) gradients returned, written as (K, I, H) views
-        return (gu, _swap_columns(gW, Cp), g_into_, _complex_grad(gA, P, H), g_into_r_, _complex_grad(gA_r, P, H),
-                _complex_of_lanes(Lb[:, nbk]), None)
+        return (gu, _swap_columns(gW, Cp), g_into_, carry.grad(), g_into_r_, carry_r.grad(),
+                _state_of_lanes(Lb[:, nbk], aT), None)
 
 
 def zero_padded(t, dim, n):

@@ -12,6 +12,7 @@
  * division) skips the zero blocks of a tile's outputs, and rows_red with tri = 1 only fills G[k][i]
  * for k <= i / cp (to within a tile): half the work of the Toeplitz parts.
  *   carry_fwd / carry_bwd  the complex scan over chunk boundaries, states as (Re, Im) row pairs.
+ *   dense_carry            the same with a dense real (n, n) matrix per channel (S4's system).
  *   chunks_fwd             the op's forward over its full chunks in one pass: per batch row, blocks
  *                          of RB chunks: their sums (rows_mm), the carry, their outputs (rows_mm).
  *   tile_weights           weights between a strided (K, I, H) array and the tiled layout above.
@@ -410,6 +411,76 @@ void carry_bwd(float *Lm, long sLb, long sLc, const float *X, long sXb, long sXc
                 }
             }
         }
+}
+
+/* The dense carry of ops/chunked_dense.py's system on the native kernels: rows of n real state
+ * coordinates of H lanes, A (n, n, H) (A[k][j] the lanes of entry (k, j)), n even. adjoint = 0:
+ * X[c] += A X[c - 1] for c = 1 .. steps, in order (X as in carry_fwd); adjoint = 1:
+ * X[j] += A^T X[j + 1] for j = steps - 1 .. 0 (the states' gradients, as carry_bwd's Lm; A's
+ * gradient is a rows_red). Per lane tile of NL channels (split over threads), each step is a small
+ * matrix product (B, n) x (n, n)^T per lane: the tile's lanes of A (or A^T) and the current states
+ * of all batch rows are first copied into a contiguous scratch (read in place, A's lanes stride by
+ * H floats, which leaves a few cache sets for its block: ~80x slower, by hand), and each register
+ * tile of 4 batch rows x 2 outputs reuses every load of A four times.
+ * Returns 0, or -1 when a thread could not allocate its scratch (nothing is then written). */
+static inline __attribute__((always_inline)) void dense_rows(float *x, long sb, long H, const vn *a, const vn *cur,
+                                                              vn *nxt, long n, long nb) {
+    for (long k = 0; k < n; k += 2) {
+        const vn *r0 = a + k * n, *r1 = r0 + n;
+        vn s[4][2];
+        for (long b = 0; b < nb; b++) {
+            s[b][0] = LDN(x + b * sb + k * H);
+            s[b][1] = LDN(x + b * sb + (k + 1) * H);
+        }
+        for (long j = 0; j < n; j++) {
+            vn p = r0[j], q = r1[j];
+            HOLD(p);
+            HOLD(q);
+            for (long b = 0; b < nb; b++) {
+                vn c = cur[b * n + j];
+                s[b][0] += p * c;
+                s[b][1] += q * c;
+            }
+        }
+        for (long b = 0; b < nb; b++) {
+            *(vn *)(x + b * sb + k * H) = nxt[b * n + k] = s[b][0];
+            *(vn *)(x + b * sb + (k + 1) * H) = nxt[b * n + k + 1] = s[b][1];
+        }
+    }
+}
+
+int dense_carry(float *X, long sb, long sc, const float *A, long n, long H, long steps, long Bn, long adjoint) {
+    int fail = 0;
+#pragma omp parallel
+    {
+        vn *a = aligned_alloc(64, (n * n + 2 * Bn * n) * sizeof(vn)), *cur = a ? a + n * n : 0;
+        vn *nxt = cur ? cur + Bn * n : 0;
+        if (all_allocated(a != 0, &fail)) {
+#pragma omp for schedule(static)
+            for (long t = 0; t < H / NL; t++) {
+                long h = t * NL;
+                for (long k = 0; k < n; k++)
+                    for (long j = 0; j < n; j++)
+                        a[k * n + j] = LDN(A + (adjoint ? j * n + k : k * n + j) * H + h);
+                for (long b = 0; b < Bn; b++)
+                    for (long j = 0; j < n; j++)
+                        cur[b * n + j] = LDN(X + b * sb + (adjoint ? steps : 0) * sc + j * H + h);
+                for (long s = 0; s < steps; s++) {
+                    float *x = X + (adjoint ? steps - 1 - s : s + 1) * sc + h;
+                    long b = 0;
+                    for (; b + 4 <= Bn; b += 4) /* a constant 4: the tile's sums stay in registers */
+                        dense_rows(x + b * sb, sb, H, a, cur + b * n, nxt + b * n, n, 4);
+                    for (; b < Bn; b++)
+                        dense_rows(x + b * sb, sb, H, a, cur + b * n, nxt + b * n, n, 1);
+                    vn *swap = cur;
+                    cur = nxt;
+                    nxt = swap;
+                }
+            }
+        }
+        free(a);
+    }
+    return fail ? -1 : 0;
 }
 
 /* Complex helpers, (Re, Im) interleaved, P complex numbers. z += a * p */
