@@ -147,9 +147,10 @@ class SSMLayer(nn.Module):
         session 8, before the native kernels): chunked faster in 30 of 32 cases over two runs; the
         two exceptions, float64 at L <= 4096, were faster in the other run. S4 (its dense-carry
         chunked path, `ops.chunked_dense`; session 25): chunked faster in all 8 cases of
-        bench_backends.py --layers s4 (float32 and float64, L = 1024-16384: 1.03-3.6x,
-        docs/benchmarks/backends-s4-cpu-2core-session25.md) and 1.6-3.0x in float32 at L >= 4096
-        in `diagssm bench` (s4-cpu-2core-session25-run1.md, -run2.md). Not measured on a GPU."""
+        bench_backends.py --layers s4 (float32 on its native kernels and float64, L = 1024-16384:
+        1.37-4.95x, docs/benchmarks/backends-s4-cpu-2core-session25-native.md) and 1.8-4.2x in
+        float32 in `diagssm bench` (s4-cpu-2core-session25-native-run1.md, -run2.md). Not measured
+        on a GPU."""
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
         why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
         if why and self.backend == "chunked":

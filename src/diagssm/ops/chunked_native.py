@@ -20,7 +20,9 @@ Float32 on the CPU only, a chunk length that is a multiple of 4 and an even numb
 kernels run H channels in multiples of LANES = 16, and `apply_on_lanes` pads other H with zero
 channels where that costs at most PAD_LIMIT times the channels: `unsupported` says which condition
 fails. C' > 1 output channels make each chunk of y a (T C', H) row (y is (B, L, C', H)): the output
-weights' columns are taken in (step, channel) order to match. The same
+weights' columns are taken in (step, channel) order to match. `ChunkedNative` also runs
+`ops.chunked_dense`'s systems (S4), whose weights in and out of the state have the same shapes, with
+a dense carry (`_DenseCarry`, `dense_carry`) in place of the diagonal one. The same
 library holds the time-invariant scan of `ops.scan` (`scan_fwd`, `scan_bwd`; complex64) and the
 fused S5 op of `ops.s5_native` (`s5_fwd`, `s5_bwd`).
 """
