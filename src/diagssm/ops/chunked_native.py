@@ -380,10 +380,12 @@ def _carry_back(lib, Lm, X, ar, ai, gA):
 
 class _DiagonalCarry:
     """The diagonal systems' carry on lanes: a (H, M) complex (`carry_fwd`, `carry_bwd`); the gradient
-    of a summed per batch row, returned in PyTorch's convention for complex gradients."""
+    of a summed per batch row (in `g`, zeros when `grads`), returned in PyTorch's convention for
+    complex gradients."""
 
-    def __init__(self, lib, a, Bsz):
-        self.lib, (self.ar, self.ai), self.g = lib, _lanes(a), a.real.new_zeros(Bsz, 2 * a.shape[1], a.shape[0])
+    def __init__(self, lib, a, Bsz, grads):
+        self.lib, (self.ar, self.ai) = lib, _lanes(a)
+        self.g = a.real.new_zeros(Bsz, 2 * a.shape[1], a.shape[0]) if grads else None
 
     def fwd(self, X):
         _carry(self.lib, X, self.ar, self.ai)
@@ -399,9 +401,10 @@ class _DenseCarry:
     """A dense carry on lanes (`ops.chunked_dense`): a (H, n, n) real, X[c] += a X[c - 1] (`dense_carry`);
     its gradient sum_c Lm[c + 1] X[c]^T by `rows_red`, over every row at once."""
 
-    def __init__(self, lib, a, Bsz):
+    def __init__(self, lib, a, Bsz, grads):
         H, n, _ = a.shape
-        self.lib, self.A, self.g = lib, a.permute(1, 2, 0).contiguous(), _tiled_zeros(a, n, n, H)  # A (n, n, H)
+        self.lib, self.A = lib, a.permute(1, 2, 0).contiguous()  # (n, n, H)
+        self.g = _tiled_zeros(a, n, n, H) if grads else None
 
     def _run(self, X, adjoint):
         Bsz, n1, n, H = X.shape
@@ -422,9 +425,10 @@ class _DenseCarry:
         return out
 
 
-def _carry_of(lib, a, Bsz):
-    """The carry for a: (H, M) complex decays (the diagonal op) or (H, n, n) real matrices (the dense one)."""
-    return (_DenseCarry if a.dim() == 3 else _DiagonalCarry)(lib, a, Bsz)
+def _carry_of(lib, a, Bsz, grads=False):
+    """The carry for a: (H, M) complex decays (the diagonal op) or (H, n, n) real matrices (the dense one);
+    grads: it will sum a's gradient (`bwd`, `grad`)."""
+    return (_DenseCarry if a.dim() == 3 else _DiagonalCarry)(lib, a, Bsz, grads)
 
 
 def _state_lanes(x):
@@ -536,7 +540,7 @@ class ChunkedNative(torch.autograd.Function):
         toeT = _tiles(Ws[:, :T].permute(2, 1, 0))  # (C'T, T s)
         g_toe, g_out, g_into, g_into_r = (_tiled_zeros(u, K, I, H) for K, I in
                                           ((T, Cp * T), (P, Cp * T), (T, P), (T, P)))
-        carry, carry_r = _carry_of(lib, aT, Bsz), _carry_of(lib, a_r, Bsz)  # they sum the gradients of A^T, a_r
+        carry, carry_r = (_carry_of(lib, a, Bsz, grads=True) for a in (aT, a_r))  # they sum the gradients of A^T, a_r
         nbk = max(1, min(nc, BLOCK_NUMBERS // (Bsz * P * H)))  # chunks per time block
         # rows_red's threads' sums, for as many threads as the largest call (Bsz nbk rows) has blocks of rows
         p_toe, p_out, p_into = (_partials(lib, g, Bsz * nbk) for g in (g_toe, g_out, g_into))
