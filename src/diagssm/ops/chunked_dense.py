@@ -31,7 +31,7 @@ import logging
 import torch
 
 from . import chunked_native
-from .chunked import _blocks, _load, _stage, _store, block_size, chunk_size
+from .chunked import _blocks, _load, _stage, _store, _toeplitz, block_size, chunk_size
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,7 @@ def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None, native=None):
     K = (C[:, :, None, :] * G).sum(-1)  # (C', H, T) taps C A^j B
     if D is not None:
         K = K + D[..., None] * (torch.arange(T, device=u.device) == 0)  # y = K * u + D u: D joins tap 0
-    idx = torch.arange(T, device=u.device)
-    lag = idx[None, :] - idx[:, None]  # (T, T) [i, j] = j - i
-    W_toe = torch.where(lag >= 0, K[..., lag.clamp(min=0)], K.new_zeros(()))  # (C', H, T, T) [i, j] = K[j - i]
-    W_toe = W_toe.permute(1, 2, 0, 3).reshape(H, T, Cp * T)  # (H, T, C'T)
+    W_toe = _toeplitz(K, T).transpose(-1, -2).permute(1, 2, 0, 3).reshape(H, T, Cp * T)  # (H, T, C'T) [i, c j]
     W_out = O.permute(1, 3, 0, 2).reshape(H, n, Cp * T)  # (H, n, C'T)
     x0 = u.new_zeros(H, Bsz, n) if h0 is None else h0.transpose(0, 1)  # (H, B, n)
     why = "native=False" if native is False else native_problem(u, Cp, T, n)
