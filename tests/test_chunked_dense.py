@@ -194,6 +194,25 @@ def test_s4_chunked_float32_close_to_float64(H):
         assert_close(a, b, scale=50)
 
 
+@needs_native
+@pytest.mark.parametrize("kw", [dict(channels=2, bidirectional=True), dict(channels=2, measure="legt", rank=2)])
+def test_s4_on_the_native_kernels_with_options(kw):
+    """S4 in float32 on the native kernels (H = 16, d_state 16) with two output channels, both
+    directions or a final state from a given one, against the float64 layer; every gradient."""
+    m64 = s4("chunked", H=16, **kw)
+    m32 = S4(16, 16, backend="chunked", **kw)
+    m32.load_state_dict(m64.state_dict())
+    u = randn(3, 150, 16, seed=7)
+    state = None if kw.get("bidirectional") else randn(3, 16, 8, dtype=torch.complex128, seed=8)
+    chunked_native.paths(forget=True)
+    got = layer_grads(m32, u.float(), None if state is None else state.to(torch.complex64))
+    assert chunked_native.paths()[chunked_native.DENSE_OP] == ""
+    want = layer_grads(m64, u, state)
+    for a, b in zip(got, want):
+        assert a.dtype in (torch.float32, torch.complex64)
+        assert_close(a, b, scale=50)
+
+
 def test_s4_real_system_is_the_doubled_complex_one():
     """y = C x on [Re x; Im x] and one step of A equal 2 Re(C x) and the doubled A_bar's stored half."""
     m = s4("chunked")
