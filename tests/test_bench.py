@@ -104,6 +104,11 @@ def test_cost_of_s4s_paths():
     flops, nbytes = bench.cost("s4", "chunked", L)
     assert flops == 2 * B * L * H_ * (T / 2 + 2 * N_ + N_ * N_ / T)
     assert nbytes == 4 * B * L * H_ * 8 + 4 * B * H_ * N_ * (L / T) * 4
+    native_bytes = 4 * B * L * H_ * 3 + 4 * B * H_ * N_ * (L / T) * 4  # on the native kernels: u twice, y once
+    assert bench.cost("s4", "chunked", L, native=True) == (flops, native_bytes)
+    assert bench.ran_native(dict(layer="s4", impl="chunked", paths={chunked_native.DENSE_OP: ""}))
+    assert not bench.ran_native(dict(layer="s4", impl="chunked", paths={chunked_native.DENSE_OP: "native=False"}))
+    assert not bench.ran_native(dict(layer="s4", impl="chunked", paths={chunked_native.CHUNKED_OP: ""}))
     assert bench.cost("s4", "fft", L) == bench.cost("s4", "dplr", L) != bench.cost("s4d", "fft", L)
     assert bench.FAST["s4"] == ("chunked", "fft")
 

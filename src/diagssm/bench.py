@@ -40,7 +40,7 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
              bytes 4 B L H * 2 + 8 B M (3 n + 3 L)
     S4's chunked (a dense carry on n_x = N real coordinates): FLOPs 2 B L H (T/2 + 2 N + N^2/T)
              (Toeplitz half, N in, N out, the carry's (N, N) product per chunk), bytes as chunked's
-             PyTorch kernels with N numbers per chunk state
+             (PyTorch or native kernels) with N numbers per chunk state
     S4's fft ("dplr" before session 25): the fft path's terms + Cauchy H N (L/2) (10 + 8*4)
              (1/(z - w), four Cauchy products)
              + c_tilde k 8 H N^3 (A_bar^L by k = floor(log2 L) + popcount(L) - 1 complex (N, N) matmuls)
@@ -458,7 +458,8 @@ def cost(name, impl, L, native=False):
     n = 2 * L
     T = chunk_size(L)
     if name == "s4" and impl == "chunked":  # per step: Toeplitz half, N in, N out, the dense carry N^2 / T
-        return 2 * B * L * H * (T / 2 + 2 * N + N * N / T), 4 * B * L * H * 8 + 4 * B * H * N * (L / T) * 4
+        flops = 2 * B * L * H * (T / 2 + 2 * N + N * N / T)
+        return flops, 4 * B * L * H * (3 if native else 8) + 4 * B * H * N * (L / T) * 4
     if impl == "chunked":  # per step: the causal half of a (T, T) Toeplitz block, 2M sums in, 2M out
         return 2 * B * L * H * (T / 2 + 4 * M), 4 * B * L * H * (3 if native else 8) + 8 * B * H * M * (L / T) * 4
     fft = ((2 * B * H + H) * 2.5 * n * lg(n) + 6 * B * H * n / 2, 4 * B * L * H * 14)
@@ -476,12 +477,13 @@ def cost(name, impl, L, native=False):
     raise ValueError(f"no cost estimate for impl={impl!r}")
 
 
-NATIVE_PATHS = {"chunked": chunked_native.CHUNKED_OP, "scan": chunked_native.S5_SCAN}  # impl -> its logged path
+NATIVE_PATHS = {("s4d", "chunked"): chunked_native.CHUNKED_OP, ("dss", "chunked"): chunked_native.CHUNKED_OP,
+                ("s5", "scan"): chunked_native.S5_SCAN, ("s4", "chunked"): chunked_native.DENSE_OP}  # its logged path
 
 
 def ran_native(r):
     """Whether case r ran the native kernels / fused op (recorded in its "paths"; older results: no)."""
-    what = NATIVE_PATHS.get(r["impl"])
+    what = NATIVE_PATHS.get((r["layer"], r["impl"]))
     return what is not None and r.get("paths", {}).get(what) == ""
 
 
