@@ -36,11 +36,6 @@ from .chunked import _blocks, _load, _stage, _store, _toeplitz, block_size, chun
 log = logging.getLogger(__name__)
 
 
-def _sizes(t):
-    """t's sizes as ints (under torch.jit.trace they are tensors, which `_load`'s divmod refuses)."""
-    return tuple(int(size) for size in t.shape)
-
-
 def row_powers(v, M, T):
     """Rows v M^j for j < T, by doubling: log2 T products with the squares M^(2^k).
 
@@ -79,14 +74,14 @@ class _ToChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, T):
-        Bsz, L, H = _sizes(u)
+        Bsz, L, H = u.shape
         nc = -(-L // T)
         ctx.L = L
         return _to_chunks(u[:, :, None], T, u.new_empty(H, nc, Bsz, 1, T))[:, :, :, 0]
 
     @staticmethod
     def backward(ctx, g):
-        H, nc, Bsz, T = _sizes(g)
+        H, nc, Bsz, T = g.shape
         return _from_chunks(g[:, :, :, None], T, g.new_empty(Bsz, ctx.L, 1, H))[:, :, 0], None
 
 
@@ -95,13 +90,13 @@ class _FromChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z, L):
-        H, nc, Bsz, K, T = _sizes(z)
+        H, nc, Bsz, K, T = z.shape
         ctx.T = T
         return _from_chunks(z, T, z.new_empty(Bsz, L, K, H))
 
     @staticmethod
     def backward(ctx, gy):
-        Bsz, L, K, H = _sizes(gy)
+        Bsz, L, K, H = gy.shape
         T = ctx.T
         nc = -(-L // T)
         return _to_chunks(gy.contiguous(), T, gy.new_empty(H, nc, Bsz, K, T)), None
@@ -182,7 +177,7 @@ def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None, native=None):
         raise ValueError(f"chunk={chunk!r} must be None (the default) or an int >= 1")
     if native is not None and not isinstance(native, bool):
         raise ValueError(f"native={native!r} must be None (native where it runs), True or False")
-    Bsz, L, H = _sizes(u)
+    Bsz, L, H = (int(size) for size in u.shape)  # ints: under torch.jit.trace sizes are tensors
     Cp, n, T = C.shape[0], A.shape[-1], chunk or chunk_size(L)
     nc, r = -(-L // T), L - (-(-L // T) - 1) * T  # chunks; real steps of the last one (1..T)
     G = row_powers(B, A.transpose(1, 2), T)  # (H, T, n) rows A^j B
