@@ -35,13 +35,14 @@ def outputs_and_grads(fn, args, seed=9, **kw):
 
 def test_row_powers_are_repeated_products():
     v, M = randn(4, 5, seed=1), randn(4, 5, 5, seed=2) / 3
-    R = row_powers(v, M, 11)  # (4, 11, 5)
+    R, P = row_powers(v, M, 11)  # (4, 11, 5), M^16
     want, row = [], v
     for _ in range(11):
         want.append(row)
         row = (row[:, None, :] @ M)[:, 0]
     assert R.shape == (4, 11, 5)
     assert_close(R, torch.stack(want, 1))
+    assert_close(P, torch.linalg.matrix_power(M, 16))
 
 
 @pytest.mark.parametrize("L, chunk", [(1, None), (37, None), (37, 4), (64, 8), (65, 8), (100, 16), (5, 1),

@@ -37,15 +37,16 @@ log = logging.getLogger(__name__)
 
 
 def row_powers(v, M, T):
-    """Rows v M^j for j < T, by doubling: log2 T products with the squares M^(2^k).
+    """Rows v M^j for j < T, by doubling: log2 T products with the squares M^(2^k); and the last
+    square, M^t with t the power of two >= T (M^T itself when T is a power of two).
 
-    Shapes: v (..., n); M (..., n, n) (broadcast against v's batch dims) -> (..., T, n)
+    Shapes: v (..., n); M (..., n, n) (broadcast against v's batch dims) -> (..., T, n), (..., n, n)
     """
     R, P = v[..., None, :], M  # (..., 1, n), M^(rows of R)
     while R.shape[-2] < T:
         R = torch.cat([R, R @ P], dim=-2)  # (..., 2j, n)
         P = P @ P
-    return R[..., :T, :]
+    return R[..., :T, :], P
 
 
 def _to_chunks(x, T, rows):
@@ -180,8 +181,9 @@ def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None, native=None):
     Bsz, L, H = (int(size) for size in u.shape)  # ints: under torch.jit.trace sizes are tensors
     Cp, n, T = C.shape[0], A.shape[-1], chunk or chunk_size(L)
     nc, r = -(-L // T), L - (-(-L // T) - 1) * T  # chunks; real steps of the last one (1..T)
-    G = row_powers(B, A.transpose(1, 2), T)  # (H, T, n) rows A^j B
-    O = row_powers((C[..., None, :] @ A)[..., 0, :], A, T)  # (C', H, T, n) rows C A^(j+1)
+    G, _ = row_powers(B, A.transpose(1, 2), T)  # (H, T, n) rows A^j B
+    O, A_t = row_powers((C[..., None, :] @ A)[..., 0, :], A, T)  # (C', H, T, n) rows C A^(j+1); A^t, t >= T
+    AT = A_t if T & (T - 1) == 0 else torch.linalg.matrix_power(A, T)  # (H, n, n) A^T (t = T: a power of two)
     K = (C[:, :, None, :] * G).sum(-1)  # (C', H, T) taps C A^j B
     if D is not None:
         K = K + D[..., None] * (torch.arange(T, device=u.device) == 0)  # y = K * u + D u: D joins tap 0
@@ -195,12 +197,12 @@ def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None, native=None):
     if not why:
         into_r = torch.cat([G[:, :r].flip(1), G.new_zeros(H, T - r, n)], 1)  # (H, T, n), zero past r
         y, x_last = chunked_native.apply_on_lanes(u, torch.cat([W_toe, W_out], 1), G.flip(1),
-                                                  torch.linalg.matrix_power(A, T), into_r,
+                                                  AT, into_r,
                                                   torch.linalg.matrix_power(A, r), x0, T)
         return y, x_last.transpose(0, 1)
     U = _ToChunks.apply(u, T)  # (H, nc, B, T)
     S = torch.bmm(U[:, :-1].reshape(H, -1, T), G.flip(1)).view(H, nc - 1, Bsz, n)  # sums of A^(T-1-j) B u_j
-    X = _Carry.apply(S, torch.linalg.matrix_power(A, T), x0)  # (H, nc, B, n)
+    X = _Carry.apply(S, AT, x0)  # (H, nc, B, n)
     Y = torch.baddbmm(torch.bmm(U.reshape(H, -1, T), W_toe), X.reshape(H, -1, n), W_out)  # (H, nc B, C'T)
     y = _FromChunks.apply(Y.view(H, nc, Bsz, Cp, T), L)  # (B, L, C', H)
     into_r = G[:, :r].flip(1)  # (H, r, n) rows A^(r-1-j) B of the last chunk's r real steps
