@@ -46,10 +46,11 @@ def test_row_powers_are_repeated_products():
 
 
 @pytest.mark.parametrize("L, chunk", [(1, None), (37, None), (37, 4), (64, 8), (65, 8), (100, 16), (5, 1),
-                                      (37, 37), (37, 64)])
+                                      (37, 37), (37, 64), (100, 12)])
 @pytest.mark.parametrize("D, h0", [(True, True), (False, False)])
 def test_matches_recurrence_float64(L, chunk, D, h0):
-    """Chunks of every kind: one partial chunk, exact multiples, one step left over, T = 1, T > L."""
+    """Chunks of every kind: one partial chunk, exact multiples, one step left over, T = 1, T > L, a T that
+    is no power of two (A^T then not from `row_powers`' squares)."""
     args = system(L=L, D=D, h0=h0)
     got = outputs_and_grads(dense_chunked, args, chunk=chunk)
     want = outputs_and_grads(dense_chunked_ref, args)
