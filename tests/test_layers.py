@@ -438,3 +438,31 @@ def test_softmax_growing_modes_leave_the_recurrent_form_past_float32s_range():
     assert_close(short, ref(u[:, :100]), scale=10)
     ref.backend = "chunked"  # float64 holds exp(123)
     assert_close(ref(u), want[0])
+
+
+def test_initialisations_follow_the_reference_code():
+    """Draws the papers' code makes: DSS's two step sizes start equal (`log_dt.tile(2)`), Re W and
+    Im W are each standard normal (`randn(..., 2)`), S4D-Rand's frequencies are drawn per channel."""
+    torch.manual_seed(0)
+    dss = DSS(256, 128)
+    assert dss.log_dt.shape == (2, 256) and torch.equal(dss.log_dt[0], dss.log_dt[1])
+    assert float(dss.log_dt.detach().std()) > 0.5  # still log-uniform across channels
+    W = dss.W.detach()  # (C', H, M, 2): 16,384 draws of each part
+    for part in W.unbind(-1):
+        assert abs(float(part.std()) - 1) < 0.03 and abs(float(part.mean())) < 0.03
+    assert DSS(4, 8, sep_dt=False).log_dt.shape == (4,)
+    N = 16
+    A = S4D(64, N, init="rand").A().detach()  # (H, M)
+    assert torch.all(A.real == -0.5)
+    assert torch.all((A.imag >= 0) & (A.imag < math.pi * N / 2))
+    assert len({tuple(row.tolist()) for row in A.imag}) == 64  # no two channels share their frequencies
+    legs = S4D(4, N).A().detach()
+    assert torch.equal(legs, legs[:1].expand_as(legs))  # the deterministic inits are the same in every channel
+
+
+def test_relu_transform_keeps_re_a_below_zero():
+    layer = S4D(4, 8, init="lin", real_transform="relu")
+    assert_close(layer.A().real.detach(), torch.full((4, 4), -0.5 - 1e-4), dtype=torch.float32)
+    with torch.no_grad():
+        layer.neg_A_real.fill_(-3.0)  # pushed past zero by training
+    assert torch.all(layer.A().real == -1e-4)

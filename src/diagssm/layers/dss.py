@@ -14,7 +14,7 @@ from torch import nn
 
 from diagssm import init as inits
 from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_bools, check_even_state,
-                                 check_positive_ints, check_rate, complex_parameter, log_uniform)
+                                 check_positive_ints, check_rate, log_uniform)
 from diagssm.ops import dss_kernel
 from diagssm.ops.kernels import DSS_VARIANTS, EPS_RECIPROCAL, dss_exponent, reciprocal
 
@@ -26,11 +26,14 @@ class DSS(DiagonalSSM):
         d_model: H.
         d_state: 2x the number of complex modes (see the module docstring); Lambda has d_state/2.
         variant: "exp" (Re Lambda = -exp(log_Lambda_re) < 0) | "softmax" (Lambda free).
-        sep_dt: separate step sizes for Re and Im of Lambda (the DSS code's default): log_dt (2, H).
+        sep_dt: separate step sizes for Re and Im of Lambda (the DSS code's default): log_dt (2, H),
+            both rows starting from the same draw.
         dt_min, dt_max, channels, bidirectional, check_finite, backend: as in S4D.
 
     Lambda (shared by all channels) starts at Skew-HiPPO, the spectrum of the normal part of
-    HiPPO-LegS (`init.diagonal_init("legs", d_state)`); W is complex standard normal.
+    HiPPO-LegS (`init.diagonal_init("legs", d_state)`); Re W and Im W are standard normal (the DSS
+    code's draw). With `sep_dt` the two step sizes of a channel start equal (one log-uniform draw,
+    as in the DSS code) and part only in training.
 
     Recurrent view (DSS paper, Sec. 3.4): x_k = exp(w) x_{k-1} + B_bar u_k, y_k = Re(W x_k) + D u_k
     with w = dt Lambda. EXP: B_bar = (exp(w) - 1)/Lambda. SOFTMAX: the softmax normaliser
@@ -69,14 +72,17 @@ class DSS(DiagonalSSM):
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite
         H, M = d_model, self.n_modes
         Lambda = inits.diagonal_init("legs", d_state)  # (M,)
-        log_dt = torch.log(log_uniform((2, H) if sep_dt else (H,), dt_min, dt_max))
-        self.log_dt = nn.Parameter(log_dt.float())
+        log_dt = torch.log(log_uniform(H, dt_min, dt_max))  # (H,)
+        if sep_dt:  # both start at the same draw and part in training, as in the DSS code (its log_dt.tile(2))
+            log_dt = log_dt.expand(2, H)
+        self.log_dt = nn.Parameter(log_dt.float().contiguous())
         if variant == "exp":
             self.log_Lambda_re = nn.Parameter(torch.log(-Lambda.real).float())  # (M,)
         else:
             self.Lambda_re = nn.Parameter(Lambda.real.float().contiguous())  # (M,)
         self.Lambda_im = nn.Parameter(Lambda.imag.float().contiguous())  # (M,)
-        self.W = complex_parameter(torch.randn(channels * (1 + bidirectional), H, M, dtype=torch.complex64))
+        # Re W and Im W each standard normal (E|W|^2 = 2), as the DSS code's randn(..., 2)
+        self.W = nn.Parameter(torch.randn(channels * (1 + bidirectional), H, M, 2))  # (C', H, M, 2)
         self.D = nn.Parameter(torch.randn(channels, H))  # (channels, H)
 
     def Lambda(self):

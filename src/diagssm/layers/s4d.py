@@ -23,8 +23,9 @@ class S4D(DiagonalSSM):
         d_state: N, the size of the real HiPPO matrix mirrored; N/2 complex modes are stored.
         init: A's initialisation, "legs" | "inv" | "lin" | "real" | "rand" (`init.diagonal_init`).
             "legs" also sets B = V^H B_HiPPO (the projected HiPPO input vector); otherwise B = 1.
+            "rand" draws its frequencies for each channel.
         discretization: "zoh" | "bilinear".
-        real_transform: Re A = -exp(log_A_real) | -relu(neg_A_real) | -neg_A_real.
+        real_transform: Re A = -exp(log_A_real) | -(relu(neg_A_real) + 1e-4) | -neg_A_real.
         dt_min, dt_max: dt is initialised log-uniform in [dt_min, dt_max].
         channels: number of output channels C'' (C is (C'', H, N/2)); the output is (B, L, C'' H).
         bidirectional: add an anti-causal kernel with its own C (no recurrent state then).
@@ -61,7 +62,10 @@ class S4D(DiagonalSSM):
                                                            check_finite=check_finite, train_B=train_B)
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite
         H, M = d_model, self.n_modes
-        A = inits.diagonal_init(init, d_state).expand(H, M)  # (H, M)
+        if init == "rand":  # frequencies drawn for each channel, as the S4 code's random imaginary parts
+            A = torch.stack([inits.diagonal_init(init, d_state) for _ in range(H)])  # (H, M)
+        else:
+            A = inits.diagonal_init(init, d_state).expand(H, M)  # (H, M)
         B = inits.hippo_legs_B(d_state) if init == "legs" else torch.ones(M, dtype=torch.complex128)
         self.log_dt = nn.Parameter(torch.log(log_uniform(H, dt_min, dt_max)).float())  # (H,)
         if real_transform == "exp":
@@ -82,7 +86,8 @@ class S4D(DiagonalSSM):
         if self.real_transform == "exp":
             real = -torch.exp(self.log_A_real)
         else:
-            real = -torch.relu(self.neg_A_real) if self.real_transform == "relu" else -self.neg_A_real
+            # relu: the S4 code's floor of 1e-4 keeps Re A < 0
+            real = -(torch.relu(self.neg_A_real) + 1e-4) if self.real_transform == "relu" else -self.neg_A_real
         return torch.complex(real, self.A_imag)  # (H, M)
 
     def dt(self, rate=1.0):
