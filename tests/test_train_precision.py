@@ -10,6 +10,7 @@ from diagssm.train.loop import Trainer
 from diagssm.train.metrics import read_rows
 from diagssm.train.setup import make_model, make_task
 from diagssm.train.world import keep_ssm_float32, make_world
+from helpers import assert_close
 from test_train_cli import TINY, keep_threads  # noqa: F401  (keep_threads: an autouse fixture)
 
 STEPS = 12
@@ -27,22 +28,23 @@ def train_losses(run_dir):
     return [r["loss"] for r in read_rows(run_dir / "metrics.csv") if r["split"] == "train"]
 
 
-def test_keep_ssm_float32_under_autocast():
+def test_keep_ssm_float32_under_autocast(monkeypatch):
     cfg = config()
     task = make_task(cfg)
     model = make_model(cfg.model, task)
     keys = list(model.state_dict())
     inside, seen = [], []
 
-    def spy(forward):  # installed before keep_ssm_float32, so it runs inside its float32 region
-        def run(u, *args, **kwargs):
+    def spy(forward):  # the class's forward, which runs inside the float32 region
+        def run(self, u, *args, **kwargs):
             inside.append((u.dtype, torch.is_autocast_enabled("cpu")))
-            return forward(u, *args, **kwargs)
+            return forward(self, u, *args, **kwargs)
         return run
 
+    for cls in {type(m) for m in model.modules() if isinstance(m, SSMLayer)}:
+        monkeypatch.setattr(cls, "forward", spy(cls.forward))
     for m in model.modules():
         if isinstance(m, SSMLayer):
-            m.forward = spy(m.forward)
             m.register_forward_hook(lambda mod, inp, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype)))
     assert keep_ssm_float32(model) == cfg.model.n_layers and keep_ssm_float32(model) == 0  # idempotent
     assert list(model.state_dict()) == keys  # names unchanged: checkpoints load either way
@@ -107,3 +109,37 @@ def test_compile_failure_is_an_error_naming_it(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "diagssm train: error: run.compile=true: torch.compile failed (torch._inductor" in done.stderr
     assert "set run.compile=false" in done.stderr
+
+
+def test_keep_ssm_float32_survives_copies_and_steps():
+    """A deepcopy (EMA, AveragedModel) runs its own parameters, a pickled layer keeps float32 under
+    autocast, and `step` runs in float32 too (before session 26 the copy ran the original's forward,
+    pickling failed, and stepping under autocast raised)."""
+    import copy
+    import io
+
+    from diagssm.layers import S4D
+    torch.manual_seed(0)
+    layer = S4D(8, d_state=16)
+    keep_ssm_float32(layer)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.C.mul_(-2.0)
+    u = torch.randn(2, 20, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_twin = layer(u.bfloat16()), twin(u.bfloat16())
+        y_t, _ = layer.step(u[:, 0].bfloat16(), layer.default_state(2))
+    plain = S4D(8, d_state=16)
+    plain.load_state_dict(layer.state_dict())
+    assert y.dtype == torch.float32 and y_t.dtype == torch.float32
+    assert_close(y, plain(u.bfloat16().float()))
+    assert_close(y_t, plain.step(u[:, 0].bfloat16().float(), plain.default_state(2))[0])
+    plain.load_state_dict(twin.state_dict())
+    assert_close(y_twin, plain(u.bfloat16().float()))  # the copy's own (changed) C
+    buf = io.BytesIO()
+    torch.save(twin, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_close(loaded(u.bfloat16()), y_twin)
+    assert keep_ssm_float32(loaded) == 0  # still installed

@@ -88,6 +88,23 @@ def check_even_state(d_state, who):
 class SSMLayer(nn.Module):
     """Input and state checks shared by all layers. Subclasses set d_model and check_finite."""
 
+    def _forward_float32(self, u, *args, **kwargs):
+        """The class's `forward` in float32 with autocast off; `keep_ssm_float32` (diagssm.train.world)
+        installs it as the instance's `forward`. A bound method of the class, so that a deepcopy (EMA,
+        AveragedModel) runs its own parameters and a pickled layer keeps it."""
+        return self._in_float32(type(self).forward, u, *args, **kwargs)
+
+    def _step_float32(self, u_t, *args, **kwargs):
+        """`step` as `_forward_float32` runs `forward`."""
+        return self._in_float32(type(self).step, u_t, *args, **kwargs)
+
+    def _in_float32(self, fn, u, *args, **kwargs):
+        if torch.is_tensor(u) and u.dtype in (torch.bfloat16, torch.float16):
+            u = u.float()
+        device = u.device.type if torch.is_tensor(u) else "cpu"
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(self, u, *args, **kwargs)
+
     def check_input(self, u, name="u"):
         ndim = 3 if name == "u" else 2
         if not torch.is_tensor(u) or u.dim() != ndim or u.shape[-1] != self.d_model:

@@ -32,7 +32,6 @@ failure surfaces at the first forward pass, where the loop turns it into a `Comp
 naming the cause (no silent fallback to eager mode).
 """
 import contextlib
-import functools
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -204,28 +203,19 @@ def make_world(device, precision="fp32", distributed=False, env=None):
 
 
 # ---- precision and compilation ------------------------------------------------------------
-def _float32_forward(forward):
-    @functools.wraps(forward)
-    def run(u, *args, **kwargs):
-        if torch.is_tensor(u) and u.dtype in (torch.bfloat16, torch.float16):
-            u = u.float()
-        with torch.autocast(device_type=u.device.type, enabled=False):
-            return forward(u, *args, **kwargs)
-    run._diagssm_float32 = True
-    return run
-
-
 def keep_ssm_float32(model):
     """Make every SSM layer (`diagssm.layers.base.SSMLayer`) of `model` run in float32 under
-    autocast: its input is cast to float32 and autocast is off inside its forward. Done by
-    replacing each layer's bound `forward` on the instance, so parameter names, state_dict and
-    `step` are unchanged. Returns the number of layers changed."""
+    autocast: its input is cast to float32 and autocast is off inside its `forward` and `step`. Done
+    by setting each layer's `forward` and `step` on the instance to the layer's `_forward_float32`
+    and `_step_float32` (bound methods of its class, so deepcopies and pickles keep them), so
+    parameter names and state_dict are unchanged. Returns the number of layers changed."""
     from diagssm.layers.base import SSMLayer
 
     n = 0
     for m in model.modules():
-        if isinstance(m, SSMLayer) and not getattr(m.forward, "_diagssm_float32", False):
-            m.forward = _float32_forward(m.forward)
+        if isinstance(m, SSMLayer) and getattr(m.__dict__.get("forward"), "__func__", None) is not \
+                SSMLayer._forward_float32:
+            m.forward, m.step = m._forward_float32, m._step_float32
             n += 1
     return n
 
