@@ -357,10 +357,11 @@ def test_rate_may_be_a_numpy_number(who):
 
 
 @pytest.mark.parametrize("who", ["S4D", "S5", "S4"])
-@pytest.mark.parametrize("change", ["in place", "replaced"])
+@pytest.mark.parametrize("change", ["in place", "replaced", "data replaced", "data cleared"])
 def test_step_system_cache_follows_parameter_updates(who, change):
-    """Inference reuses the discretised system; an optimiser step (in-place update) or a parameter
-    replaced by a new one refreshes it."""
+    """Inference reuses the discretised system; an optimiser step (in-place update), a parameter
+    replaced by a new one or its `.data` by new storage (`vector_to_parameters`) refreshes it; an
+    in-place change through `.data` (no version bump) after `clear_cache()`."""
     torch.manual_seed(0)
     layer = EVERY_LAYER[who](4, 8).double()
     u_t, h = randn(2, 4, seed=13), random_state(layer, 2)
@@ -369,8 +370,13 @@ def test_step_system_cache_follows_parameter_updates(who, change):
         assert torch.equal(layer.step(u_t, h)[0], y1)  # cached
         if change == "in place":
             layer.log_dt += 0.5  # as an optimiser does
-        else:
+        elif change == "replaced":
             layer.log_dt = torch.nn.Parameter(layer.log_dt + 0.5)
+        elif change == "data replaced":
+            layer.log_dt.data = layer.log_dt.data + 0.5
+        else:
+            layer.log_dt.data.add_(0.5)
+            layer.clear_cache()
         y2, _ = layer.step(u_t, h)
     with torch.enable_grad():
         y_ref, _ = layer.step(u_t, h)  # computed afresh
@@ -466,3 +472,64 @@ def test_relu_transform_keeps_re_a_below_zero():
     with torch.no_grad():
         layer.neg_A_real.fill_(-3.0)  # pushed past zero by training
     assert torch.all(layer.A().real == -1e-4)
+
+
+def test_step_system_cache_follows_buffers():
+    """S4D with train_B=False keeps B as a buffer: changing it refreshes the cached system."""
+    torch.manual_seed(0)
+    layer = S4D(4, 8, train_B=False).double()
+    u_t, h = randn(2, 4, seed=13), random_state(layer, 2)
+    with torch.no_grad():
+        y1, _ = layer.step(u_t, h)
+        layer.B.mul_(2.0)
+        y2, _ = layer.step(u_t, h)
+    with torch.enable_grad():
+        y_ref, _ = layer.step(u_t, h)  # computed afresh
+    assert not torch.allclose(y1, y2)
+    assert_close(y2, y_ref)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_layers_save_and_copy_after_inference(who, tmp_path):
+    """After steps under no_grad (which cache the system): torch.save of the whole layer works (the
+    cache held complex views of real parameters and failed it), and a deepcopy steps with its own
+    parameters."""
+    import copy
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](4, 8).double()
+    u_t, h = randn(2, 4, seed=13), random_state(layer, 2)
+    with torch.no_grad():
+        y1, _ = layer.step(u_t, h)
+        twin = copy.deepcopy(layer)
+        twin.log_dt.data = twin.log_dt.data + 0.5  # new storage, as vector_to_parameters
+        y_twin, _ = twin.step(u_t, h)
+    torch.save(layer, tmp_path / "layer.pt")
+    loaded = torch.load(tmp_path / "layer.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded.step(u_t, h)[0], y1)
+    with torch.enable_grad():
+        assert_close(y_twin, twin.step(u_t, h)[0])
+    assert not torch.allclose(y_twin, y1)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_layer_made_under_inference_mode_steps(who):
+    """Parameters made under torch.inference_mode have no version counter; step then builds its
+    system each call (it raised 'Inference tensors do not track version counter')."""
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        layer = EVERY_LAYER[who](4, 8).double()
+        u = randn(2, 6, 4, seed=14)
+        y = layer(u)
+        h, steps = layer.default_state(2), []
+        for u_t in u.unbind(1):
+            y_t, h = layer.step(u_t, h)
+            steps.append(y_t)
+        assert_close(torch.stack(steps, 1), y)
+        layer.log_dt.add_(0.5)  # no version bump under inference mode: must not be served stale
+        y_new = layer(u)
+        h, steps = layer.default_state(2), []
+        for u_t in u.unbind(1):
+            y_t, h = layer.step(u_t, h)
+            steps.append(y_t)
+        assert_close(torch.stack(steps, 1), y_new)

@@ -189,17 +189,32 @@ class SSMLayer(nn.Module):
         return torch.zeros(batch_size, *shape, dtype=self.param_dtype().to_complex(), device=self.D.device)
 
     def inference_cached(self, key, build):
-        """`build()`, reused under no autograd (inference) until a parameter changes (tracked by
-        the parameters' identities and version counters, which in-place updates bump) or `key`
+        """`build()`, reused under no autograd (inference) until a parameter or buffer changes (tracked
+        by their identities, storages and version counters, which in-place updates bump) or `key`
         (the arguments build depends on) or dtype/device do: generation then does not rebuild the
-        step's system at every step. With autograd on, built afresh each call."""
+        step's system at every step. With autograd on, built afresh each call; so too for tensors
+        made under `torch.inference_mode`, which have no version counter. Changes made through
+        `.data` bypass the version counter: call `clear_cache()` after them."""
         if torch.is_grad_enabled():
             return build()
-        params = self.parameters() if self._modules else [p for p in self._parameters.values() if p is not None]
-        key = (key, self.D.dtype, self.D.device, tuple((id(p), p._version) for p in params))
+        tensors = [*self.parameters(), *self.buffers()] if self._modules else \
+            [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
+        if any(t.is_inference() for t in tensors):
+            return build()
+        key = (key, self.D.dtype, self.D.device, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
         if getattr(self, "_step_cache", (None,))[0] != key:
             self._step_cache = (key, build())
         return self._step_cache[1]
+
+    def clear_cache(self):
+        """Forget the system `inference_cached` keeps (needed only after changes through `.data`)."""
+        self.__dict__.pop("_step_cache", None)
+
+    def __getstate__(self):
+        """Pickles and deepcopies leave the inference cache out (it holds views of the parameters)."""
+        state = super().__getstate__().copy()
+        state.pop("_step_cache", None)
+        return state
 
     def extra_repr(self):
         keys = ("d_model", "d_state", "init", "measure", "rank", "variant", "discretization", "blocks", "channels",
