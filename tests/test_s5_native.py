@@ -91,13 +91,30 @@ def test_a_block_that_ends_on_the_last_step():
         assert_close(x, y, scale=100)
 
 
+SHAPES = r"expected u \(B, L, H\), W_in and W_out \(H, 2P\), a \(P,\), D \(H,\), h0 \(B, P\); got"
+
+
 @pytest.mark.parametrize("case,why", [("float64", "float32 on the CPU only"),
                                       ("H = 24", "H = 24 would run on 32 lanes"),
-                                      ("h0 (P,)", r"h0 must be \(B, modes\)")])
+                                      ("h0 (P,)", SHAPES + r".* h0 \(8,\)"),
+                                      ("W_out short", SHAPES + r".* W_out \(8, 16\)"),
+                                      ("W_out wide", SHAPES + r".* W_out \(16, 32\)"),
+                                      ("D short", SHAPES + r".* D \(8,\)"),
+                                      ("W_in float64", r"float32 on the CPU only .*got W_in torch.float64"),
+                                      ("a complex128", r"float32 on the CPU only .*got a torch.complex128"),
+                                      ("D float64", r"float32 on the CPU only .*got D torch.float64")])
 def test_unsupported_problems_raise(case, why):
+    """Every argument is checked: a short or wide weight, or one of another dtype, had been read by the
+    kernels as raw memory (outputs of 1e20-1e34, no error)."""
     u, W_in, a, W_out, D, h0 = problem(2, 10, 24 if case == "H = 24" else 16, 8, True)
-    h0 = h0[0] if case == "h0 (P,)" else h0
-    args = (u, W_in, a, W_out, D, h0) if case == "float64" else map(lower, (u, W_in, a, W_out, D, h0))
+    args = [u, W_in, a, W_out, D, h0] if case == "float64" else list(map(lower, (u, W_in, a, W_out, D, h0)))
+    change = {"h0 (P,)": (5, lambda t: t[0]), "W_out short": (3, lambda t: t[:8]),
+              "W_out wide": (3, lambda t: torch.cat([t, t], 1)), "D short": (4, lambda t: t[:8]),
+              "W_in float64": (1, torch.Tensor.double), "a complex128": (2, lambda t: t.to(C128)),
+              "D float64": (4, torch.Tensor.double)}
+    if case in change:
+        i, fn = change[case]
+        args[i] = fn(args[i])
     with pytest.raises(ValueError, match=why):
         s5_fused(*args)
 

@@ -104,10 +104,34 @@ def s5_fused(u, W_in, a, W_out, D, h0=None):
     D (H,); h0 (B, P2/2) complex64 or None (zero) -> y (B, L, H), x_(L-1) (B, P2/2) complex64.
     Raises ValueError where `unsupported` gives a reason.
     """
+    _check(u, W_in, a, W_out, D, h0)
     why = unsupported(u, W_in, h0)
     if why:
         raise ValueError(f"s5_fused: {why}")
     return apply_on_lanes(u, W_in, a, W_out, D, h0)
+
+
+def _check(u, W_in, a, W_out, D, h0):
+    """Shapes and dtypes, else a ValueError: the kernels read raw memory, so a short or wide W_out,
+    or a float64 weight, had been read out of bounds or as the wrong type, silently."""
+    ts = {"u": u, "W_in": W_in, "a": a, "W_out": W_out, "D": D, "h0": h0}
+    if not all(torch.is_tensor(t) for t in ts.values() if t is not None):
+        raise TypeError("s5_fused: u, W_in, a, W_out, D and h0 (or None) must be tensors")
+    H, P = u.shape[-1], a.shape[-1]
+    want = {"u": (*u.shape[:2], H), "W_in": (H, 2 * P), "a": (P,), "W_out": (H, 2 * P), "D": (H,),
+            "h0": (u.shape[0], P)}
+    if u.dim() != 3 or a.dim() != 1 or any(t is not None and tuple(t.shape) != want[k] for k, t in ts.items()):
+        got = ", ".join(f"{k} {tuple(t.shape)}" for k, t in ts.items() if t is not None)
+        raise ValueError(f"s5_fused: expected u (B, L, H), W_in and W_out (H, 2P), a (P,), D (H,), h0 (B, P); "
+                         f"got {got}")
+    wrong = [k for k, t in ts.items() if t is not None and t.dtype != (torch.complex64 if k in ("a", "h0")
+                                                                          else torch.float32)]
+    if wrong:
+        got = ", ".join(f"{k} {ts[k].dtype}" for k in wrong)
+        raise ValueError(f"s5_fused: float32 on the CPU only (float32 u, W_in, W_out, D and complex64 a, h0); "
+                         f"got {got}")
+    if len({t.device for t in ts.values() if t is not None}) > 1:
+        raise ValueError("s5_fused: all tensors must be on one device")
 
 
 @chunked_native.eager
