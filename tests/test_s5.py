@@ -296,3 +296,25 @@ def test_errors():
                      (dict(d_state=12, blocks=4), "odd"), (dict(dt_min=0.2), "dt_min")]:
         with pytest.raises(ValueError, match=name):
             S5(3, **{"d_state": 8, **kw})
+
+
+def test_modal_conv_with_a_mode_that_underflowed():
+    """A_bar = 0 (exp(dt Lambda) below float32's range) made every output NaN on the conv path: at
+    l = 0 the power was exp(0 * log 0)."""
+    A, Bu, h0 = randn(3, dtype=torch.complex128, seed=1) * 0.5, randn(2, 9, 3, dtype=torch.complex128, seed=2), \
+        randn(2, 3, dtype=torch.complex128, seed=3)
+    A[1] = 0
+    for reverse in (False, True):
+        assert_close(modal_conv(A, Bu, h0, reverse), scan_ref(A, Bu, h0, reverse))
+    torch.manual_seed(0)
+    layer = S5(16, 8, dt_min=300.0, dt_max=300.0)  # Re(dt Lambda) = -150: A_bar underflows in float32
+    u = torch.randn(2, 30, 16, requires_grad=True)
+    layer.mode = "conv"
+    y_conv = layer(u)
+    (g_conv,) = torch.autograd.grad(y_conv.square().sum(), [u])
+    layer.mode = "scan"
+    y_scan = layer(u)
+    (g_scan,) = torch.autograd.grad(y_scan.square().sum(), [u])
+    assert torch.isfinite(y_conv).all() and torch.isfinite(g_conv).all()
+    assert_close(y_conv, y_scan)
+    assert_close(g_conv, g_scan)

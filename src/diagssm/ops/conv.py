@@ -124,7 +124,8 @@ def modal_conv(A_bar, Bu, h0=None, reverse=False):
 
         h_k = sum_(j<=k) A_bar^(k-j) Bu_j + A_bar^(k+1) h0     (reverse: j >= k and A_bar^(j-k))
 
-    Same contract as `ops.scan` with A_bar of shape (P,) and nonzero (its log is taken);
+    Same contract as `ops.scan` with A_bar of shape (P,) (its log is taken; an A_bar of 0, from an
+    underflowed exp(dt Lambda), counts as the smallest normal number);
     its reference twin is `ops.scan_ref` (tests/test_s5.py).
 
     Shapes: A_bar (P,) complex; Bu (B, L, P) complex; h0 (B, P) or None -> h (B, L, P)
@@ -136,6 +137,9 @@ def modal_conv(A_bar, Bu, h0=None, reverse=False):
     L = Bu.shape[1]
     n = 2 ** math.ceil(math.log2(2 * L))  # >= 2L: no circular wrap-around
     l = torch.arange(L, dtype=A_bar.real.dtype, device=Bu.device)  # (L,)
+    # A_bar = 0 (exp(dt Lambda) underflowed) has log -inf and 0 * -inf is NaN at l = 0: take the
+    # smallest normal number there (A_bar^l off by at most that); its gradient, exp's, is 0 anyway
+    A_bar = torch.where(A_bar == 0, torch.finfo(l.dtype).tiny, A_bar)
     K = torch.exp(l[:, None] * torch.log(A_bar))  # (L, P) = A_bar^l
     h = torch.fft.ifft(torch.fft.fft(Bu, n=n, dim=1) * torch.fft.fft(K, n=n, dim=0), dim=1)[:, :L]  # (B, L, P)
     if h0 is not None:
