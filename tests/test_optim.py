@@ -28,3 +28,22 @@ def test_groups(capsys):
     printed = capsys.readouterr().out
     assert "ssm      lr=1.00e-03 weight_decay=0" in printed and "log_A_real" in printed
     torch.optim.AdamW(list(groups.values()))  # accepted by the optimiser as they are
+
+
+def test_tied_weights_are_listed_once():
+    """Tied input and output weights (one Parameter in two modules) had been put in the groups twice:
+    AdamW then stepped that weight twice per update."""
+    emb, head = nn.Embedding(10, 8), nn.Linear(8, 10, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, S4D(8, 16), head)
+    groups = param_groups(model, lr=0.01, verbose=False)
+    listed = [p for g in groups for p in g["params"]]
+    assert len(listed) == len({id(p) for p in listed}) == len(list(model.parameters()))
+    names = [n for g in groups for n in g["param_names"]]
+    assert "0.weight" in names and "2.weight" not in names
+    opt = torch.optim.AdamW(groups)  # warns of a parameter in several groups when listed twice
+    model(torch.randint(0, 10, (2, 5))).sum().backward()
+    before = emb.weight.detach().clone()
+    opt.step()
+    moved = (emb.weight.detach() - before).abs().max()
+    assert abs(float(moved) - 0.01) < 1e-3  # one Adam step of lr 0.01 (two steps moved it 0.02)

@@ -26,14 +26,17 @@ def param_groups(model, lr, ssm_lr=1e-3, weight_decay=0.0, verbose=True):
         decay:    everything else, at lr, weight_decay
 
     Returns a list of dicts (empty groups are left out), each with a "name" and the names of
-    its parameters under "param_names". Prints a summary unless verbose=False.
+    its parameters under "param_names". A parameter shared by several modules (tied weights) is
+    listed once, under its first name. Prints a summary unless verbose=False.
     """
     settings = {"ssm": (ssm_lr, 0.0), "no_decay": (lr, 0.0), "decay": (lr, weight_decay)}
     groups = {k: {"name": k, "params": [], "param_names": [], "lr": v[0], "weight_decay": v[1]}
               for k, v in settings.items()}
+    seen = set()  # a parameter shared by two modules (tied weights) goes once, in its first module's group
     for mod_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
                 g = groups[_group_of(module, name)]
                 g["params"].append(p)
                 g["param_names"].append(f"{mod_name}.{name}" if mod_name else name)
