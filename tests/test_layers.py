@@ -533,3 +533,18 @@ def test_layer_made_under_inference_mode_steps(who):
             y_t, h = layer.step(u_t, h)
             steps.append(y_t)
         assert_close(torch.stack(steps, 1), y_new)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_a_lazily_conjugated_state(who):
+    """state.conj() is a view with a conjugate bit: the float32 native path had failed on it
+    ("view_as_real doesn't work on unresolved conjugated tensors")."""
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](32, 16)
+    u = torch.randn(2, 70, 32)
+    s = torch.randn_like(layer.default_state(2))
+    y, h = layer(u, state=s.conj(), return_state=True)
+    y_ref, h_ref = layer(u, state=s.conj().resolve_conj(), return_state=True)
+    assert torch.equal(y, y_ref) and torch.equal(h, h_ref)
+    with torch.no_grad():
+        assert torch.equal(layer.step(u[:, 0], s.conj())[0], layer.step(u[:, 0], s.conj().resolve_conj())[0])
