@@ -168,6 +168,7 @@ class SSMLayer(nn.Module):
         1.37-4.95x, docs/benchmarks/backends-s4-cpu-2core-session25-native.md) and 1.8-4.2x in
         float32 in `diagssm bench` (s4-cpu-2core-session25-native-run1.md, -run2.md). Not measured
         on a GPU."""
+        check_backend(self.backend, type(self).__name__)  # also when set after construction (layer.backend = ...)
         backend = self.backend if self.backend != "auto" else ("chunked" if u.device.type == "cpu" else "fft")
         why = self.recurrent_problem(L, rate) if backend == "chunked" else ""
         if why and self.backend == "chunked":

@@ -257,6 +257,8 @@ class S5(SSMLayer):
         """Whether to run the FFT convolution: mode="conv", or "auto" for a time-invariant system on a
         GPU (faster there at every length measured; the scan on the CPU: S5.__doc__). The choice is
         logged when it changes and recorded in `self.last_mode`."""
+        if self.mode not in MODES:  # set after construction (layer.mode = ...)
+            raise ValueError(f"S5: mode={self.mode!r}; allowed: {MODES}")
         if self.mode == "conv" and time_varying:
             raise ValueError("mode='conv' needs a time-invariant system: with dt or resets given, "
                              "use mode='scan' or 'auto'")
