@@ -559,3 +559,15 @@ def test_a_backend_set_after_construction_is_checked(who):
     setattr(layer, attr, "Chunked")
     with pytest.raises(ValueError, match=rf"{who}: {attr}='Chunked'.*allowed: {allowed}"):
         layer(u)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bfloat16, torch.complex64])
+def test_an_input_of_a_dtype_no_layer_takes(dtype):
+    """An int, half or complex input had been told to convert the layer to its dtype (layer.to(torch.int64)),
+    which is no fix; half inputs under autocast are pointed to keep_ssm_float32."""
+    layer = S4D(4, 8)
+    u = torch.ones(1, 5, 4).to(dtype)
+    want = rf"u has dtype {dtype}; the layer takes real float32 or float64 inputs .*u.to\(torch.float32\)"
+    with pytest.raises(ValueError, match=want + (".*keep_ssm_float32" if dtype == torch.bfloat16 else "")) as e:
+        layer(u)
+    assert "layer.to" not in str(e.value)

@@ -118,6 +118,11 @@ class SSMLayer(nn.Module):
                              f"Keep the SSM layers in float32: for mixed precision run the model under "
                              f"torch.autocast with diagssm.train.world.keep_ssm_float32(model)")
         if u.dtype != dtype:
+            if u.dtype not in (torch.float32, torch.float64):  # layer.to(int64 / bfloat16 / complex64) is no fix
+                hint = (" (under torch.autocast keep the SSM layers in float32: diagssm.train.world.keep_ssm_float32)"
+                        if u.dtype in (torch.bfloat16, torch.float16) else "")
+                raise ValueError(f"{name} has dtype {u.dtype}; the layer takes real float32 or float64 inputs "
+                                 f"(its parameters are {dtype}: {name}.to({dtype})){hint}")
             raise ValueError(f"{name} has dtype {u.dtype} but the layer's parameters are {dtype}; "
                              f"convert one of them (layer.to({u.dtype}) or {name}.to({dtype}))")
         if ndim == 3 and min(u.shape[:2]) < 1:  # (a step of B = 0 inputs returns empty tensors)
