@@ -165,3 +165,17 @@ def test_toeplitz_matches_the_gather_reference():
     assert torch.equal(got, want)
     (g_got,), (g_want,) = (torch.autograd.grad((t * g).sum(), K) for t in (got, want))
     assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("native", [None, False])
+def test_mixed_precision_is_an_error_naming_the_dtypes(native):
+    """float32 u with complex128 weights had failed inside the native tiling or a matmul
+    ("expected scalar type Double but found Float")."""
+    w, B_bar, C = system()
+    want = r"u and D must be one real dtype and w, B_bar, C and h0 its complex one"
+    for args in [(randn(2, 5, 3).float(), w, B_bar, C), (randn(2, 5, 3), w, B_bar, C.to(torch.complex64)),
+                 (randn(2, 5, 3), w.to(torch.complex64), B_bar.to(torch.complex64), C.to(torch.complex64))]:
+        with pytest.raises(ValueError, match=want):
+            diagonal_chunked(*args, native=native)
+    with pytest.raises(ValueError, match=want):
+        diagonal_chunked(randn(2, 5, 3), w, B_bar, C, D=randn(1, 3).float(), native=native)

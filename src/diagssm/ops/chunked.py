@@ -104,6 +104,12 @@ def _check(u, w, B_bar, C, h0, D):
         raise ValueError(f"h0 must be (B, H, M)={(u.shape[0],) + tuple(w.shape)}; got {tuple(h0.shape)}")
     if D is not None and D.shape != C.shape[:2]:
         raise ValueError(f"D must be (C', H)={tuple(C.shape[:2])}; got {tuple(D.shape)}")
+    real = {t.dtype for t in (u, D) if t is not None}
+    cplx = {t.dtype for t in (w, B_bar, C, h0) if t is not None}
+    if len(real) > 1 or len(cplx) > 1 or u.dtype not in (torch.float32, torch.float64) or \
+            cplx != {u.dtype.to_complex()}:
+        raise ValueError(f"u and D must be one real dtype and w, B_bar, C and h0 its complex one "
+                         f"(float32 with complex64, float64 with complex128); got {real} and {cplx}")
 
 
 def _load(x, l0, T, dst, stage):
