@@ -106,8 +106,10 @@ def test_data_build_caches_and_show_saves_a_picture(tmp_path, capsys):
     args = ["--param", "seq_len=32", "--param", "n_train=40", "--param", "n_val=8", "--param", "n_test=8"]
     assert main(["data", "build", "recall", *args, "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert "train      40 sequences, length 32..32" in out
+    assert "train      40 sequences, length 32..32" in out and "recall: built in" in out
     assert len(list(cache.cache_dir().glob("recall-v1-*.pt"))) == 1
+    assert main(["data", "build", "recall", *args, "--seed", "3"]) == 0  # a cache hit says so (it said "built")
+    assert "recall: read from the cache in" in capsys.readouterr().out
     png = tmp_path / "recall.png"
     assert main(["data", "show", "recall", *args, "--out", str(png)]) == 0
     assert png.stat().st_size > 1000

@@ -71,6 +71,10 @@ def test_train_writes_the_run_folder_and_eval_reads_it_back(tmp_path, capsys):
     out = capsys.readouterr().out
     final_val = float(table[-1]["metric"])
     assert f"accuracy {final_val:.6g} over 64 scored outputs" in out and "step 40" in out
+    assert main(["eval", "--run-dir", str(run), "--split", "val", "--checkpoint", "step_00000030.pt"]) == 0
+    assert "step 30" in capsys.readouterr().out  # a file name is looked up in the run's checkpoints/
+    assert main(["eval", "--run-dir", str(run), "--checkpoint", "step_00000010.pt"]) == 2  # not kept
+    assert "no such checkpoint (choose latest, best, a path or a file name in" in capsys.readouterr().err
 
 
 def test_eval_at_another_rate(tmp_path, capsys):
@@ -231,6 +235,42 @@ def test_resume_reports_changed_settings_and_continues(tmp_path, capsys):
     assert f"resumed from {run / 'checkpoints' / 'step_00000010.pt'}: step 10 (epoch 0, batch 10)" in out
     assert config_mod.load(run / "config.yaml").run.max_steps == 20
     assert [int(r["step"]) for r in rows(run) if r["split"] == "val"] == [10, 20]
+
+
+def test_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, capsys):
+    """A --set that changes the model fails the resume (exit 2, one line) and no longer writes itself
+    into config.yaml first, which had made every later plain --resume fail too; eval alike."""
+    cfg_path, run = write_config(tmp_path / "t.yaml", run={"max_steps": 10}), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    before = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "model.d_model=8"]) == 2
+    err = capsys.readouterr().err
+    assert "step_00000010.pt: does not fit the model of this config: size mismatch for" in err
+    assert len(err.strip().splitlines()) == 1
+    assert (run / "config.yaml").read_text() == before
+    assert main(["eval", "--run-dir", str(run), "--set", "model.d_model=8"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model of this config: size mismatch for" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "run.max_steps=20"]) == 0
+
+
+def test_resume_applies_a_changed_learning_rate(tmp_path, capsys):
+    """--resume --set optim.lr=... had been announced and then overwritten by the optimiser's and
+    scheduler's saved states: from the resumed step on, the run follows the new rate's schedule,
+    as a run started with it does."""
+    cfg_path = write_config(tmp_path / "t.yaml", run={"max_steps": 10})
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "run.max_steps=20",
+                 "--set", "optim.lr=0.03", "--set", "optim.weight_decay=0.5"]) == 0
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(ref), "--set", "run.max_steps=20",
+                 "--set", "optim.lr=0.03", "--set", "optim.weight_decay=0.5"]) == 0
+    lrs = {d: {int(r["step"]): float(r["lr"]) for r in rows(d) if r["split"] == "train"} for d in (run, ref)}
+    assert lrs[run][15] == lrs[ref][15] and lrs[run][20] == lrs[ref][20]
+    assert lrs[run][5] != lrs[ref][5]  # before the resume: the first rate
+    state = torch.load(run / "checkpoints" / "step_00000020.pt", weights_only=False)
+    assert {g["weight_decay"] for g in state["optimizer"]["param_groups"] if g["name"] == "decay"} == {0.5}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed here")

@@ -51,6 +51,9 @@ def file_stamp(path):
     return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+EVENTS = []  # ("read" | "built", path) for each `cached` call, for `diagssm data build` to report
+
+
 def cached(name, params, build, version):
     """build()'s result, read from the cache if it holds (name, params, version), else built and
     written there. `params` must be JSON-serialisable; `version` is the builder's output format
@@ -59,7 +62,9 @@ def cached(name, params, build, version):
     record = {"format": FORMAT, "name": name, "version": version,
               "params": json.loads(json.dumps(params, sort_keys=True, default=str))}
     if path.exists() and not _FORCE:
+        EVENTS.append(("read", path))
         return _load(path, record)
+    EVENTS.append(("built", path))
     data = build()
     if not isinstance(data, dict):
         raise TypeError(f"build() for task {name!r} must return a dict, got {type(data).__name__}")

@@ -41,6 +41,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used, or none where one is needed."""
 
 
+def load_into(module, state, path, what="the model of this config"):
+    """`module.load_state_dict(state)`, or a CheckpointError naming `path` and the first mismatch (PyTorch's
+    message lists every one: dozens of lines for a changed width)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")
+        more = max(0, len(lines) - 2)
+        raise CheckpointError(f"{path}: does not fit {what}: {first}"
+                              + (f" (and {more} more lines)" if more else "")) from e
+
+
 def load_checkpoint(path, map_location="cpu"):
     """The checkpoint dict at `path`, or CheckpointError naming the file and what is wrong."""
     try:
@@ -110,13 +123,17 @@ class CheckpointFolder:
         return None
 
     def resolve(self, which):
-        """The file for "latest" (newest valid step checkpoint), "best", or a path."""
+        """The file for "latest" (newest valid step checkpoint), "best", a path, or the name of a file
+        in the folder (step_00000080.pt)."""
         if which == "latest":
             found = self.latest_valid()
             if found is None:
                 raise CheckpointError(f"no checkpoint in {self.folder}")
             return found
         path = self.folder / "best.pt" if which == "best" else Path(which)
+        if not path.exists() and (self.folder / which).exists():
+            path = self.folder / which
         if not path.exists():
-            raise CheckpointError(f"{path}: no such checkpoint (choose latest, best or a path)")
+            raise CheckpointError(f"{path}: no such checkpoint (choose latest, best, a path or a file name in "
+                                  f"{self.folder})")
         return path, load_checkpoint(path)

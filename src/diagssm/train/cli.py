@@ -64,7 +64,8 @@ def add_eval(sub):
     p.add_argument("--run-dir", required=True, help="the run folder (from diagssm train)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
     p.add_argument("--checkpoint", default="latest",
-                   help="'latest' (newest valid step checkpoint), 'best' (best val metric) or a path")
+                   help="'latest' (the default: newest valid step checkpoint), 'best' (best val metric), a "
+                        "path, or a file name in the run's checkpoints/ (step_00000080.pt)")
     p.add_argument("--batch-size", type=int, help="batch size (default: the run's optim.batch_size)")
     p.add_argument("--device", help="device (default: the run's run.device)")
     p.add_argument("--rate", type=float, default=1.0,
@@ -83,7 +84,8 @@ def add_generate(sub):
                        description="Recurrent inference: feed a prompt through model.step, continue for "
                                    "--steps steps, print the outputs and check them against model(x).")
     p.add_argument("--run-dir", required=True, help="the run folder of a per-step model (pooling 'none')")
-    p.add_argument("--checkpoint", default="latest", help="'latest', 'best' or a path")
+    p.add_argument("--checkpoint", default="latest",
+                   help="'latest' (the default), 'best', a path or a file name in the run's checkpoints/")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="where the prompt comes from")
     p.add_argument("--index", type=int, default=0, help="which sequence of the split (default 0)")
     p.add_argument("--prompt-len", type=int, default=100, help="prompt length in steps (default 100)")

@@ -10,7 +10,7 @@ import torch
 
 from diagssm.layers.base import check_rate
 from diagssm.train import config as config_mod
-from diagssm.train.checkpoint import CheckpointFolder
+from diagssm.train.checkpoint import CheckpointFolder, load_into
 from diagssm.train.data import eval_loader
 from diagssm.train.loop import Trainer, TrainingDiverged
 from diagssm.train.objective import evaluate
@@ -62,7 +62,7 @@ def load_run(run_dir, checkpoint="latest", device="cpu", overrides=()):
     task = make_task(cfg)
     model = make_model(cfg.model, task)
     path, state = CheckpointFolder(run_dir / "checkpoints", cfg.run.keep_last).resolve(checkpoint)
-    model.load_state_dict(state["model"])
+    load_into(model, state["model"], path)
     return cfg, task, model.to(device).eval(), path, state
 
 

@@ -65,9 +65,11 @@ def data_build(args):
     name, params = task_request(args)
     cache.show_progress(True)
     cache.force_rebuild(args.force)
-    start = time.perf_counter()
+    start, first = time.perf_counter(), len(cache.EVENTS)
     task = registry.build_task(name, **params)
-    print(f"built {name} in {time.perf_counter() - start:.1f} s (cache folder {cache.cache_dir()})")
+    events = cache.EVENTS[first:]
+    done = "read from the cache" if events and all(e == "read" for e, _ in events) else "built"
+    print(f"{name}: {done} in {time.perf_counter() - start:.1f} s (cache folder {cache.cache_dir()})")
     print("\n".join(summary(task)))
     return 0
 

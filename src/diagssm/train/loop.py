@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diagssm.train.checkpoint import CheckpointError, CheckpointFolder, rng_state, set_rng_state
+from diagssm.optim import param_groups
+from diagssm.train.checkpoint import CheckpointFolder, load_into, rng_state, set_rng_state
 from diagssm.train.config import diff, from_dict, to_dict
 from diagssm.train.config import save as save_config
 from diagssm.train.data import eval_loader, train_loader
@@ -134,6 +135,8 @@ class Trainer:
         self.prepare_folder(resume)
         self.world.barrier()  # the folder exists and holds no temporary files before any rank reads it
         resume_step = self.restore() if resume else None
+        if resume and self.world.is_main:  # after restore: a checkpoint that does not fit leaves it as it was
+            save_config(self.cfg, self.run_dir / "config.yaml")
         self.log = MetricsLog(self.run_dir, tensorboard, resume_step) if self.world.is_main else NoLog()
         self.say(self.log.backend)
         self.signal = self.agreed_signal = None
@@ -160,7 +163,8 @@ class Trainer:
             raise FileExistsError(f"run folder {self.run_dir} is in use (has {', '.join(used)}); "
                                   f"continue it with --resume or choose another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.run_dir / "config.yaml")
+        if not resume:  # a resumed run writes it once its checkpoint has loaded (`restore`)
+            save_config(self.cfg, self.run_dir / "config.yaml")
         if resume:
             for name in self.ckpts.remove_temporary():
                 self.say(f"removed {name}: a temporary file left by an interrupted checkpoint write")
@@ -202,12 +206,10 @@ class Trainer:
         path, state = found
         for key, (old, new) in diff(from_dict(state["config"]), self.cfg).items():
             self.say(f"resuming with a changed setting: {key}: {old!r} -> {new!r}")
-        try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            raise CheckpointError(f"{path}: does not fit the model and optimiser of this config: {e}") from e
+        load_into(self.model, state["model"], path)
+        load_into(self.optimizer, state["optimizer"], path, "the optimiser of this config")
         self.scheduler.load_state_dict(state["scheduler"])
+        self.apply_optim_config()
         self.sampler.load_state_dict(state["sampler"])
         ranks = state.get("rng_ranks")
         if not self.world.distributed:
@@ -223,6 +225,21 @@ class Trainer:
         self.last_checkpoint, self.last_checkpoint_step, self.window = path, self.step, state["window"]
         self.say(f"resumed from {path}: step {self.step} (epoch {state['epoch']}, batch {state['position']})")
         return self.step
+
+    def apply_optim_config(self):
+        """After a restore: the config's lr, ssm_lr, weight_decay and betas in every parameter group, at
+        the schedule's current factor. The optimiser's and scheduler's saved states hold the values the
+        run started with, so a changed setting (`--resume --set optim.lr=...`) had been announced and
+        not used. Unchanged settings give the numbers the saved state holds (exact resume)."""
+        o = self.cfg.optim
+        fresh = {g["name"]: g for g in param_groups(self.model, lr=o.lr, ssm_lr=o.ssm_lr,
+                                                    weight_decay=o.weight_decay, verbose=False)}
+        at = self.scheduler.last_epoch
+        for i, g in enumerate(self.optimizer.param_groups):
+            f = fresh[g["name"]]
+            g["weight_decay"], g["betas"], g["initial_lr"] = f["weight_decay"], tuple(o.betas), f["lr"]
+            self.scheduler.base_lrs[i] = f["lr"]
+            g["lr"] = f["lr"] * self.scheduler.lr_lambdas[i](at)
 
     # ---- one step ----------------------------------------------------------------------
     def train_step(self, batch):
