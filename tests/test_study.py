@@ -70,7 +70,12 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
         assert result["seed"] == seed and result["overrides"] == []
     capsys.readouterr()
     assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs"]) == 0
-    assert capsys.readouterr().out.count("done before") == 2
+    out = capsys.readouterr().out
+    assert out.count("done before") == 2 and "other settings" not in out
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs", "--seeds", "0",
+                 "--set", "run.max_steps=8"]) == 0
+    assert "s4d-legs seed 0: note: it ran with other settings than asked now (run.max_steps: 6, now 8)" in \
+        capsys.readouterr().out  # finished rows are kept, but not silently
 
     # a row stopped half-way (a checkpoint at step 3, no result) is resumed, not restarted
     s = study_mod.Study(path)

@@ -128,6 +128,11 @@ def train_row(study, runs_dir, model, seed, extra=()):
     run_dir = study.run_dir(runs_dir, model, seed)
     if (run_dir / RESULT).exists():
         print(f"[{study.name}] {model} seed {seed}: done before ({run_dir / RESULT})")
+        changed = config_mod.diff(config_mod.load(run_dir / "config.yaml"), study.config(model, seed, extra))
+        if changed:  # kept, but say so: a --set that differs from the finished row's does not rerun it
+            print(f"[{study.name}] {model} seed {seed}: note: it ran with other settings than asked now ("
+                  + "; ".join(f"{k}: {old!r}, now {new!r}" for k, (old, new) in changed.items())
+                  + "); kept as it is: use another --runs-dir (or delete the row) to rerun it")
         return 0
     started = (run_dir / "config.yaml").exists()  # a row stopped before its first checkpoint restarts
     resume = started and any((run_dir / "checkpoints").glob("step_*.pt"))
