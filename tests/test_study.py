@@ -114,7 +114,12 @@ def test_list_prints_parameter_counts(tmp_path, capsys):
     captured = capsys.readouterr()
     out = captured.out
     assert "s4d-legs" in out and "parameters" in out and "diagssm study run" in out
+    assert "--runs-dir" not in out and "--set" not in out
     assert "warning" not in captured.err  # the same layer with two inits: equal counts
+    path = tmp_path / "tiny.yaml"
+    assert main(["study", "list", str(path), "--runs-dir", "elsewhere", "--set", "run.max_steps=8"]) == 0
+    assert f"diagssm study run {path} --models s4d-legs --runs-dir elsewhere --set run.max_steps=8" in \
+        capsys.readouterr().out  # the printed commands are the ones to type (they had dropped both)
 
 
 def test_list_warns_when_parameter_counts_differ_by_more_than_ten_percent(tmp_path, capsys):
@@ -148,7 +153,8 @@ def test_extra_tests_are_evaluated_and_tabulated(tmp_path, capsys):
     (run / "result.json").write_text(json.dumps({**result, "overrides": ["run.max_steps=2"]}))
     for extra in ([], ["--per-seed"]):
         assert main(["study", "table", str(path), "--runs-dir", str(runs), *extra]) == 0
-        assert "| x | s4d-lin* | " in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "| x | s4d-lin* | " in out and "\\* trained with --set overrides" in out  # and says what * is
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"study": "x", "seeds": [0], "config": CONFIG, "models": {"a": {}},
                                    "extra_tests": {"t": {"rate": 0}}}))

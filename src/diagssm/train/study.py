@@ -37,6 +37,7 @@ import yaml
 from diagssm.train import config as config_mod
 
 RESULT = "result.json"
+DEFAULT_RUNS_DIR = "runs/study"
 
 
 class Study:
@@ -247,7 +248,10 @@ def table(studies, runs_dir):
                 if values:
                     lines.append(f"| {study.name} | {model}{mark}, test {name} | {mean_std_text(values)} | "
                                  f"{len(values)} | | | |")
-    return "\n".join(lines)
+    return "\n".join(lines + [MARK_NOTE] * any("*" in line for line in lines[2:]))
+
+
+MARK_NOTE = "\n\\* trained with --set overrides (each row's result.json lists them)"
 
 
 def seed_table(studies, runs_dir):
@@ -261,7 +265,13 @@ def seed_table(studies, runs_dir):
                 val = "" if r["val"] is None else f"{r['val'] * scale:.2f}"
                 lines.append(f"| {study.name} | {model}{override_mark([r])} | {r['seed']} | {r['test'] * scale:.2f} "
                              f"| {val} | {r['best_step']} / {r['steps']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [MARK_NOTE] * any("*" in line for line in lines[2:]))
+
+
+def rerun_options(args):
+    """The --runs-dir (where not the default) and --set options of `args`, as they would be typed."""
+    runs = f" --runs-dir {args.runs_dir}" if str(args.runs_dir) != DEFAULT_RUNS_DIR else ""
+    return runs + "".join(f" --set {item}" for item in args.set)
 
 
 def cmd_study(args):
@@ -281,7 +291,8 @@ def cmd_study(args):
         counts = {}
         for model in dict.fromkeys(m for m, _ in rows):
             counts[model] = count_parameters(study.config(model, extra=args.set))
-            print(f"{model:<14} {counts[model]:>9,} parameters   diagssm study run {study.path} --models {model}")
+            print(f"{model:<14} {counts[model]:>9,} parameters   diagssm study run {study.path} --models {model}"
+                  + rerun_options(args))
         low, high, above = min(counts.values()), max(counts.values()), parameter_spread(counts)
         print(f"parameter counts from {low:,} to {high:,}: the largest is {above:.1f}% above the smallest")
         if above > MAX_PARAMETER_SPREAD:
@@ -316,7 +327,7 @@ def add_study(sub):
                        ("table", "the results table (markdown) of one or more studies")):
         r = q.add_parser(name, help=text, description=text)
         r.add_argument("studies", nargs="+", help="study file(s), e.g. configs/study/sfashion.yaml")
-        r.add_argument("--runs-dir", default="runs/study", help="where the runs are (default runs/study)")
+        r.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help=f"where the runs are (default {DEFAULT_RUNS_DIR})")
         if name != "table":
             r.add_argument("--models", help="comma-separated variant names (default: all)")
             r.add_argument("--seeds", help="comma-separated seeds (default: the study's)")
