@@ -1,10 +1,11 @@
 """ops.fft_conv (FFT, length >= 2L) against ops.fft_conv_ref (explicit Toeplitz matrix)."""
+import numpy as np
 import pytest
 import torch
 from torch.autograd import gradcheck
 
 from diagssm.ops import fft_conv, fft_conv_ref
-from helpers import assert_close
+from helpers import assert_close, randn
 
 F64, F32 = torch.float64, torch.float32
 
@@ -108,10 +109,20 @@ def test_fft_conv_float32_matches_float64_ref(bidirectional):
     ((torch.ones(2, 5, 3), torch.ones(3, 5)), {"bidirectional": True}, r"\(2, H, L\)"),
     ((torch.ones(2, 5, 3), torch.ones(2, 3, 5)), {}, r"got shape \(2, 3, 5\)"),
     ((torch.ones(2, 5, 3), torch.ones(3, 5), torch.ones(4)), {}, r"D must have shape \(H,\)"),
-    ((torch.ones(2, 5, 3, dtype=torch.complex64), torch.ones(3, 5)), {}, "u must be a real"),
+    ((torch.ones(2, 5, 3, dtype=torch.complex64), torch.ones(3, 5)), {}, "u must be a float32 or float64"),
+    ((torch.ones(2, 5, 3, dtype=torch.float16), torch.ones(3, 5, dtype=torch.float16)), {},
+     "u must be a float32 or float64 tensor, got dtype torch.float16"),  # had been a bare "Unsupported dtype Half"
     ((torch.ones(2, 5, 3), torch.ones(3, 5)), {"bidirectional": 1}, "bidirectional must be"),
 ])
 def test_fft_conv_errors(args, kwargs, match):
     for fn in (fft_conv, fft_conv_ref):
         with pytest.raises(ValueError, match=match):
             fn(*args, **kwargs)
+
+
+def test_fft_conv_takes_numpy_bools():
+    """The layers take numpy's bools for their flags; fft_conv had refused np.bool_."""
+    u, K = randn(2, 6, 3, seed=1), randn(2, 3, 6, seed=2)
+    for flag in (True, False):
+        k = K if flag else K[0]
+        assert torch.equal(fft_conv(u, k, bidirectional=np.bool_(flag)), fft_conv(u, k, bidirectional=flag))

@@ -73,6 +73,10 @@ def test_s4d_bad_input():
         s4d_kernel(A, B, C, dt[:2], 8)
     with pytest.raises(ValueError, match="C must be"):
         s4d_kernel(A, B, C[:, :2], dt, 8)
+    with pytest.raises(ValueError, match="A, B and C must be complex"):  # had been "imag is not implemented"
+        s4d_kernel(A.real, B, C, dt, 8)
+    with pytest.raises(ValueError, match="dt must be a real floating tensor"):
+        s4d_kernel(A, B, C, dt.to(torch.complex128), 8)
 
 
 def dss_system(H=3, N=5, seed=0, shared=False, growing=False, sep_dt=False):

@@ -15,6 +15,7 @@ this directly: the reverse-time SSM's kernel also starts at lag 0.
 """
 import math
 
+import numpy as np
 import torch
 
 
@@ -23,10 +24,9 @@ def _check_conv_args(u, K, D, bidirectional):
     for name, x in named:
         if not torch.is_tensor(x):
             raise TypeError(f"fft_conv: {name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise ValueError(f"fft_conv: {name} must be a real floating tensor, "
-                             f"got dtype {x.dtype}")
-    if not isinstance(bidirectional, bool):
+        if x.dtype not in (torch.float32, torch.float64):  # torch.fft has no half precision on the CPU
+            raise ValueError(f"fft_conv: {name} must be a float32 or float64 tensor, got dtype {x.dtype}")
+    if not isinstance(bidirectional, (bool, np.bool_)):  # numpy's bools, as the layers take
         raise ValueError(f"fft_conv: bidirectional must be True or False, got {bidirectional!r}")
     if u.dim() != 3 or min(u.shape) < 1:
         raise ValueError(f"fft_conv: u must have shape (B, L, H) with B, L, H >= 1, "

@@ -71,6 +71,13 @@ def vandermonde_contract_ref(u, w):
 
 
 def _check_s4d(A, B, C, dt):
+    if not all(torch.is_tensor(t) for t in (A, B, C, dt)):
+        raise TypeError("s4d_kernel: A, B, C and dt must be tensors")
+    if not (A.is_complex() and B.is_complex() and C.is_complex()):
+        raise ValueError(f"A, B and C must be complex (one member of each conjugate pair); got "
+                         f"{A.dtype}, {B.dtype}, {C.dtype}")
+    if not dt.is_floating_point():
+        raise ValueError(f"dt must be a real floating tensor; got {dt.dtype}")
     if A.dim() != 2 or B.shape != A.shape:
         raise ValueError(f"A and B must both be (H, N/2); got A {tuple(A.shape)}, B {tuple(B.shape)}")
     if C.shape[-2:] != A.shape or C.dim() not in (2, 3):
