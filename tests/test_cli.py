@@ -11,6 +11,12 @@ def test_info_counts(capsys):
     assert out.rstrip().endswith("12,416")
 
 
+def test_info_takes_the_layer_names_of_configs_and_bench(capsys):
+    """`info s4d` (as configs and `bench --layers` spell it) had been an invalid choice."""
+    main(["info", "s4d", "--d-model", "64", "--d-state", "64"])
+    assert capsys.readouterr().out.rstrip().endswith("12,416")
+
+
 def test_unknown_layer_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["info", "S6"])

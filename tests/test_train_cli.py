@@ -195,6 +195,9 @@ def test_generate_steps_a_delay_model(tmp_path, capsys):
     with open(out_csv, newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 50 and list(table[0]) == ["t", "input_0", "output_0"]
+    assert b"\r" not in out_csv.read_bytes() and b"\r" not in (run / "metrics.csv").read_bytes()  # \n lines
+    assert main(["generate", "--run-dir", str(run), "--prompt-len", "20", "--steps", "-1"]) == 2
+    assert "steps=-1 must be >= 0" in capsys.readouterr().err  # it had spoken of then='data' under --then zeros
     _, task, model, _, _ = load_run(run)
     x = task.test[0][0]  # (64, 1)
     assert [float(r["input_0"]) for r in table] == pytest.approx(x[:50, 0].tolist(), rel=1e-5, abs=1e-6)
@@ -305,3 +308,11 @@ def test_tensorboard_gets_the_rows_when_it_imports(tmp_path, capsys, monkeypatch
     assert ("val/metric", 10, pytest.approx(float(val["metric"]), rel=1e-5)) in scalars
     assert {t for t, *_ in scalars[:-1]} == {"train/loss", "train/metric", "lr", "val/loss", "val/metric"}
     assert scalars[-1] == "closed"
+
+
+def test_a_model_setting_error_names_its_section(tmp_path, capsys):
+    """The model's own checks say "layer='s6' is not allowed"; from the CLI they now say the section,
+    as config errors in optim and run do."""
+    cfg_path = write_config(tmp_path / "t.yaml")
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "r"), "--set", "model.layer=s6"]) == 2
+    assert "config section 'model': layer='s6' is not allowed; allowed:" in capsys.readouterr().err

@@ -101,7 +101,8 @@ def add_generate(sub):
 def add_info(sub):
     info = sub.add_parser("info", help="a layer's parameters and their counts",
                           description="Build one layer and print its parameters with shapes and counts.")
-    info.add_argument("layer", choices=LAYERS, help="the layer class")
+    info.add_argument("layer", choices=LAYERS, type=lambda name: {n.lower(): n for n in LAYERS}.get(name.lower(), name),
+                      help="the layer class (any case: s4d as in configs and bench, or S4D)")
     info.add_argument("--d-model", type=int, default=64, help="H, the number of channels")
     info.add_argument("--d-state", type=int, default=64, help="N, the state size (see the README glossary)")
     info.set_defaults(run=_info)

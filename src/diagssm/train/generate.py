@@ -31,7 +31,9 @@ def check_request(model, x, prompt_len, steps, then):
     L = x.shape[0]
     if not 1 <= prompt_len <= L:
         raise ValueError(f"prompt_len={prompt_len} must be in [1, {L}] (the sequence's length)")
-    if steps < 0 or (then == "data" and prompt_len + steps > L):
+    if steps < 0:
+        raise ValueError(f"steps={steps} must be >= 0")
+    if then == "data" and prompt_len + steps > L:
         raise ValueError(f"steps={steps}: with then='data' prompt_len + steps must be <= {L}")
     if then == "feedback" and (model.encoder_name != "linear" or model.d_output != model.d_input):
         raise ValueError("then='feedback' needs encoder 'linear' and d_output == d_input; this model has "
@@ -86,7 +88,7 @@ def write_csv(path, inputs, outputs):
     """One row per step: t, the input's channels, the output's channels."""
     ins = inputs.reshape(len(inputs), -1)  # (T, d_in)
     with open(path, "w", newline="") as f:
-        w = csv.writer(f)
+        w = csv.writer(f, lineterminator="\n")
         w.writerow(["t"] + [f"input_{i}" for i in range(ins.shape[1])] +
                    [f"output_{i}" for i in range(outputs.shape[1])])
         for t in range(len(outputs)):

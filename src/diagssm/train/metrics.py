@@ -48,7 +48,7 @@ class MetricsLog:
             self._truncate(resume_step)
         is_new = not self.path.exists() or self.path.stat().st_size == 0  # empty: stopped before a row
         self.file = open(self.path, "w" if is_new else "a", newline="")
-        self.writer = csv.writer(self.file)
+        self.writer = csv.writer(self.file, lineterminator="\n")  # csv's default is \r\n
         if is_new:
             self.writer.writerow(FIELDS)
             self.file.flush()  # on disk before any row: a run stopped now leaves a readable file
@@ -66,7 +66,7 @@ class MetricsLog:
         kept = [FIELDS] + [r for r in body if int(r[0]) <= step]
         tmp = self.path.with_name(".metrics.csv.tmp")
         with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows(kept)
+            csv.writer(f, lineterminator="\n").writerows(kept)
         os.replace(tmp, self.path)
 
     def log(self, step, epoch, split, loss, metric, lr, time):

@@ -30,7 +30,10 @@ def make_model(model_cfg, task):
     if kwargs["head"] == "retrieval":
         raise ValueError(f"model.head='retrieval' scores pairs of sequences; task {task.name!r} has single "
                          f"sequences (its head is {task.head!r})")
-    return SequenceModel(**kwargs)
+    try:
+        return SequenceModel(**kwargs)
+    except ValueError as e:  # the model's own checks name the argument; say which section it is in
+        raise ValueError(f"config section 'model': {e}") from e
 
 
 def make_optimizer(model, optim_cfg, verbose=True):
