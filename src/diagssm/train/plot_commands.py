@@ -13,7 +13,7 @@ the run folder's name.
 from pathlib import Path
 
 FIGURES = ("convergence", "eigenvalues", "kernels", "step-sizes", "curves")
-DEFAULT_OUT = {"convergence": "docs/figures/convergence.png", "eigenvalues": "docs/figures/eigenvalues.png",
+DEFAULT_OUT = {"convergence": "convergence.png", "eigenvalues": "eigenvalues.png",  # the current folder
                "kernels": "kernels.png", "step-sizes": "step_sizes.png", "curves": "curves.png"}
 
 
