@@ -571,3 +571,13 @@ def test_an_input_of_a_dtype_no_layer_takes(dtype):
     with pytest.raises(ValueError, match=want + (".*keep_ssm_float32" if dtype == torch.bfloat16 else "")) as e:
         layer(u)
     assert "layer.to" not in str(e.value)
+
+
+@pytest.mark.parametrize("who", EVERY_LAYER)
+def test_second_derivatives_where_the_readme_says(who):
+    """README: the fft backend (S4D, DSS, S4) and S5's PyTorch scan differentiate twice (gradient
+    penalties, Hessian-vector products), float64 here."""
+    torch.manual_seed(0)
+    layer = EVERY_LAYER[who](3, 4, **({} if who == "S5" else {"backend": "fft"})).double()
+    u = randn(1, 6, 3, seed=21).requires_grad_()
+    assert torch.autograd.gradgradcheck(layer, (u,))
