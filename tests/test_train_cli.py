@@ -235,6 +235,7 @@ def test_resume_reports_changed_settings_and_continues(tmp_path, capsys):
     assert main(["train", "--run-dir", str(run), "--resume", "--set", "run.max_steps=20"]) == 0
     out = capsys.readouterr().out
     assert "resuming with a changed setting: run.max_steps: 10 -> 20" in out
+    assert "step 20/20: val loss " in out  # run.progress false: a line per validation instead of the bar
     assert f"resumed from {run / 'checkpoints' / 'step_00000010.pt'}: step 10 (epoch 0, batch 10)" in out
     assert config_mod.load(run / "config.yaml").run.max_steps == 20
     assert [int(r["step"]) for r in rows(run) if r["split"] == "val"] == [10, 20]

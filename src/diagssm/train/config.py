@@ -77,7 +77,7 @@ class RunConfig:
     keep_last: int = 3  # step checkpoints kept; best.pt (by val metric) is kept apart
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N"; an unavailable device is an error
     threads: Optional[int] = None  # torch.set_num_threads; None: torch's default (the cores)
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (false: a line per validation instead)
     tensorboard: str = "auto"  # "auto" (use it when importable, say which), "on" (required), "off"
     precision: str = "fp32"  # "fp32", or "bf16": autocast around the forward, SSM layers kept in float32
     compile: bool = False  # torch.compile the model (an error, not a fallback, if it fails)

@@ -326,6 +326,9 @@ class Trainer:
             self.last_val = evaluate(self.eval_model, self.val_loader, self.task, self.world)
         m = self.last_val["metric"]
         self.log.log(self.step, epoch, "val", self.last_val["loss"], m, self.lr, self.elapsed_now())
+        if not self.cfg.run.progress:  # no bar: a line per validation, so a log shows how the run goes
+            self.say(f"step {self.step}/{self.cfg.run.max_steps}: val loss {self.last_val['loss']:.4f}, "
+                     f"{self.task.metric} {m:.4f} ({self.elapsed_now():.0f} s)")
         best = None if self.best is None else self.best["metric"]
         better = best is None or (m > best if self.task.higher_is_better else m < best)
         if better:
