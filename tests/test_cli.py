@@ -27,3 +27,15 @@ def test_bench_help_is_the_benchmarks(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "--quick" in capsys.readouterr().out
+
+
+def test_ctrl_c_outside_training_exits_130_without_a_traceback(capsys, monkeypatch):
+    """Ctrl-C in `data build` (or any command but train, which saves a checkpoint) had printed a
+    KeyboardInterrupt traceback."""
+    from diagssm.train import data_commands
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data_commands, "data_build", interrupted)
+    assert main(["data", "build", "recall"]) == 130
+    assert capsys.readouterr().err.strip() == "diagssm data: interrupted"

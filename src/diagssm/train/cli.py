@@ -3,7 +3,8 @@
 Exit codes: 0 success; 1 training diverged (NaN/inf loss or gradient); 2 a usage or config
 error (the message names the argument), or torch.compile failing with run.compile=true;
 130 / 143 training stopped by SIGINT / SIGTERM after writing a checkpoint (128 + the signal
-number). Under torchrun every process returns the same code.
+number), and 130 for Ctrl-C in any other command. Under torchrun every process returns the same
+code (torchrun's own is 1 after a signal).
 """
 import argparse
 import sys
@@ -164,6 +165,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, CompileError) as e:
         print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (which saves and returns 130 itself): no traceback
+        print(f"diagssm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 if __name__ == "__main__":
     sys.exit(main())
