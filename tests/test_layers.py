@@ -516,23 +516,20 @@ def test_layers_save_and_copy_after_inference(who, tmp_path):
 def test_layer_made_under_inference_mode_steps(who):
     """Parameters made under torch.inference_mode have no version counter; step then builds its
     system each call (it raised 'Inference tensors do not track version counter')."""
+    def stepped(layer, u):
+        h, steps = layer.default_state(2), []
+        for u_t in u.unbind(1):
+            y_t, h = layer.step(u_t, h)
+            steps.append(y_t)
+        return torch.stack(steps, 1)
+
     torch.manual_seed(0)
     with torch.inference_mode():
         layer = EVERY_LAYER[who](4, 8).double()
         u = randn(2, 6, 4, seed=14)
-        y = layer(u)
-        h, steps = layer.default_state(2), []
-        for u_t in u.unbind(1):
-            y_t, h = layer.step(u_t, h)
-            steps.append(y_t)
-        assert_close(torch.stack(steps, 1), y)
+        assert_close(stepped(layer, u), layer(u))
         layer.log_dt.add_(0.5)  # no version bump under inference mode: must not be served stale
-        y_new = layer(u)
-        h, steps = layer.default_state(2), []
-        for u_t in u.unbind(1):
-            y_t, h = layer.step(u_t, h)
-            steps.append(y_t)
-        assert_close(torch.stack(steps, 1), y_new)
+        assert_close(stepped(layer, u), layer(u))
 
 
 @pytest.mark.parametrize("who", EVERY_LAYER)
