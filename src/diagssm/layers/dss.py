@@ -18,6 +18,8 @@ from diagssm.layers.base import (DiagonalSSM, as_complex, check_backend, check_b
 from diagssm.ops import dss_kernel
 from diagssm.ops.kernels import DSS_VARIANTS, EPS_RECIPROCAL, dss_exponent, reciprocal
 
+SEP_DT_INITS = ("tied", "independent")
+
 
 class DSS(DiagonalSSM):
     """DSS layer: (B, L, H) -> (B, L, H). The SSM and its D skip term only.
@@ -26,8 +28,10 @@ class DSS(DiagonalSSM):
         d_model: H.
         d_state: 2x the number of complex modes (see the module docstring); Lambda has d_state/2.
         variant: "exp" (Re Lambda = -exp(log_Lambda_re) < 0) | "softmax" (Lambda free).
-        sep_dt: separate step sizes for Re and Im of Lambda (the DSS code's default): log_dt (2, H),
-            both rows starting from the same draw.
+        sep_dt: separate step sizes for Re and Im of Lambda (the DSS code's default): log_dt (2, H).
+        sep_dt_init: with sep_dt, "tied" (both rows start from one draw per channel, as the DSS code)
+            or "independent" (a draw each: a mode can start slowly decaying and fast oscillating;
+            this library's init before session 26, docs/RESULTS.md).
         dt_min, dt_max, channels, bidirectional, check_finite, backend: as in S4D.
 
     Lambda (shared by all channels) starts at Skew-HiPPO, the spectrum of the normal part of
@@ -57,23 +61,28 @@ class DSS(DiagonalSSM):
     ssm_params = ("log_dt", "log_Lambda_re", "Lambda_re", "Lambda_im", "W")
 
     def __init__(self, d_model, d_state=128, variant="exp", sep_dt=True, dt_min=1e-3, dt_max=1e-1,
-                 channels=1, bidirectional=False, check_finite=True, backend="auto"):
+                 channels=1, bidirectional=False, check_finite=True, backend="auto", sep_dt_init="tied"):
         super().__init__()
         check_even_state(d_state, "DSS")
         check_positive_ints("DSS", d_model=d_model, channels=channels)
         self.backend = check_backend(backend, "DSS")
         if variant not in DSS_VARIANTS:
             raise ValueError(f"variant={variant!r}; allowed: {DSS_VARIANTS}")
+        if sep_dt_init not in SEP_DT_INITS:
+            raise ValueError(f"sep_dt_init={sep_dt_init!r}; allowed: {SEP_DT_INITS}")
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
         sep_dt, bidirectional, check_finite = check_bools("DSS", sep_dt=sep_dt, bidirectional=bidirectional,
                                                           check_finite=check_finite)
-        self.variant, self.sep_dt = variant, sep_dt
+        self.variant, self.sep_dt, self.sep_dt_init = variant, sep_dt, sep_dt_init
         self.length_dependent = variant == "softmax"
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite
         H, M = d_model, self.n_modes
         Lambda = inits.diagonal_init("legs", d_state)  # (M,)
-        log_dt = torch.log(log_uniform(H, dt_min, dt_max))  # (H,)
-        if sep_dt:  # both start at the same draw and part in training, as in the DSS code (its log_dt.tile(2))
+        if sep_dt and sep_dt_init == "independent":
+            log_dt = torch.log(log_uniform((2, H), dt_min, dt_max))  # (2, H)
+        else:
+            log_dt = torch.log(log_uniform(H, dt_min, dt_max))  # (H,)
+        if sep_dt and sep_dt_init == "tied":  # one draw for both, parting in training: the DSS code's tile(2)
             log_dt = log_dt.expand(2, H)
         self.log_dt = nn.Parameter(log_dt.float().contiguous())
         if variant == "exp":
