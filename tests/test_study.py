@@ -76,6 +76,10 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
                  "--set", "run.max_steps=8"]) == 0
     assert "s4d-legs seed 0: note: it ran with other settings than asked now (run.max_steps: 6, now 8)" in \
         capsys.readouterr().out  # finished rows are kept, but not silently
+    row0 = runs / "tiny" / "s4d-legs" / "seed0"
+    (row0 / "config.yaml").write_text("model: {no_such_key: 1}\n")  # an older format: still skipped
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs", "--seeds", "0"]) == 0
+    assert "its config.yaml was not compared" in capsys.readouterr().out
 
     # a row stopped half-way (a checkpoint at step 3, no result) is resumed, not restarted
     s = study_mod.Study(path)

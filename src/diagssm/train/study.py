@@ -129,7 +129,11 @@ def train_row(study, runs_dir, model, seed, extra=()):
     run_dir = study.run_dir(runs_dir, model, seed)
     if (run_dir / RESULT).exists():
         print(f"[{study.name}] {model} seed {seed}: done before ({run_dir / RESULT})")
-        changed = config_mod.diff(config_mod.load(run_dir / "config.yaml"), study.config(model, seed, extra))
+        try:
+            changed = config_mod.diff(config_mod.load(run_dir / "config.yaml"), study.config(model, seed, extra))
+        except (ValueError, FileNotFoundError) as e:  # a row of an older config format: the note is not worth failing
+            changed = {}
+            print(f"[{study.name}] {model} seed {seed}: its config.yaml was not compared ({e})")
         if changed:  # kept, but say so: a --set that differs from the finished row's does not rerun it
             print(f"[{study.name}] {model} seed {seed}: note: it ran with other settings than asked now ("
                   + "; ".join(f"{k}: {old!r}, now {new!r}" for k, (old, new) in changed.items())
