@@ -233,7 +233,7 @@ class S5(SSMLayer):
             B_bar = B_scale[:, None] * as_complex(self.B)  # (M, H)
             if run is scan and resets is None:
                 W_in = in_weight(B_bar)  # (H, 2M)
-                why = "bidirectional" if self.bidirectional else s5_native.unsupported(u, W_in, state)
+                why = "bidirectional" if self.bidirectional else s5_native.unsupported(u, W_in)
                 chunked_native.log_path(log, chunked_native.S5_SCAN, "fused native op (ops.s5_native)", "PyTorch ops",
                                         why)
                 if not why:  # projections, scan and skip term fused, one pass over u and y

@@ -37,15 +37,13 @@ S5_STEP = "S5 step"  # the name under which `chunked_native.log_path` logs the s
 TB = 128
 
 
-def unsupported(u, W_in, h0):
+def unsupported(u, W_in):
     """Why `s5_fused` cannot run this problem ('' when it can)."""
     H, P2 = W_in.shape
     if u.device.type != "cpu" or u.dtype != torch.float32:
         return f"float32 on the CPU only (got {u.dtype} on {u.device})"
     if narrow := chunked_native.too_few_for_lanes("H", H) or chunked_native.too_few_for_lanes("2 x modes", P2):
         return narrow
-    if h0 is not None and h0.shape != (u.shape[0], P2 // 2):
-        return "h0 must be (B, modes)"
     return "" if chunked_native.available() else chunked_native.why_unavailable()
 
 
@@ -105,7 +103,7 @@ def s5_fused(u, W_in, a, W_out, D, h0=None):
     Raises ValueError where `unsupported` gives a reason.
     """
     _check(u, W_in, a, W_out, D, h0)
-    why = unsupported(u, W_in, h0)
+    why = unsupported(u, W_in)
     if why:
         raise ValueError(f"s5_fused: {why}")
     return apply_on_lanes(u, W_in, a, W_out, D, h0)
@@ -115,23 +113,21 @@ def _check(u, W_in, a, W_out, D, h0):
     """Shapes and dtypes, else a ValueError: the kernels read raw memory, so a short or wide W_out,
     or a float64 weight, had been read out of bounds or as the wrong type, silently."""
     ts = {"u": u, "W_in": W_in, "a": a, "W_out": W_out, "D": D, "h0": h0}
-    if not all(torch.is_tensor(t) for t in ts.values() if t is not None):
-        raise TypeError("s5_fused: u, W_in, a, W_out, D and h0 (or None) must be tensors")
-    H, P = u.shape[-1], a.shape[-1]
-    want = {"u": (*u.shape[:2], H), "W_in": (H, 2 * P), "a": (P,), "W_out": (H, 2 * P), "D": (H,),
-            "h0": (u.shape[0], P)}
-    if u.dim() != 3 or a.dim() != 1 or any(t is not None and tuple(t.shape) != want[k] for k, t in ts.items()):
-        got = ", ".join(f"{k} {tuple(t.shape)}" for k, t in ts.items() if t is not None)
-        raise ValueError(f"s5_fused: expected u (B, L, H), W_in and W_out (H, 2P), a (P,), D (H,), h0 (B, P); "
-                         f"got {got}")
-    wrong = [k for k, t in ts.items() if t is not None and t.dtype != (torch.complex64 if k in ("a", "h0")
-                                                                          else torch.float32)]
+    ts = {k: t for k, t in ts.items() if t is not None}
+    chunked_native.check_step_args("s5_fused", tuple(ts), tuple(ts.values()), (3, 2, 1, 2, 1, 2)[:len(ts)],
+                                   _want_fused, "u (B, L, H), W_in and W_out (H, 2P), a (P,), D (H,), h0 (B, P)")
+    wrong = [k for k, t in ts.items() if t.dtype != (torch.complex64 if k in ("a", "h0") else torch.float32)]
     if wrong:
         got = ", ".join(f"{k} {ts[k].dtype}" for k in wrong)
         raise ValueError(f"s5_fused: float32 on the CPU only (float32 u, W_in, W_out, D and complex64 a, h0); "
                          f"got {got}")
-    if len({t.device for t in ts.values() if t is not None}) > 1:
+    if len({t.device for t in ts.values()}) > 1:
         raise ValueError("s5_fused: all tensors must be on one device")
+
+
+def _want_fused(u, W_in, a, W_out, D, h0=None):
+    (Bsz, L, H), P = u.shape, a.shape[-1]
+    return ((Bsz, L, H), (H, 2 * P), (P,), (H, 2 * P), (H,), (Bsz, P))[:5 + (h0 is not None)]
 
 
 @chunked_native.eager
