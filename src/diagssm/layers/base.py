@@ -205,9 +205,10 @@ class SSMLayer(nn.Module):
             return build()
         tensors = [*self.parameters(), *self.buffers()] if self._modules else \
             [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
-        if any(t.is_inference() for t in tensors):
+        try:
+            key = (key, self.D.dtype, self.D.device, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+        except RuntimeError:  # "Inference tensors do not track version counter"
             return build()
-        key = (key, self.D.dtype, self.D.device, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
         if getattr(self, "_step_cache", (None,))[0] != key:
             self._step_cache = (key, build())
         return self._step_cache[1]

@@ -47,11 +47,11 @@ def load_into(module, state, path, what="the model of this config"):
     try:
         module.load_state_dict(state)
     except (RuntimeError, ValueError) as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = next((ln for ln in lines[1:] if ln), lines[0] if lines else "")
-        more = max(0, len(lines) - 2)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [""]
+        first = lines[min(1, len(lines) - 1)]  # PyTorch's first line only says "Error(s) in loading ..."
+        more = len(lines) - 2
         raise CheckpointError(f"{path}: does not fit {what}: {first}"
-                              + (f" (and {more} more lines)" if more else "")) from e
+                              + (f" (and {more} more lines)" if more > 0 else "")) from e
 
 
 def load_checkpoint(path, map_location="cpu"):

@@ -252,10 +252,13 @@ def table(studies, runs_dir):
                 if values:
                     lines.append(f"| {study.name} | {model}{mark}, test {name} | {mean_std_text(values)} | "
                                  f"{len(values)} | | | |")
-    return "\n".join(lines + [MARK_NOTE] * any("*" in line for line in lines[2:]))
+    return with_mark_note(lines)
 
 
-MARK_NOTE = "\n\\* trained with --set overrides (each row's result.json lists them)"
+def with_mark_note(lines):
+    """The table's lines joined, and a note saying what * marks when a row has it (past the header)."""
+    marked = any("*" in line for line in lines[2:])
+    return "\n".join(lines + ["\n\\* trained with --set overrides (each row's result.json lists them)"] * marked)
 
 
 def seed_table(studies, runs_dir):
@@ -269,7 +272,7 @@ def seed_table(studies, runs_dir):
                 val = "" if r["val"] is None else f"{r['val'] * scale:.2f}"
                 lines.append(f"| {study.name} | {model}{override_mark([r])} | {r['seed']} | {r['test'] * scale:.2f} "
                              f"| {val} | {r['best_step']} / {r['steps']} |")
-    return "\n".join(lines + [MARK_NOTE] * any("*" in line for line in lines[2:]))
+    return with_mark_note(lines)
 
 
 def rerun_options(args):
