@@ -35,13 +35,14 @@ def check_name(name):
         raise ValueError(f"task {name!r} is not registered; known tasks: {', '.join(sorted(TASKS))}")
 
 
-def check_params(name, params, section="task.params", exclude=()):
+def check_params(name, params, where="section 'task.params'", exclude=()):
     """Raise ValueError naming the first key of `params` that task `name` does not take
-    (or that is in `exclude`: keys set elsewhere, such as the config's task.seed)."""
+    (or that is in `exclude`: keys set elsewhere, such as the config's task.seed); `where` says
+    where the keys came from."""
     allowed = [k for k in task_params(name) if k not in exclude]
     for key in params:
         if key not in allowed:
-            raise ValueError(f"unknown key {key!r} in section {section!r} for task {name!r}; "
+            raise ValueError(f"unknown key {key!r} in {where} for task {name!r}; "
                              f"allowed: {', '.join(allowed)}")
 
 

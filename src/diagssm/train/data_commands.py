@@ -52,7 +52,7 @@ def task_request(args):
     if args.seed is not None:
         params["seed"] = args.seed
     registry.check_name(name)
-    registry.check_params(name, params, section="--param")
+    registry.check_params(name, params, where="--param")
     source = registry.SOURCES[name]
     user_files = source.kind == "files" or params.get("path") is not None
     reason = None if user_files else source.available()  # readers check their path= themselves
