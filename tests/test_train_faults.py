@@ -37,6 +37,16 @@ def test_nan_before_any_checkpoint_says_so(tmp_path):
         Trainer(cfg, tmp_path / "run").run()
 
 
+def test_activations_that_overflow_stop_the_run_without_the_layers_library_hint(tmp_path):
+    cfg = from_dict({**TINY, "run": {**TINY["run"], "max_steps": 3}})
+    trainer = Trainer(cfg, tmp_path / "run")
+    with torch.no_grad():
+        trainer.model.encoder.weight.mul_(1e38)  # the embedding overflows before the first SSM layer
+    with pytest.raises(RuntimeError, match=r"NaN or infinite values reached an SSM layer's input\) at step 1") as e:
+        trainer.run()
+    assert "check_finite" not in str(e.value)  # that is advice for the library's users, not the CLI's
+
+
 def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "c.pt"
     atomic_save({"a": torch.ones(3)}, path)

@@ -29,6 +29,10 @@ log = logging.getLogger("diagssm")
 BACKENDS = ("auto", "fft", "chunked")
 
 
+class NonFiniteInput(ValueError):
+    """A layer's input holds NaN or infinite values (the trainer reports it as divergence)."""
+
+
 def complex_parameter(z):
     """A complex tensor stored as a real (..., 2) parameter (optimisers and DDP see real numbers)."""
     return nn.Parameter(torch.view_as_real(z.to(torch.complex64).contiguous()).clone())
@@ -129,7 +133,7 @@ class SSMLayer(nn.Module):
             what = "length L" if u.shape[1] < 1 else "batch size B"
             raise ValueError(f"{name} has {what} = 0; need {what[-1]} >= 1")
         if self.check_finite and not torch.isfinite(u).all():
-            raise ValueError(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
+            raise NonFiniteInput(f"{name} contains NaN or infinite values (pass check_finite=False to skip this check)")
 
     def check_state(self, state, batch_size):
         spec = self.__dict__.get("_state_spec")  # (dtype, device) -> the state's trailing shape and dtype

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diagssm.layers.base import NonFiniteInput
 from diagssm.optim import param_groups
 from diagssm.train.checkpoint import CheckpointFolder, load_into, rng_state, set_rng_state
 from diagssm.train.config import diff, from_dict, to_dict
@@ -247,10 +248,8 @@ class Trainer:
         s, bad = self.step + 1, None
         try:
             loss, loss_sum, metric_sum, count = forward_stats(self.step_model, batch, self.task, self.world)
-        except ValueError as e:  # the layers' input check: activations overflowed inside the model
-            if "NaN or infinite" not in str(e):
-                raise
-            bad = f"the forward pass failed ({e})"
+        except NonFiniteInput:  # the layers' input check: activations overflowed inside the model
+            bad = "the forward pass failed (NaN or infinite values reached an SSM layer's input)"
         if bad is None and self.cfg.run.inject_nan_at == s:
             loss = loss * float("nan")
         if bad is None and not bool(torch.isfinite(loss)):
