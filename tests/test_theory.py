@@ -74,8 +74,10 @@ def test_converges_tenfold_from_64_to_1024():
 def test_plot_convergence(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib is the optional plotting dependency")
     path = tmp_path / "c.png"
-    err = theory.plot_convergence(path, Ns=(8, 16), L=100)
+    seen = []
+    err = theory.plot_convergence(path, Ns=(8, 16), L=100, report=lambda N, e: seen.append((N, e)))
     assert err == theory.convergence(Ns=(8, 16), L=100)
+    assert seen == list(err.items())  # reported one N at a time, in order (the CLI's progress)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

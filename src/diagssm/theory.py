@@ -107,9 +107,10 @@ def convergence(Ns=(16, 64, 256, 1024), dt=1e-3, L=1000, n_basis=4):
     return {N: relative_error(Kd, K) for N, K, Kd in _kernels(Ns, dt, L, n_basis)}
 
 
-def plot_convergence(path, Ns=(16, 64, 256, 1024), dt=1e-3, L=1000, n_basis=4):
+def plot_convergence(path, Ns=(16, 64, 256, 1024), dt=1e-3, L=1000, n_basis=4, report=None):
     """Figure: the first `n_basis` basis kernels of S4-LegS (solid) and S4D-LegS (dashed) against t,
     one panel per N, the relative error in each title, dt and L on the figure. Saved as PNG.
+    `report(N, error)`, if given, is called as each N's error is known (progress for the CLI).
 
     Plotted values are K[n, l] / dt ~= K_n(t) at t = l dt. Needs matplotlib (Agg backend).
     Returns the errors, as `convergence`.
@@ -126,6 +127,8 @@ def plot_convergence(path, Ns=(16, 64, 256, 1024), dt=1e-3, L=1000, n_basis=4):
     errors = {}
     for ax, (N, K, Kd) in zip(axes.flat, _kernels(Ns, dt, L, n_basis)):
         errors[N] = relative_error(Kd, K)
+        if report is not None:
+            report(N, errors[N])
         for n in range(n_basis):
             line, = ax.plot(t, K[n] / dt, lw=1.4, label=f"S4-LegS  n={n}")
             ax.plot(t, Kd[n] / dt, "--", lw=0.9, color=line.get_color(), label=f"S4D-LegS n={n}")

@@ -49,9 +49,8 @@ def cmd_plot(args):
     if args.what == "convergence":
         from diagssm.theory import plot_convergence
 
-        print("relative L2 error of the first four basis kernels, S4D-LegS (B/2) against S4-LegS:")
-        for N, err in plot_convergence(out).items():
-            print(f"  N = {N:5d}: {err:.3g}")
+        print("relative L2 error of the first four basis kernels, S4D-LegS (B/2) against S4-LegS:", flush=True)
+        plot_convergence(out, report=lambda N, err: print(f"  N = {N:5d}: {err:.3g}", flush=True))
     elif args.what == "eigenvalues":
         from diagssm.figures import plot_eigenvalues
 
