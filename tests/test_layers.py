@@ -457,6 +457,12 @@ def test_initialisations_follow_the_reference_code():
     for part in W.unbind(-1):
         assert abs(float(part.std()) - 1) < 0.03 and abs(float(part.mean())) < 0.03
     assert DSS(4, 8, sep_dt=False).log_dt.shape == (4,)
+    apart = DSS(256, 8, sep_dt_init="independent").log_dt.detach()  # the earlier draw, kept for the ablation
+    assert apart.shape == (2, 256) and not torch.any(apart[0] == apart[1])
+    with pytest.raises(ValueError, match="sep_dt_init='independent'.* needs sep_dt=True"):
+        DSS(4, 8, sep_dt=False, sep_dt_init="independent")
+    with pytest.raises(ValueError, match="sep_dt_init='apart'; allowed"):
+        DSS(4, 8, sep_dt_init="apart")
     N = 16
     A = S4D(64, N, init="rand").A().detach()  # (H, M)
     assert torch.all(A.real == -0.5)

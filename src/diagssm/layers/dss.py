@@ -31,7 +31,7 @@ class DSS(DiagonalSSM):
         sep_dt: separate step sizes for Re and Im of Lambda (the DSS code's default): log_dt (2, H).
         sep_dt_init: with sep_dt, "tied" (both rows start from one draw per channel, as the DSS code)
             or "independent" (a draw each: a mode can start slowly decaying and fast oscillating;
-            this library's init before session 26, docs/RESULTS.md).
+            this library's init before session 26, docs/RESULTS.md; needs sep_dt).
         dt_min, dt_max, channels, bidirectional, check_finite, backend: as in S4D.
 
     Lambda (shared by all channels) starts at Skew-HiPPO, the spectrum of the normal part of
@@ -73,6 +73,8 @@ class DSS(DiagonalSSM):
         self.d_model, self.d_state, self.n_modes = d_model, d_state, d_state // 2
         sep_dt, bidirectional, check_finite = check_bools("DSS", sep_dt=sep_dt, bidirectional=bidirectional,
                                                           check_finite=check_finite)
+        if sep_dt_init == "independent" and not sep_dt:  # one step size per channel: nothing to draw apart
+            raise ValueError("DSS(sep_dt_init='independent') needs sep_dt=True (two step sizes per channel)")
         self.variant, self.sep_dt, self.sep_dt_init = variant, sep_dt, sep_dt_init
         self.length_dependent = variant == "softmax"
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite
