@@ -9,7 +9,7 @@ from diagssm.train.config import from_dict
 from diagssm.train.data import EpochBatchSampler
 from diagssm.train.loop import Trainer
 from diagssm.train.setup import lr_factor, make_model, make_optimizer, make_task
-from test_train_cli import TINY, keep_threads  # noqa: F401  (keep_threads: an autouse fixture)
+from test_train_cli import TINY, TINY_DELAY, keep_threads, rows  # noqa: F401  (keep_threads: an autouse fixture)
 
 
 def test_lr_factor_warmup_then_cosine():
@@ -73,6 +73,40 @@ def test_resume_without_checkpoint_starts_at_zero(tmp_path, capsys):
     (tmp_path / "run").mkdir()
     out = Trainer(cfg, tmp_path / "run", resume=True).run()
     assert out.step == 3 and "--resume: no checkpoint in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keep_last", [3, 1])  # the kept best's step file is on disk | none is left
+def test_resume_sets_aside_a_best_written_after_its_checkpoint(tmp_path, keep_last, capsys):
+    """A run killed after a validation that wrote best.pt but before its next checkpoint: the resume
+    discards those steps, so that best.pt is not this run's; it must not outlive them."""
+    run = {**TINY_DELAY["run"], "max_steps": 12, "eval_every": 2, "checkpoint_every": 6, "keep_last": keep_last}
+    cfg = from_dict({**TINY_DELAY, "run": run})
+    folder = tmp_path / "run" / "checkpoints"
+    Trainer(cfg, tmp_path / "run").run()
+    (folder / "step_00000012.pt").unlink()  # killed before it was written
+    discarded = load_checkpoint(folder / "best.pt")["step"]
+    assert discarded > 6  # the premise: a validation after the last kept checkpoint improved
+    # resume with a changed setting that cannot improve (lr 1e-30: float32 weights stay as they are)
+    resumed = Trainer(from_dict({**TINY_DELAY, "run": run, "optim": {**TINY_DELAY["optim"], "lr": 1e-30,
+                                                                      "ssm_lr": 1e-30}}), tmp_path / "run", resume=True)
+    resumed.run()
+    assert f"moved to best_discarded_step{discarded:08d}.pt" in capsys.readouterr().out
+    assert (folder / f"best_discarded_step{discarded:08d}.pt").exists()
+    best = load_checkpoint(folder / "best.pt")
+    assert best["step"] == resumed.best["step"] < discarded  # best.pt holds the best the run reports
+    val = {int(r["step"]): float(r["metric"]) for r in rows(tmp_path / "run") if r["split"] == "val"}
+    assert val[best["step"]] == pytest.approx(resumed.best["metric"], rel=1e-5)  # a row still in metrics.csv
+    assert resumed.best["metric"] == pytest.approx(min(val.values()), rel=1e-5)
+
+
+def test_resume_sets_aside_an_unreadable_best(tmp_path, capsys):
+    cfg = from_dict({**TINY, "run": {**TINY["run"], "max_steps": 10}})
+    Trainer(cfg, tmp_path / "run").run()
+    (tmp_path / "run" / "checkpoints" / "best.pt").write_bytes(b"half a checkpoint")
+    resumed = Trainer(from_dict({**TINY, "run": {**TINY["run"], "max_steps": 20}}), tmp_path / "run", resume=True)
+    resumed.run()
+    assert "best.pt: moved to best_unreadable.pt; best.pt is now step_00000010.pt" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == resumed.best["step"]
 
 
 def test_throughput_leaves_out_evaluation(tmp_path, monkeypatch):

@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from diagssm.layers.base import NonFiniteInput
 from diagssm.optim import param_groups
-from diagssm.train.checkpoint import CheckpointFolder, load_into, rng_state, set_rng_state
+from diagssm.train.checkpoint import (CheckpointError, CheckpointFolder, load_checkpoint, load_into, rng_state,
+                                     set_rng_state)
 from diagssm.train.config import diff, from_dict, to_dict
 from diagssm.train.config import save as save_config
 from diagssm.train.data import eval_loader, train_loader
@@ -203,6 +204,7 @@ class Trainer:
         found = self.ckpts.latest_valid(map_location="cpu")
         if found is None:
             self.say(f"--resume: no checkpoint in {self.ckpts.folder}; starting at step 0")
+            self.best = self.world.broadcast_object(self.set_aside_later_best(0) if self.world.is_main else None)
             return 0
         path, state = found
         for key, (old, new) in diff(from_dict(state["config"]), self.cfg).items():
@@ -225,7 +227,35 @@ class Trainer:
         self.step, self.best, self.elapsed, self.last_val = state["step"], state["best"], state["elapsed"], state["val"]
         self.last_checkpoint, self.last_checkpoint_step, self.window = path, self.step, state["window"]
         self.say(f"resumed from {path}: step {self.step} (epoch {state['epoch']}, batch {state['position']})")
+        self.best = self.world.broadcast_object(self.set_aside_later_best(self.step) if self.world.is_main else None)
         return self.step
+
+    def set_aside_later_best(self, step):
+        """Rank 0, on resume from `step`: a best.pt written after that step came from the part of the run
+        the resume discards (its rows are cut from metrics.csv), and would outlive it. Rename it to
+        best_discarded_step<N>.pt; best.pt becomes the kept best's step checkpoint if that is still on
+        disk, else the best restarts from here. Returns the best to track."""
+        path = self.ckpts.folder / "best.pt"
+        if not path.exists():
+            return self.best
+        try:
+            later = load_checkpoint(path)["step"]
+        except CheckpointError as e:
+            self.say(f"warning: {e}; set aside")
+            later = None
+        if later is not None and later <= step:
+            return self.best
+        aside = path.with_name("best_unreadable.pt" if later is None else f"best_discarded_step{later:08d}.pt")
+        path.replace(aside)
+        what = "best.pt" if later is None else f"best.pt (step {later}) came after the checkpoint resumed from"
+        kept = self.best and self.ckpts.folder / f"step_{self.best['step']:08d}.pt"
+        if kept and kept.exists():
+            self.ckpts.save_best(load_checkpoint(kept))
+            self.say(f"{what}: moved to {aside.name}; best.pt is now {kept.name}, the best before it")
+            return self.best
+        self.say(f"{what}: moved to {aside.name}; the best is tracked again from step {step} "
+                 f"(the weights of the best before it were not kept)")
+        return None
 
     def apply_optim_config(self):
         """After a restore: the config's lr, ssm_lr, weight_decay and betas in every parameter group, at
