@@ -102,6 +102,20 @@ def test_two_processes_resume_a_one_process_checkpoint(runs):
     assert_same_weights(weights(run), weights(tmp / "one"))
 
 
+def test_batch_norm_validation_is_of_the_saved_statistics(tmp_path):
+    """With norm: batch every rank's last forward updates its BatchNorm running statistics with its
+    own half of the batch; validation must use the ones the checkpoint saves (rank 0's)."""
+    cfg = write_config(tmp_path / "t.yaml", run=RUN, model={"dropout": 0.0, "norm": "batch"})
+    two = two_processes("--config", cfg, "--run-dir", tmp_path / "two")
+    assert two.returncode == 0, two.stdout + two.stderr
+    logged = [r for r in rows(tmp_path / "two") if r["split"] == "val" and int(r["step"]) == STEPS]
+    out = subprocess.run([sys.executable, "-m", "diagssm", "eval", "--run-dir", str(tmp_path / "two"), "--split", "val",
+                          "--checkpoint", f"step_{STEPS:08d}.pt"], capture_output=True, text=True, env=clean_env())
+    assert out.returncode == 0, out.stderr
+    loss = float(out.stdout.split("val: loss ")[1].split(",")[0])
+    assert float(logged[0]["loss"]) == pytest.approx(loss, rel=1e-5)  # both printed to 6 digits
+
+
 def test_global_batch_must_divide():
     cfg = from_dict(TINY)
     world = World(device=torch.device("cpu"), rank=0, world_size=3)

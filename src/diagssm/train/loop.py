@@ -351,6 +351,7 @@ class Trainer:
         self.window_start += time.perf_counter() - paused
 
     def validate(self, epoch):
+        self.world.broadcast_buffers(self.model)  # every rank evaluates the statistics checkpoints save
         with compile_errors(self.cfg.run.compile):
             self.last_val = evaluate(self.eval_model, self.val_loader, self.task, self.world)
         m = self.last_val["metric"]

@@ -109,6 +109,17 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def broadcast_buffers(self, model):
+        """Rank 0's buffers on every rank (one process: nothing to do). DDP gives every rank rank 0's
+        before each training forward, which then updates BatchNorm's running statistics with the
+        rank's own slice of the batch: after a step they differ, and rank 0's are the ones saved."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
     def gather_objects(self, obj):
         """[obj of rank 0, obj of rank 1, ...] on rank 0, None elsewhere (one process: [obj])."""
         if not self.distributed:
