@@ -292,8 +292,9 @@ def test_tensorboard_gets_the_rows_when_it_imports(tmp_path, capsys, monkeypatch
     scalars = []
 
     class SummaryWriter:  # stands in for torch.utils.tensorboard.SummaryWriter
-        def __init__(self, log_dir):
+        def __init__(self, log_dir, purge_step=None):
             self.log_dir = log_dir
+            scalars.append(("purge_step", purge_step))
 
         def add_scalar(self, tag, value, step):
             scalars.append((tag, step, value))
@@ -307,8 +308,13 @@ def test_tensorboard_gets_the_rows_when_it_imports(tmp_path, capsys, monkeypatch
     assert f"TensorBoard: logging to {run / 'tensorboard'}" in capsys.readouterr().out
     val = [r for r in rows(run) if r["split"] == "val"][0]
     assert ("val/metric", 10, pytest.approx(float(val["metric"]), rel=1e-5)) in scalars
-    assert {t for t, *_ in scalars[:-1]} == {"train/loss", "train/metric", "lr", "val/loss", "val/metric"}
+    assert scalars[0] == ("purge_step", None)
+    assert {t for t, *_ in scalars[1:-1]} == {"train/loss", "train/metric", "lr", "val/loss", "val/metric"}
     assert scalars[-1] == "closed"
+    # a resume from step 10 purges TensorBoard's events after step 10, as metrics.csv's rows
+    scalars.clear()
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "run.max_steps=12"]) == 0
+    assert scalars[0] == ("purge_step", 11)
 
 
 def test_a_model_setting_error_names_its_section(tmp_path, capsys):

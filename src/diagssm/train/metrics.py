@@ -2,7 +2,8 @@
 
 metrics.csv has one row per logged point: step, epoch, split ("train" = the mean over the
 steps since the previous train row; "val"), loss, metric (accuracy or mse, as the task says),
-lr (the first parameter group's), time (seconds of training so far, over resumes).
+lr (optim.lr at the schedule's factor: the "decay" group's; the SSM group runs at ssm_lr times
+the same factor), time (seconds of training so far, over resumes).
 """
 import csv
 import importlib
@@ -54,7 +55,9 @@ class MetricsLog:
             self.file.flush()  # on disk before any row: a run stopped now leaves a readable file
         module, message = tensorboard  # from find_tensorboard
         log_dir = Path(run_dir) / "tensorboard"
-        self.tensorboard = None if module is None else module.SummaryWriter(str(log_dir))
+        # a resume purges the events after its checkpoint's step, as the rows above
+        purge = {} if resume_step is None else {"purge_step": resume_step + 1}
+        self.tensorboard = None if module is None else module.SummaryWriter(str(log_dir), **purge)
         self.backend = message.format(log_dir=log_dir)
 
     def _truncate(self, step):
