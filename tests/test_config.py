@@ -111,3 +111,19 @@ def test_unquoted_on_off_mean_the_words():
     assert load(None, ["run.tensorboard=on"]).run.tensorboard == "on"
     with pytest.raises(ValueError, match="run.progress='off' has type str"):
         load(None, ["run.progress='off'"])  # a real bool setting keeps its type check
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A resume rewrites config.yaml: a write cut off before its rename leaves the old file whole."""
+    from diagssm import files
+
+    path = tmp_path / "config.yaml"
+    save(from_dict({"optim": {"lr": 2e-3}}), path)
+
+    def killed(src, dst):
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(OSError, match="killed"):
+        save(from_dict({"optim": {"lr": 5e-3}}), path)
+    assert load(path).optim.lr == 2e-3

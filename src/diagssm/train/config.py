@@ -261,9 +261,11 @@ def load(path=None, overrides=()):
 
 
 def save(cfg, path):
-    """Write the resolved config as YAML (load(path) gives it back)."""
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    """Write the resolved config as YAML (load(path) gives it back), atomically: a resume rewrites it,
+    and a half-written file would load as defaults."""
+    from diagssm.files import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), path)
 
 
 def diff(a, b):
