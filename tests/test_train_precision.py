@@ -11,7 +11,7 @@ from diagssm.train.metrics import read_rows
 from diagssm.train.setup import make_model, make_task
 from diagssm.train.world import keep_ssm_float32, make_world
 from helpers import assert_close
-from test_train_cli import TINY, keep_threads  # noqa: F401  (keep_threads: an autouse fixture)
+from test_train_cli import TINY, TINY_DELAY, keep_threads  # noqa: F401  (keep_threads: an autouse fixture)
 
 STEPS = 12
 RUN = {**TINY["run"], "max_steps": STEPS, "log_every": 4, "eval_every": 12, "checkpoint_every": 12}
@@ -73,6 +73,26 @@ def test_bf16_run_is_close_to_fp32(tmp_path, capsys):
     print(f"final train loss: fp32 {fp32[-1]:.5f}, bf16 {bf16[-1]:.5f}")
     assert bf16[-1] == pytest.approx(fp32[-1], abs=LOSS_ATOL)
     assert out.val["loss"] == pytest.approx(ref.val["loss"], abs=LOSS_ATOL)
+
+
+def test_eval_uses_the_runs_precision(tmp_path, capsys):
+    """`diagssm eval` of a bf16 run's checkpoint gives the val numbers the run logged (fp32 does not:
+    the delay task's mse differs in the 4th digit)."""
+    from diagssm.train.cli import main
+
+    run = tmp_path / "bf16"
+    cfg = from_dict({**TINY_DELAY, "run": {**TINY_DELAY["run"], "precision": "bf16"}})
+    out = Trainer(cfg, run).run()
+    for precision in ("bf16", "fp32"):
+        capsys.readouterr()
+        assert main(["eval", "--run-dir", str(run), "--split", "val", "--set", f"run.precision={precision}"]) == 0
+        text = capsys.readouterr().out
+        assert ("precision: bf16 autocast" in text) == (precision == "bf16")
+        loss = float(text.split("val: loss ")[1].split(",")[0])
+        if precision == "bf16":
+            assert loss == pytest.approx(out.val["loss"], rel=1e-5)  # printed to 6 digits
+        else:
+            assert loss != pytest.approx(out.val["loss"], rel=1e-4)  # what eval had given
 
 
 def test_compile_run_matches_eager(tmp_path, capsys):

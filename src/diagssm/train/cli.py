@@ -61,7 +61,8 @@ def add_train(sub):
 
 def add_eval(sub):
     p = sub.add_parser("eval", help="evaluate a run's checkpoint on a split",
-                       description="Load a run's config and checkpoint and print loss and metric on a split.")
+                       description="Load a run's config and checkpoint and print loss and metric on a split, "
+                                   "at the run's run.precision (as it validated).")
     p.add_argument("--run-dir", required=True, help="the run folder (from diagssm train)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which split (default test)")
     p.add_argument("--checkpoint", default="latest",
