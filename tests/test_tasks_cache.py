@@ -88,6 +88,22 @@ def test_parallel_map_keeps_order():
         cache.parallel_map(_square, range(3), workers=0)
 
 
+def test_parallel_map_from_a_script_without_a_main_guard_says_why_it_failed(tmp_path):
+    """'spawn' re-imports the main script in every worker: unguarded, the script's build starts again
+    there and the pool breaks. The error must say so, not only BrokenProcessPool."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "build.py"
+    script.write_text("import math\nfrom diagssm.tasks.cache import parallel_map\n"
+                      "print(parallel_map(math.sqrt, [1.0, 4.0, 9.0], workers=2))\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    assert "RuntimeError: a worker process of a data build died" in out.stderr
+    assert "if __name__ == '__main__':" in out.stderr
+
+
 def test_every_task_has_a_source_and_a_card():
     root = os.path.join(os.path.dirname(__file__), "..")
     assert set(registry.TASKS) == set(registry.SOURCES)

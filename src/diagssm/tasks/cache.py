@@ -119,5 +119,11 @@ def parallel_map(fn, items, workers=None, desc=None):
     if workers == 1 or len(items) <= 1:
         return [fn(item) for item in progress(items, total=len(items), desc=desc)]
     ctx = multiprocessing.get_context("spawn")  # fork after torch's threads start is unsafe
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        return list(progress(pool.map(fn, items), total=len(items), desc=desc))
+    try:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            return list(progress(pool.map(fn, items), total=len(items), desc=desc))
+    except concurrent.futures.process.BrokenProcessPool as e:
+        raise RuntimeError(
+            f"a worker process of {desc or 'a data build'} died. Workers are started with 'spawn', which "
+            f"re-imports the main script: a script that builds data must do so under "
+            f"`if __name__ == '__main__':`; or build in one process (workers=1)") from e
