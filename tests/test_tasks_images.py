@@ -186,6 +186,14 @@ def test_mnist5k_split_per_class(tmp_path):
     assert torch.equal(task.test.images, other.test.images) and not torch.equal(task.val.images, other.val.images)
 
 
+def test_mnist5k_reads_a_home_relative_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" as the configs write paths
+    monkeypatch.setenv("DIAGSSM_CACHE", str(tmp_path / "cache"))
+    write_csv(tmp_path / "digits.csv.gz", 20, np.random.default_rng(1))
+    task = images.mnist5k_task(path="~/digits.csv.gz", seed=0)
+    assert len(task.train.labels) + len(task.val.labels) + len(task.test.labels) == 200
+
+
 def test_pixel_csv_errors(tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("1,2,3\n")

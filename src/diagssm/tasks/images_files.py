@@ -29,7 +29,7 @@ CIFAR_TEST = "test_batch"
 
 def read_bytes(path):
     """The bytes of `path`, gunzipped when it starts with gzip's magic bytes 1f 8b."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     raw = path.read_bytes()
