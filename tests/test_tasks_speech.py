@@ -120,6 +120,7 @@ def test_parameters_are_checked_before_any_work(monkeypatch):
     bad = [({"words": 12}, r"words=12 must be 10, 35 or a list"),
            ({"words": ["yes"]}, r"words=\['yes'\] must be 10, 35"),
            ({"words": ["yes", "maybe"]}, r"words=\['yes', 'maybe'\]"),
+           ({"words": [True, False, "up"]}, r"words=\[True, False, 'up'\] .*YAML reads yes, no, on and off unquoted"),
            ({"n_train": 0}, r"n_train=0 must be an int >= 1"),
            ({"accents": ["en-xx"]}, r"accents=\['en-xx'\] must be a list of distinct names from: en-us"),
            ({"variants": ["m1", "m1"]}, r"variants=\['m1', 'm1'\]"),

@@ -56,8 +56,11 @@ def check_words(words):
     if (isinstance(words, (list, tuple)) and len(words) >= 2 and len(set(words)) == len(words)
             and all(w in WORDS35 for w in words)):
         return list(words)
+    hint = ""
+    if isinstance(words, (list, tuple)) and any(isinstance(w, bool) for w in words):
+        hint = " (YAML reads yes, no, on and off unquoted as true/false: quote them, e.g. ['yes', 'no'])"
     raise ValueError(f"words={words!r} must be 10, 35 or a list of at least 2 distinct words from: "
-                     f"{' '.join(WORDS35)}")
+                     f"{' '.join(WORDS35)}{hint}")
 
 
 def check_rate(test_rate):
