@@ -43,6 +43,8 @@ def test_shipped_configs_exist():
     ({"optim": {"schedule": "linear"}}, "optim.schedule='linear'; allowed: cosine, constant"),
     ({"optim": {"batch_size": 0}}, "optim.batch_size=0 must be > 0"),
     ({"run": {"threads": 0}}, "run.threads=0 must be >= 1"),
+    ({"task": {"seed": 2 ** 32}}, "task.seed=4294967296 must be < 2**32"),
+    ({"run": {"seed": 2 ** 32 + 5}}, "run.seed=4294967301 must be < 2**32"),
     ({"optim": {"lr": "inf"}}, "optim.lr=inf must be finite"),
     ({"optim": {"lr": "nan"}}, "optim.lr=nan must be > 0"),
     ({"optim": {"grad_clip": -1}}, "optim.grad_clip=-1.0 must be a finite number > 0 (or null: no clipping)"),

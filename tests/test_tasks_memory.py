@@ -224,3 +224,13 @@ def test_configs_load_and_one_runs_at_length_4096():
         check_params(cfg.task.name, cfg.task.params, exclude=("seed",))
     p = cfgs["copy_4096"].task.params
     assert p["delay"] + 2 * p["n_copy"] >= 4096
+
+
+def test_seeds_of_2_to_the_32_and_more_are_refused():
+    """numpy's SeedSequence splits such ints into 32-bit words: (2**32, "train") drew as (0, "val")."""
+    from diagssm.tasks.base import split_generator
+
+    a = torch.rand(4, generator=split_generator(2 ** 32 - 1, "train"))
+    assert not torch.equal(a, torch.rand(4, generator=split_generator(0, "val")))
+    with pytest.raises(ValueError, match=r"seed=4294967296 must be < 2\*\*32"):
+        split_generator(2 ** 32, "train")

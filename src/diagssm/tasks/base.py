@@ -149,9 +149,13 @@ def check_ints(**values):
 
 
 def split_generator(seed, split):
-    """A torch.Generator for (seed, split): distinct splits and seeds give independent streams."""
+    """A torch.Generator for (seed, split): distinct splits and seeds give independent streams
+    (0 <= seed < 2**32: numpy's SeedSequence splits larger ints into words, and (2**32, "train")
+    would draw as (0, "val"))."""
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed={seed!r} must be an int >= 0")
+    if seed >= 2 ** 32:
+        raise ValueError(f"seed={seed!r} must be < 2**32")
     state = np.random.SeedSequence([seed, SPLITS.index(split)]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 

@@ -200,6 +200,9 @@ def check(cfg):
                 raise ValueError(f"{sec}.{key}={value!r} must be {words}")
             if value == math.inf:
                 raise ValueError(f"{sec}.{key}={value!r} must be finite")
+    for sec in ("task", "run"):  # numpy's SeedSequence splits larger ints into words: 2**32 + s met s's streams
+        if getattr(cfg, sec).seed >= 2 ** 32:
+            raise ValueError(f"{sec}.seed={getattr(cfg, sec).seed!r} must be < 2**32")
     clip, ratio, betas = cfg.optim.grad_clip, cfg.optim.min_lr_ratio, cfg.optim.betas
     if clip is not None and not 0 < clip < math.inf:  # 0 would zero every gradient, < 0 flip their sign
         raise ValueError(f"optim.grad_clip={clip!r} must be a finite number > 0 (or null: no clipping)")
