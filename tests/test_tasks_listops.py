@@ -243,6 +243,14 @@ def test_reader_parses_release_files(tmp_path):
     assert registry.SOURCES["listops_lra"].available() is None
 
 
+def test_reader_skips_a_byte_order_mark(tmp_path):
+    folder = release(tmp_path / "lra")
+    path = folder / "basic_train.tsv"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    task = listops.listops_lra_task(path=str(folder))
+    assert [(listops_gen.decode(x[:n].tolist()), y) for x, y, n in items(task.train)] == ROWS
+
+
 def test_reader_reads_generated_expressions_back(small, tmp_path):
     rows = [(listops_gen.decode(x[:n].tolist()), y) for x, y, n in items(small.val)]
     task = listops.listops_lra_task(path=release(tmp_path / "lra", rows, rows[:3], rows[3:6]))

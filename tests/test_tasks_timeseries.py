@@ -48,6 +48,13 @@ def test_read_univariate_values_labels_and_lines(tmp_path):
     assert ts.lines == [len(HEADER) + 2, len(HEADER) + 5]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    path = write(tmp_path / "bom.ts", HEADER, ["1,2,3,4:a", "5,6,7,8:b"])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Windows editors save UTF-8
+    ts = read_ts(path)
+    assert ts.problem == "Toy" and ts.labels.tolist() == [1, 0]
+
+
 def test_read_multivariate_and_variable_length(tmp_path):
     header = ["@problemName MV", "@univariate false", "@dimensions 2", "@equalLength false",
               "@classLabel true x y"]

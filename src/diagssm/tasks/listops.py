@@ -124,7 +124,7 @@ def read_tsv(path, max_length=None, too_long="cut", check_labels=True):
     if not path.is_file():
         raise cache.DataError(f"{path}: no such file (expected an LRA ListOps release file)")
     rows, labels = [], []
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # skips a byte-order mark
         header = f.readline().rstrip("\r\n")
         if header.split("\t") != ["Source", "Target"]:
             raise cache.DataError(f"{path}: line 1 is {header[:40]!r}; expected the header 'Source<TAB>Target'")

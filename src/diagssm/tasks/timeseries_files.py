@@ -144,7 +144,7 @@ def read_ts(path, allow_missing=False):
     if not path.is_file():
         raise DataError(f"{path}: no such file (a .ts time-series file expected)")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: skips a byte-order mark (Windows)
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not a text file in UTF-8 ({err})") from err
     header, start = read_header(lines, path)
