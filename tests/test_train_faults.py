@@ -79,6 +79,19 @@ def test_truncated_checkpoint_and_temp_file_are_skipped_on_resume(tmp_path, caps
     assert f"warning: skipping {newest}: not a readable checkpoint" in captured.err
     assert "removed .step_00000040.pt.999.tmp" in captured.out
     assert not (folder.folder / ".step_00000040.pt.999.tmp").exists()
+    # set aside: kept under its name it would count as the newest, and keep_last would delete new ones
+    assert "step_00000030.pt does not load: renamed step_00000030.pt.unreadable" in captured.out
+    assert [p.name for p in folder.step_files()] == ["step_00000010.pt", "step_00000020.pt"]
+
+
+def test_an_unreadable_newest_checkpoint_does_not_push_out_new_ones(tmp_path):
+    cfg, folder = make_run(tmp_path)  # step_10, step_20, step_30 (keep_last 3)
+    newest = folder.folder / "step_00000030.pt"
+    newest.write_bytes(newest.read_bytes()[:5000])
+    resumed = from_dict({**TINY, "run": {**TINY["run"], "max_steps": 30, "keep_last": 1}})
+    Trainer(resumed, tmp_path / "run", resume=True).run(stop_after=25)  # stops and saves step 25
+    assert [p.name for p in folder.step_files()] == ["step_00000025.pt"]
+    assert Trainer(resumed, tmp_path / "run", resume=True).step == 25
 
 
 def test_no_valid_checkpoint_is_an_error_naming_the_files(tmp_path, capsys):

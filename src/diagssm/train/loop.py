@@ -207,6 +207,11 @@ class Trainer:
             self.best = self.world.broadcast_object(self.set_aside_later_best(0) if self.world.is_main else None)
             return 0
         path, state = found
+        if self.world.is_main:  # newer step files do not load: kept, they would outrank new ones in keep_last
+            for bad in self.ckpts.step_files():
+                if bad.name > path.name:
+                    bad.replace(bad.with_name(bad.name + ".unreadable"))
+                    self.say(f"{bad.name} does not load: renamed {bad.name}.unreadable")
         for key, (old, new) in diff(from_dict(state["config"]), self.cfg).items():
             self.say(f"resuming with a changed setting: {key}: {old!r} -> {new!r}")
         load_into(self.model, state["model"], path)
