@@ -102,7 +102,9 @@ SHAPES = r"expected u \(B, L, H\), W_in and W_out \(H, 2P\), a \(P,\), D \(H,\),
                                       ("D short", SHAPES + r".* D \(8,\)"),
                                       ("W_in float64", r"float32 on the CPU only .*got W_in torch.float64"),
                                       ("a complex128", r"float32 on the CPU only .*got a torch.complex128"),
-                                      ("D float64", r"float32 on the CPU only .*got D torch.float64")])
+                                      ("D float64", r"float32 on the CPU only .*got D torch.float64"),
+                                      ("L = 0", r"u \(2, 0, 16\) must have B, L, H >= 1"),  # had segfaulted
+                                      ("D None", r"D must be given \(only h0 may be None\)")])
 def test_unsupported_problems_raise(case, why):
     """Every argument is checked: a short or wide weight, or one of another dtype, had been read by the
     kernels as raw memory (outputs of 1e20-1e34, no error)."""
@@ -111,7 +113,7 @@ def test_unsupported_problems_raise(case, why):
     change = {"h0 (P,)": (5, lambda t: t[0]), "W_out short": (3, lambda t: t[:8]),
               "W_out wide": (3, lambda t: torch.cat([t, t], 1)), "D short": (4, lambda t: t[:8]),
               "W_in float64": (1, torch.Tensor.double), "a complex128": (2, lambda t: t.to(C128)),
-              "D float64": (4, torch.Tensor.double)}
+              "D float64": (4, torch.Tensor.double), "L = 0": (0, lambda t: t[:, :0]), "D None": (4, lambda t: None)}
     if case in change:
         i, fn = change[case]
         args[i] = fn(args[i])

@@ -134,7 +134,7 @@ def dplr_problem(Bsz, H, M, R, Cp, seed=0):
 
 @needs_native
 @pytest.mark.parametrize("Bsz,H,M,R,Cp", [(1, 3, 1, 1, 1), (2, 5, 7, 2, 2), (3, 16, 32, 1, 1), (16, 64, 32, 2, 1),
-                                         (4, 9, 13, 3, 2), (2, 4, 8, 8, 1)])
+                                         (4, 9, 13, 3, 2), (2, 4, 8, 8, 1), (2, 3, 600, 2, 2)])
 def test_dplr_matches_the_reference(Bsz, H, M, R, Cp, monkeypatch):
     """Tails of M (1, 7, 13), ranks 1-3 and 8 (the kernel's largest), C' = 1-2, and a problem large
     enough for the kernel's threads."""
@@ -147,6 +147,15 @@ def test_dplr_matches_the_reference(Bsz, H, M, R, Cp, monkeypatch):
     assert y.shape == (Bsz, Cp, H) and x.shape == (Bsz, H, M) and y.dtype == torch.float32 and x.dtype == C64
     assert_close(x, want_x, scale=100)  # sums over M modes and r ranks, twice
     assert_close(y, want_y, scale=100)
+
+
+@needs_native
+def test_dplr_step_with_a_million_modes():
+    """The kernel had a (2 M)-float array on the stack: M = 1.1e6 overflowed 8 MB and crashed."""
+    ts = dplr_problem(1, 1, 1_100_000, 1, 1)
+    with torch.no_grad():
+        _, x = step_mod.dplr_step(*single(ts))
+    assert_close(x, step_mod.dplr_step_ref(*ts)[1], scale=100)
 
 
 @pytest.mark.parametrize("which", range(12))

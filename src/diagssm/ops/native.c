@@ -643,12 +643,12 @@ void s5_fwd(float *y, float *xs, float *hlast, const float *u, const float *Win,
                     *(vf *)(yb + t * H + h) += LD(D + h) * LD(ub + t * H + h);
         }
         for (long p = 0; p < P2; p++)
-            hlast[b * P2 + p] = prev[p];
+            hlast[b * P2 + p] = prev ? prev[p] : 0; /* L = 0 (the callers refuse it): h0, or zeros */
     }
 }
 
-/* Backward. gy (B, L, H), ghlast (B, P2) or NULL; lam (B, TB, P2) scratch (one block per batch
- * row); outputs gu (B, L, H) and, per batch row (summed by the caller), gWin (B, H, P2), gWout
+/* Backward. gy (B, L, H), ghlast (B, P2) or NULL; lam (B, TB + 1, P2) scratch (one block per batch
+ * row and a row for the carry); outputs gu (B, L, H) and, per batch row (summed by the caller), gWin (B, H, P2), gWout
  * (B, H, P2) (the gradient of Wout = WoutT^T), gD (B, H), ga (B, P2); gh0 (B, P2) when h0 is given
  * and gh0 is not NULL. Wout (H, P2), WinT (P2, H). PyTorch's convention for complex gradients:
  * lam[l] = g[l] + conj(a) lam[l+1], ga = sum_l lam[l] conj(x[l-1]), gh0 = conj(a) lam[0]. */
@@ -659,7 +659,7 @@ void s5_bwd(float *gu, float *gWin, float *gWout, float *gD, float *ga, float *g
     long P = P2 / 2;
 #pragma omp parallel for schedule(static)
     for (long b = 0; b < Bn; b++) {
-        float *lb = lam + b * TB * P2, *gWi = gWin + b * H * P2, *gWo = gWout + b * H * P2;
+        float *lb = lam + b * (TB + 1) * P2, *carry = lb + TB * P2, *gWi = gWin + b * H * P2, *gWo = gWout + b * H * P2;
         float *gDb = gD + b * H, *gab = ga + b * P2;
         for (long p = 0; p < H * P2; p++)
             gWi[p] = gWo[p] = 0;
@@ -674,7 +674,6 @@ void s5_bwd(float *gu, float *gWin, float *gWout, float *gD, float *ga, float *g
             float *gub = gu + (b * L + l0) * H;
             /* lam = gy Wout (the gradient of the states through y), then the reverse scan; lb[0]
              * of the block after this one is still in lb[0] on entry: keep it */
-            float carry[P2];
             for (long p = 0; p < P2; p++)
                 carry[p] = l0 == last ? (ghlast ? ghlast[b * P2 + p] : 0) : lb[p];
             gemm(lb, P2, gyb, H, 1, Wout, P2, n, H, P2, 0);
@@ -777,6 +776,7 @@ void diag_step(float *y, float *xn, const float *u, const float *x, const float 
  *   q = inv t (R x R),  xn = d rhs - sum_s q_s dPh_s,  y_c = 2 Re(C_c xn) + D_c u.
  * E, dB, d (H, M), Pc2, Ph, Pd2, dPh (R, H, M), C (C', H, M) complex; inv (H, R, R), D (C', H) real. */
 #define RMAX 8
+#define WBLK 256
 void dplr_step(float *y, float *xn, const float *u, const float *x, const float *E, const float *Pc2,
                const float *Ph, const float *dB, const float *d, const float *Pd2, const float *inv,
                const float *dPh, const float *C, const float *D, long Bn, long H, long M, long R, long Cp) {
@@ -801,13 +801,16 @@ void dplr_step(float *y, float *xn, const float *u, const float *x, const float 
             for (long k = 0; k < R; k++)
                 q[s] += inv[(h * R + s) * R + k] * t[k];
         }
-        float w[2 * M];
-        for (long m = 0; m < 2 * M; m++)
-            w[m] = 0;
-        for (long s = 0; s < R; s++)
-            for (long m = 0; m < 2 * M; m++)
-                w[m] -= q[s] * dPh[s * HM2 + hm + m];
-        cmul_into(o, d + hm, o, w, M);
+        for (long m0 = 0; m0 < M; m0 += WBLK) { /* xn = d rhs + w, w = -sum_s q_s dPh_s, WBLK modes at a time */
+            long nm = M - m0 < WBLK ? M - m0 : WBLK, k0 = 2 * m0;
+            float w[2 * WBLK]; /* bounded: a (2 M)-float stack array overflowed the stack for M ~ 1e6 */
+            for (long m = 0; m < 2 * nm; m++)
+                w[m] = 0;
+            for (long s = 0; s < R; s++)
+                for (long m = 0; m < 2 * nm; m++)
+                    w[m] -= q[s] * dPh[s * HM2 + hm + k0 + m];
+            cmul_into(o + k0, d + hm + k0, o + k0, w, nm);
+        }
         for (long c = 0; c < Cp; c++)
             y[(b * Cp + c) * H + h] = 2 * redot(C + 2 * (c * H + h) * M, o, M) + D[c * H + h] * ur;
     }

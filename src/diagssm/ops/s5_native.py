@@ -80,7 +80,7 @@ class S5Fused(torch.autograd.Function):
         P2 = W_in.shape[1]
         gy = gy.contiguous()
         g_last = None if g_last is None else _real(g_last)
-        gu, lam = torch.empty_like(u), u.new_empty(B, TB, P2)
+        gu, lam = torch.empty_like(u), u.new_empty(B, TB + 1, P2)  # a block per batch row and the carry
         g_in, g_out, gD, ga = u.new_empty(B, H, P2), u.new_empty(B, H, P2), u.new_empty(B, H), u.new_empty(B, P2)
         gh0 = u.new_empty(B, P2) if h0_r is not None and ctx.needs_input_grad[5] else None
         W_inT = W_in.t().contiguous()  # bound to a name: it must live through the call
@@ -113,6 +113,9 @@ def _check(u, W_in, a, W_out, D, h0):
     """Shapes and dtypes, else a ValueError: the kernels read raw memory, so a short or wide W_out,
     or a float64 weight, had been read out of bounds or as the wrong type, silently."""
     ts = {"u": u, "W_in": W_in, "a": a, "W_out": W_out, "D": D, "h0": h0}
+    required = [k for k in ("u", "W_in", "a", "W_out", "D") if ts[k] is None]
+    if required:
+        raise ValueError(f"s5_fused: {', '.join(required)} must be given (only h0 may be None)")
     ts = {k: t for k, t in ts.items() if t is not None}
     chunked_native.check_step_args("s5_fused", tuple(ts), tuple(ts.values()), (3, 2, 1, 2, 1, 2)[:len(ts)],
                                    _want_fused, "u (B, L, H), W_in and W_out (H, 2P), a (P,), D (H,), h0 (B, P)")
@@ -123,6 +126,8 @@ def _check(u, W_in, a, W_out, D, h0):
                          f"got {got}")
     if len({t.device for t in ts.values()}) > 1:
         raise ValueError("s5_fused: all tensors must be on one device")
+    if min(u.shape) < 1:  # L = 0 had read the final state through a null pointer
+        raise ValueError(f"s5_fused: u {tuple(u.shape)} must have B, L, H >= 1")
 
 
 def _want_fused(u, W_in, a, W_out, D, h0=None):
