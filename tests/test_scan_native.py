@@ -42,6 +42,32 @@ def test_matches_the_reference(reverse, with_h0, B, L, P):
         assert_close(x, y, scale=100)
 
 
+@needs_native
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1), (1, 1, 1)])
+def test_one_a_bar_for_every_mode(shape):
+    """An A_bar of one number broadcast over the P modes: the kernel read P numbers from a buffer of one
+    (garbage or -inf in modes 1 .. P-1, a NaN gradient)."""
+    a = decaying(1, seed=5).reshape(shape)
+    Bu, g = randn(2, 9, 8, dtype=C128, seed=6), randn(2, 9, 8, dtype=C128, seed=7)
+    h, got = grads(a.to(C64), Bu.to(C64), None, g.to(C64), False, scan)
+    assert type(h.grad_fn).__name__ != "_ScanBackward"  # the native kernel (through an expand)
+    want_h, want = grads(a, Bu, None, g, False, scan_ref)
+    assert got[0].shape == shape
+    assert_close(h, want_h, scale=10)
+    for x, y in zip(got, want):
+        assert_close(x, y, scale=100)
+
+
+@needs_native
+def test_lazily_negated_inputs():
+    """A tensor with PyTorch's negative bit (a lazy -x, e.g. z.conj().imag) holds x in memory; the kernels
+    read memory, so it must be resolved first (it had given +x)."""
+    a, Bu, h0 = decaying(8, seed=8).to(C64), randn(2, 9, 8, dtype=C64, seed=9), randn(2, 8, dtype=C64, seed=10)
+    neg = torch._neg_view(Bu)
+    assert neg.is_neg() and neg.is_contiguous()
+    assert_close(scan(a, neg, torch._neg_view(h0)), scan_ref(a, -Bu, -h0))
+
+
 @pytest.mark.parametrize("case", ["time-varying", "complex128", "broadcast h0"])
 def test_the_pytorch_scan_where_the_kernel_cannot_run(case):
     B, L, P = 2, 40, 4

@@ -261,8 +261,8 @@ class _NativeScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, h0, reverse):
         lib = chunked_native.library()
-        a, b = a.resolve_conj().contiguous(), b.resolve_conj().contiguous()
-        h0 = None if h0 is None else h0.resolve_conj().contiguous()
+        a, b = chunked_native.dense(a, b)
+        h0 = None if h0 is None else chunked_native.dense(h0)[0]
         B, L, P = b.shape
         h = torch.empty_like(b)
         lib.scan_fwd(h.data_ptr(), b.data_ptr(), a.data_ptr(), _ptr(h0), B, L, P, int(reverse))
@@ -275,7 +275,7 @@ class _NativeScan(torch.autograd.Function):
     def backward(ctx, g):
         lib = chunked_native.library()
         a, h, h0 = ctx.saved_tensors
-        g = g.resolve_conj().contiguous()
+        (g,) = chunked_native.dense(g)
         B, L, P = h.shape
         lam, ga = torch.empty_like(h), h.new_empty(B, P)
         gh0 = h.new_empty(B, P) if h0 is not None and ctx.needs_input_grad[2] else None
@@ -308,5 +308,6 @@ def scan(A_bar, Bu, h0=None, reverse=False):
     why = _native_problem(a, b, h0)
     chunked_native.log_path(log, chunked_native.SCAN, "native kernel", "PyTorch loop", why)
     if not why:  # a constant A_bar in complex64 on the CPU: the native kernel
-        return _native_scan(a.reshape(-1), b, h0, reverse)  # (B, L, P)
+        # (P,); an A_bar of one mode for all (shape (1,) or ()) is expanded: the kernel reads P numbers
+        return _native_scan(a.reshape(-1).expand(b.shape[2]), b, h0, reverse)  # (B, L, P)
     return _Scan.apply(a, b, h0, reverse)  # (B, L, P)
