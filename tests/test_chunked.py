@@ -125,6 +125,10 @@ def test_chunk_size_and_errors():
         diagonal_chunked(randn(2, 5, 3), w, B_bar, C, h0=torch.zeros(2, 3, 5, dtype=C128))
     with pytest.raises(ValueError, match="D must be"):
         diagonal_chunked(randn(2, 5, 3), w, B_bar, C, D=randn(3))
+    for fn in (diagonal_chunked, diagonal_chunked_ref):  # L = 0 had failed in chunk_size: "math domain error"
+        for shape in ((2, 0, 3), (0, 5, 3)):
+            with pytest.raises(ValueError, match=re.escape(f"u {shape} must have B, L >= 1")):
+                fn(torch.zeros(shape, dtype=torch.float64), w, B_bar, C)
     for name, bad in (("chunk", 0), ("chunk", -1), ("chunk", 2.5), ("block", 0), ("block", -2)):
         with pytest.raises(ValueError, match=rf"{name}={bad} must be None \(the default\) or an int >= 1"):
             diagonal_chunked(randn(2, 5, 3), w, B_bar, C, **{name: bad})

@@ -75,6 +75,36 @@ def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbe
         assert_close(g, w, scale=300)
 
 
+@needs_native
+def test_lazily_negated_input_and_gradient():
+    """A lazy -u (PyTorch's negative bit: memory holds u) must reach the kernels as -u (here the chunk
+    copies had resolved it already; the step ops and s5_fused read it as u: test_step_native, test_s5_native)."""
+    p = {k: as32(v) for k, v in system().items()}
+    u, gy = randn(2, 40, 16, seed=3).float(), randn(2, 40, 1, 16, seed=4).float()
+    neg = torch._neg_view(u).requires_grad_()
+    y, _ = diagonal_chunked(neg, p["w"], p["B_bar"], p["C"], 2, D=p["D"])
+    y.backward(torch._neg_view(gy))
+    u_ref = (-u).requires_grad_()
+    y_ref, _ = diagonal_chunked_ref(u_ref, p["w"], p["B_bar"], p["C"], 2, D=p["D"])
+    y_ref.backward(-gy)
+    assert_close(y, y_ref, scale=10)
+    assert_close(neg.grad, u_ref.grad, scale=10)
+
+
+@pytest.mark.parametrize("native", [True, False] if chunked_native.available() else [False])
+def test_a_conjugated_state_gradient(native):
+    """A loss on x.conj() sends a lazily conjugated gradient; the PyTorch path's view_as_real refused it."""
+    p = {k: as32(v) for k, v in system().items()}
+    u, c = randn(2, 40, 16, seed=3).float(), randn(2, 16, 4, dtype=C64, seed=5)
+    grads = []
+    for fn, kw in ((diagonal_chunked, {"native": native}), (diagonal_chunked_ref, {})):
+        leaf = u.clone().requires_grad_()
+        _, x = fn(leaf, p["w"], p["B_bar"], p["C"], 2, **kw)
+        (x.conj() * c).real.sum().backward()
+        grads.append(leaf.grad)
+    assert_close(grads[0], grads[1], scale=10)
+
+
 def chunk_rows(B, n, K, H, seed):
     """Rows (b, c) of a (B, n, K, H) float32 view into a longer (B, L, H) tensor, as the op passes u."""
     x = randn(B, n * K + 8, H, dtype=torch.float32, seed=seed)

@@ -122,6 +122,17 @@ def test_unsupported_problems_raise(case, why):
 
 
 @needs_native
+def test_lazily_negated_inputs():
+    """Tensors with the negative bit (lazy -x) hold x in memory: the kernels had read x."""
+    u, W_in, a, W_out, D, h0 = (lower(t) for t in problem(2, 20, 16, 8, True, seed=3))
+    neg = torch._neg_view
+    y, last = s5_fused(neg(u), neg(W_in), a, neg(W_out), neg(D), neg(h0))
+    want_y, want_last = s5_fused_ref(-u, -W_in, a, -W_out, -D, -h0)
+    assert_close(y, want_y, scale=10)
+    assert_close(last, want_last, scale=10)
+
+
+@needs_native
 def test_double_backward_is_an_error():
     u, W_in, a, W_out, D, _ = (lower(t) for t in problem(2, 20, 16, 8, False))
     u.requires_grad_()

@@ -69,6 +69,20 @@ def test_strided_and_conjugate_views(monkeypatch):
         assert_close(y, want[0])
 
 
+@needs_native
+def test_lazily_negated_views(monkeypatch):
+    """A tensor with the negative bit (a lazy -x, e.g. z.conj().imag) holds x in memory: the kernel had
+    read x (public repro: u_t = tensor([[1+2j]]).conj().imag)."""
+    u, h, A, Bb, C, D = single(problem(3, 8, 6, 2, seed=8))
+    monkeypatch.setattr(step_mod, "diagonal_step_ref", no_reference)
+    with torch.no_grad():
+        y, x = diagonal_step(torch._neg_view(u), torch._neg_view(h), A, torch._neg_view(Bb), C, D, 2)
+    monkeypatch.undo()
+    want = diagonal_step_ref(-u, -h, A, -Bb, C, D, 2)
+    assert_close(x, want[1])
+    assert_close(y, want[0])
+
+
 def test_why_the_kernel_cannot_run():
     ts = single(problem(2, 4, 5, 1))
     assert "CPU" in step_mod.unsupported(*ts[:1], ts[1].to("meta"), *ts[2:])

@@ -92,9 +92,16 @@ def _toeplitz(K, T):
     return padded.unfold(-1, T, 1).flip(-2).transpose(-1, -2)
 
 
-def _check(u, w, B_bar, C, h0, D):
+def check_u(u):
+    """u must be (B, L, H) with B, L >= 1 (L = 0 had failed in `chunk_size` with "math domain error")."""
     if u.dim() != 3:
         raise ValueError(f"u must be (B, L, H); got {tuple(u.shape)}")
+    if min(u.shape[:2]) < 1:
+        raise ValueError(f"u {tuple(u.shape)} must have B, L >= 1")
+
+
+def _check(u, w, B_bar, C, h0, D):
+    check_u(u)
     H = u.shape[-1]
     if w.dim() != 2 or w.shape[0] != H or B_bar.shape != w.shape:
         raise ValueError(f"w and B_bar must be (H, M) with H={H}; got {tuple(w.shape)}, {tuple(B_bar.shape)}")
@@ -233,7 +240,8 @@ class _Chunked(torch.autograd.Function):
         gS = u.new_empty(H, nbmax, Bsz, 2 * M)
         W_toe_t, W_out_t = W[:, :T].transpose(1, 2), W[:, Tp:].transpose(1, 2)  # (H, C'T, T), (H, C'T, 2M)
         stage = u.new_empty(Bsz * (CT // T) * H * nbmax * T)
-        lam = torch.zeros_like(X[0]) if g_last is None else g_last  # gradient of the exit state
+        # gradient of the exit state (a lazy conjugate, from a loss on x.conj(), is resolved for view_as_real)
+        lam = torch.zeros_like(X[0]) if g_last is None else g_last.resolve_conj().resolve_neg()
         g_ar = g_into_r = None
         for _, c0, nb, final in reversed(_blocks(nc, nbmax)):
             a_exit, into_exit = (a_r, into_r) if final else (aT, into)

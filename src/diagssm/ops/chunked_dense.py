@@ -31,7 +31,7 @@ import logging
 import torch
 
 from . import chunked_native
-from .chunked import _blocks, _load, _stage, _store, _toeplitz, block_size, chunk_size
+from .chunked import _blocks, _load, _stage, _store, _toeplitz, block_size, check_u, chunk_size
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ class _Carry(torch.autograd.Function):
 
 
 def _check(u, A, B, C, D, h0):
-    if u.dim() != 3:
-        raise ValueError(f"u must be (B, L, H); got {tuple(u.shape)}")
+    check_u(u)
     H = u.shape[-1]
     if A.dim() != 3 or A.shape[0] != H or A.shape[1] != A.shape[2]:
         raise ValueError(f"A must be (H, n, n) with H={H}; got {tuple(A.shape)}")

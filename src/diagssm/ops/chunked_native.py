@@ -154,9 +154,11 @@ def paths(forget=False):
 
 
 def dense(*ts):
-    """The tensors as the kernels read them: contiguous, without a pending conjugate bit (unchanged,
-    no op dispatched, when they are already)."""
-    return tuple(t if t.is_contiguous() and not t.is_conj() else t.resolve_conj().contiguous() for t in ts)
+    """The tensors as the kernels read them: contiguous, without a pending conjugate or negative bit
+    (lazy views whose memory holds the unconjugated, unnegated values; unchanged, no op dispatched,
+    when they are already)."""
+    return tuple(t if t.is_contiguous() and not t.is_conj() and not t.is_neg()
+                 else t.resolve_conj().resolve_neg().contiguous() for t in ts)
 
 
 def check_step_args(who, names, ts, dims, want, expected):
@@ -260,6 +262,7 @@ def _tiles(w):
     `strip_width(I)`), each strip (K, S, V) contiguous. Copied by the library (`tile_weights`), with the
     same result as `_tiles_ref`."""
     _float32_cpu(w)
+    w = w.resolve_neg()  # any strides, but the values in memory (a lazy negation is not)
     K, I, H = w.shape
     S, V = _widths(I)
     t = w.new_empty(H // V, I // S, K, S, V)
@@ -444,7 +447,7 @@ def _state_of_lanes(x, a):
 def _pairs_lanes(z):
     """(H, B, M) complex -> (B, 2M, H) real rows (Re z_m, Im z_m) interleaved, channel innermost."""
     H, Bsz, M = z.shape
-    return torch.view_as_real(z.resolve_conj()).permute(1, 2, 3, 0).reshape(Bsz, 2 * M, H)  # (a lazy conj: .conj())
+    return torch.view_as_real(z.resolve_conj().resolve_neg()).permute(1, 2, 3, 0).reshape(Bsz, 2 * M, H)  # lazy views
 
 
 def _complex_of_lanes(x):
@@ -496,7 +499,7 @@ class ChunkedNative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, W, into, aT, into_r, a_r, x0, T):
         lib = library()
-        u = u.contiguous()
+        (u,) = dense(u)
         Bsz, L, H = u.shape
         nc, P, Cp = -(-L // T), into.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T  # real steps of the last chunk, 1..T
@@ -532,7 +535,7 @@ class ChunkedNative(torch.autograd.Function):
         Bsz, L, H = u.shape
         nc, P, Cp = -(-L // T), X.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T
-        (U, U_last), (G, G_last) = _split(u[:, :, None], T, r), _split(gy.contiguous(), T, r)
+        (U, U_last), (G, G_last) = _split(u[:, :, None], T, r), _split(dense(gy)[0], T, r)
         gu = torch.empty_like(u)
         GU = gu[:, :L - r].view(U.shape)
         Ws = _swap_columns(W, T)

@@ -48,7 +48,7 @@ def unsupported(u, W_in):
 
 
 def _real(z):
-    return torch.view_as_real(z.resolve_conj().contiguous()).reshape(*z.shape[:-1], -1)
+    return torch.view_as_real(chunked_native.dense(z)[0]).reshape(*z.shape[:-1], -1)
 
 
 class S5Fused(torch.autograd.Function):
@@ -57,8 +57,8 @@ class S5Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, W_in, a, W_out, D, h0):
         lib = chunked_native.library()
-        u, W_in, D = u.contiguous(), W_in.contiguous(), D.contiguous()
-        W_outT, a_r = W_out.t().contiguous(), _real(a)
+        u, W_in, D, W_out = chunked_native.dense(u, W_in, D, W_out)
+        (W_outT,), a_r = chunked_native.dense(W_out.t()), _real(a)
         h0_r = None if h0 is None else _real(h0)
         B, L, H = u.shape
         P2 = W_in.shape[1]
@@ -68,7 +68,7 @@ class S5Fused(torch.autograd.Function):
         last = u.new_empty(B, P2 // 2, dtype=torch.complex64)
         lib.s5_fwd(y.data_ptr(), xs.data_ptr(), last.data_ptr(), u.data_ptr(), W_in.data_ptr(),
                    W_outT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
-        ctx.save_for_backward(u, xs, W_in, a_r, W_out.contiguous(), D, h0_r)
+        ctx.save_for_backward(u, xs, W_in, a_r, W_out, D, h0_r)
         return y, last
 
     @staticmethod
@@ -78,12 +78,12 @@ class S5Fused(torch.autograd.Function):
         u, xs, W_in, a_r, W_out, D, h0_r = ctx.saved_tensors
         B, L, H = u.shape
         P2 = W_in.shape[1]
-        gy = gy.contiguous()
+        (gy,) = chunked_native.dense(gy)
         g_last = None if g_last is None else _real(g_last)
         gu, lam = torch.empty_like(u), u.new_empty(B, TB + 1, P2)  # a block per batch row and the carry
         g_in, g_out, gD, ga = u.new_empty(B, H, P2), u.new_empty(B, H, P2), u.new_empty(B, H), u.new_empty(B, P2)
         gh0 = u.new_empty(B, P2) if h0_r is not None and ctx.needs_input_grad[5] else None
-        W_inT = W_in.t().contiguous()  # bound to a name: it must live through the call
+        (W_inT,) = chunked_native.dense(W_in.t())  # bound to a name: it must live through the call
         lib.s5_bwd(gu.data_ptr(), g_in.data_ptr(), g_out.data_ptr(), gD.data_ptr(), ga.data_ptr(), _ptr(gh0),
                    lam.data_ptr(), gy.data_ptr(), _ptr(g_last), u.data_ptr(), xs.data_ptr(), W_out.data_ptr(),
                    W_inT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
