@@ -126,3 +126,12 @@ def test_fft_conv_takes_numpy_bools():
     for flag in (True, False):
         k = K if flag else K[0]
         assert torch.equal(fft_conv(u, k, bidirectional=np.bool_(flag)), fft_conv(u, k, bidirectional=flag))
+
+
+def test_mixed_precision_promotes_in_both_twins():
+    """float32 u with a float64 K: both twins promote to float64 (the reference had raised, and fft_conv had
+    transformed u in float32 precision)."""
+    u, K, D = randn(2, 20, 3).float(), randn(3, 20), randn(3)
+    y, want = fft_conv(u, K, D), fft_conv_ref(u, K, D)
+    assert y.dtype == want.dtype == torch.float64
+    assert_close(y, want)

@@ -267,6 +267,25 @@ def test_modal_conv_matches_scan_ref():
             modal_conv(A, Bu, h0, bad)
 
 
+def test_modal_conv_takes_a_real_negative_a_bar_and_refuses_a_time_varying_one():
+    """A real A_bar < 0 gave NaN (the log of a negative real); an (L, P) A_bar ran A_bar[l]^l, silently."""
+    A = torch.tensor([-0.5, 0.3, 0.9], dtype=torch.float64)
+    Bu, h0 = randn(2, 6, 3, dtype=C128, seed=4), randn(2, 3, dtype=C128, seed=5)
+    for reverse in (False, True):
+        assert_close(modal_conv(A, Bu, h0, reverse), scan_ref(A, Bu, h0, reverse))
+    A.requires_grad_()
+    (g,) = torch.autograd.grad(modal_conv(A, Bu, h0).abs().sum(), A)
+    A_ref = A.detach().clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(scan_ref(A_ref, Bu, h0).abs().sum(), A_ref)
+    assert g.dtype == torch.float64 and not g.is_complex()
+    assert_close(g, g_ref)
+    for bad_A, bad_Bu in [(randn(6, 3, dtype=C128), Bu), (A.detach()[:2], Bu), (A.detach(), Bu[0])]:
+        with pytest.raises(ValueError, match=r"modal_conv: A_bar must be \(P,\) .* and Bu \(B, L, P\)"):
+            modal_conv(bad_A, bad_Bu)
+    with pytest.raises(ValueError, match=r"modal_conv: h0 must be \(B, P\)"):
+        modal_conv(A.detach(), Bu, h0[0])
+
+
 def test_errors():
     layer = make()
     u = randn(2, 5, 3)

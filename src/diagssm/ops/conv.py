@@ -89,7 +89,8 @@ def fft_conv(u, K, D=None, bidirectional=False):
     L = u.shape[1]
     n = _fast_len(2 * L)  # no wrap-around: the linear convolution has 2L - 1 taps
     k_f = torch.fft.rfft(_circular_kernel(K, n, bidirectional), n=n)  # (H, n//2 + 1)
-    x = u.transpose(1, 2)  # (B, H, L) the one transpose
+    x = u.transpose(1, 2).to(torch.promote_types(u.dtype, K.dtype))  # (B, H, L) the one transpose; promoted
+    # before the FFT (a float32 u with a float64 K had been transformed in float32 precision)
     y = torch.fft.irfft(torch.fft.rfft(x, n=n) * k_f, n=n)[..., :L]  # (B, H, L)
     y = y.transpose(1, 2)  # (B, L, H) a view back
     return y if D is None else y + u * D  # (B, L, H)
@@ -115,7 +116,8 @@ def fft_conv_ref(u, K, D=None, bidirectional=False):
     M = _toeplitz(K[0] if bidirectional else K)  # (H, L, L)
     if bidirectional:
         M = M + _toeplitz(K[1]).transpose(1, 2)  # (H, L, L)
-    y = torch.einsum("hts,bsh->bth", M, u)  # (B, L, H)
+    dtype = torch.promote_types(M.dtype, u.dtype)  # as fft_conv: float32 u with a float64 K gives float64
+    y = torch.einsum("hts,bsh->bth", M.to(dtype), u.to(dtype))  # (B, L, H)
     return y if D is None else y + u * D  # (B, L, H)
 
 
@@ -132,6 +134,14 @@ def modal_conv(A_bar, Bu, h0=None, reverse=False):
     """
     if not isinstance(reverse, bool):
         raise ValueError(f"modal_conv: reverse must be True or False, got {reverse!r}")
+    if not (torch.is_tensor(A_bar) and torch.is_tensor(Bu) and Bu.dim() == 3 and A_bar.shape == Bu.shape[2:]):
+        got = [tuple(t.shape) if torch.is_tensor(t) else type(t).__name__ for t in (A_bar, Bu)]
+        raise ValueError(f"modal_conv: A_bar must be (P,) (constant: a time-varying A_bar needs ops.scan) "
+                         f"and Bu (B, L, P); got {got[0]} and {got[1]}")
+    if h0 is not None and h0.shape != (Bu.shape[0], Bu.shape[2]):
+        raise ValueError(f"modal_conv: h0 must be (B, P) = {(Bu.shape[0], Bu.shape[2])}; got {tuple(h0.shape)}")
+    if not A_bar.is_complex():  # the log of a negative real number is NaN; as a complex number it is not
+        A_bar = A_bar.to(Bu.dtype if Bu.is_complex() else torch.promote_types(A_bar.dtype, torch.complex64))
     if reverse:
         return modal_conv(A_bar, Bu.flip(1), h0).flip(1)
     L = Bu.shape[1]
