@@ -61,6 +61,29 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatc
     assert torch.equal(torch.load(path)["a"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):
+    """A full disk: one line naming the step and the OS error, exit 2; the earlier checkpoint stays.
+    (Under torchrun every rank learns of rank 0's failure and stops, instead of waiting for it.)"""
+    cfg_path = write_config(tmp_path / "t.yaml", run={"checkpoint_every": 5, "eval_every": 100})
+    calls = []
+
+    def full_disk(obj, f):
+        step = obj.get("step") if isinstance(obj, dict) else None  # checkpoints; the task cache is also saved
+        calls.append(step)
+        if step == 10:
+            raise OSError(28, "No space left on device")
+        return torch.serialization.save(obj, f)
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk)
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "error: writing the checkpoint of step 10 failed: OSError: [Errno 28] No space left on device" in err
+    assert "Traceback" not in err and [c for c in calls if c is not None] == [5, 10]
+    folder = CheckpointFolder(tmp_path / "run" / "checkpoints", 2)
+    assert [p.name for p in folder.step_files()] == ["step_00000005.pt"]
+    assert load_checkpoint(folder.step_files()[0])["step"] == 5
+
+
 def make_run(tmp_path, max_steps=30):
     cfg = from_dict({**TINY, "run": {**TINY["run"], "max_steps": max_steps, "keep_last": 3}})
     Trainer(cfg, tmp_path / "run").run()

@@ -189,12 +189,24 @@ class Trainer:
         """Write step_<step>.pt (rank 0; every rank takes part in gathering the RNG states)."""
         if self.last_checkpoint_step != self.step:
             rngs = self.world.gather_objects(rng_state())
-            if self.world.is_main:
-                self.last_checkpoint = self.ckpts.save(self.state(rngs))
-            else:
-                self.last_checkpoint = self.ckpts.folder / f"step_{self.step:08d}.pt"
+            self.write_on_main(f"the checkpoint of step {self.step}", lambda: self.ckpts.save(self.state(rngs)))
+            self.last_checkpoint = self.ckpts.folder / f"step_{self.step:08d}.pt"
         self.last_checkpoint_step = self.step
         self.world.barrier()
+
+    def write_on_main(self, what, write):
+        """`write()` on rank 0, then every rank learns whether it failed (a CheckpointError on all of
+        them): an error on rank 0 alone had left the others waiting at their next collective until
+        its timeout. A full disk is an error of one line, not a traceback."""
+        error = None
+        if self.world.is_main:
+            try:
+                write()
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+        error = self.world.broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(f"writing {what} failed: {error}")
 
     def restore(self):
         """Load the newest valid checkpoint; return its step (0 if there is none)."""
@@ -369,8 +381,7 @@ class Trainer:
         if better:
             self.best = {"metric": m, "step": self.step}
             rngs = self.world.gather_objects(rng_state())
-            if self.world.is_main:
-                self.ckpts.save_best(self.state(rngs))
+            self.write_on_main("best.pt", lambda: self.ckpts.save_best(self.state(rngs)))
 
     def elapsed_now(self):
         return self.elapsed + time.perf_counter() - self.session_start
