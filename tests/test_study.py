@@ -61,6 +61,48 @@ def test_bad_study_files_are_rejected(tmp_path):
         study_mod.Study(bad)
 
 
+def test_malformed_study_files_are_one_line_errors(tmp_path):
+    """Each of these had been a traceback (TypeError, AttributeError, yaml's ParserError), was accepted
+    (seeds [0, 0], [true]) or failed only after training (an extra test's unknown key)."""
+    bad = tmp_path / "bad.yaml"
+    ok = {"study": "x", "seeds": [0], "models": {"a": {}}, "config": CONFIG}
+    cases = [({"seeds": 3}, "seeds=3 must be a non-empty list of distinct ints"),
+             ({"seeds": [0, 0]}, r"seeds=\[0, 0\] must be"), ({"seeds": [True]}, r"seeds=\[True\] must be"),
+             ({"set": ["a", "b"]}, "set must be a mapping; got list"),
+             ({"extra_tests": ["a"]}, "extra_tests must be a mapping; got list"),
+             ({"models": {"a": [1, 2]}}, "models must name a mapping of variants"),
+             ({"config": "absent.yaml"}, "absent.yaml: no such config file"),
+             ({"extra_tests": {"t": {"set": {"task.params.test_rat": 1}}}},
+              r"bad.yaml: model 'a': unknown key 'test_rat' in section 'task.params'")]
+    for change, message in cases:
+        bad.write_text(yaml.safe_dump({**ok, **change}))
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            study_mod.Study(bad)
+    bad.write_text("study: x\nseeds: [0\n")
+    with pytest.raises(ValueError, match="bad.yaml: not valid YAML"):
+        study_mod.Study(bad)
+
+
+def test_table_counts_the_studys_seeds_and_marks_rows_of_another_config(tmp_path, capsys):
+    path, runs = write_study(tmp_path, {"s4d-lin": {"model.layer_kwargs.init": "lin"}}), tmp_path / "runs"
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--seeds", "0"]) == 0
+    row = runs / "tiny" / "s4d-lin"
+    for stray in ("seed0.old", "seed7"):  # a backup copy and a seed the study file does not list
+        (row / stray).mkdir()
+        (row / stray / "result.json").write_text((row / "seed0" / "result.json").read_text().replace(
+            '"test": ', '"test": 0.0, "was": '))
+    capsys.readouterr()
+    assert main(["study", "table", str(path), "--runs-dir", str(runs)]) == 0
+    test = json.loads((row / "seed0" / "result.json").read_text())["test"]
+    out = capsys.readouterr().out
+    assert f"| tiny | s4d-lin | {100 * test:.2f} | 1 |" in out and "‡" not in out
+    data = yaml.safe_load(path.read_text())  # the study's training config edited after the row ran
+    data["config"]["optim"]["batch_size"] = 8
+    path.write_text(yaml.safe_dump(data))
+    assert main(["study", "table", str(path), "--runs-dir", str(runs)]) == 0
+    assert f"| tiny | s4d-lin‡ | {100 * test:.2f} | 1 |" in capsys.readouterr().out
+
+
 def test_run_skip_resume_and_table(tmp_path, capsys):
     path, runs = write_study(tmp_path), tmp_path / "runs"
     assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs"]) == 0
@@ -68,6 +110,7 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
         result = json.loads((runs / "tiny" / "s4d-legs" / f"seed{seed}" / "result.json").read_text())
         assert result["steps"] == 6 and 0.0 <= result["test"] <= 1.0 and result["params"] > 0
         assert result["seed"] == seed and result["overrides"] == []
+        assert result["commit"] is None or len(result["commit"].split("+")[0]) == 40  # None outside git
     capsys.readouterr()
     assert main(["study", "run", str(path), "--runs-dir", str(runs), "--models", "s4d-legs"]) == 0
     out = capsys.readouterr().out
@@ -94,14 +137,16 @@ def test_run_skip_resume_and_table(tmp_path, capsys):
     assert main(["study", "table", str(path), "--runs-dir", str(runs), "--out", str(out)]) == 0
     text = out.read_text()
     legs = json.loads((runs / "tiny" / "s4d-legs" / "seed0" / "result.json").read_text())
-    assert "| tiny | s4d-legs | " in text and "| 2 |" in text and f"{legs['params']:,}" in text
+    # seed 0's config.yaml was overwritten above with one that no longer loads: marked ‡ and explained
+    assert "| tiny | s4d-legs‡ | " in text and "| 2 |" in text and f"{legs['params']:,}" in text
+    assert "‡ its config.yaml differs from the config the study file gives it now" in text
     assert "| tiny | s4d-lin | " in text and "| 1 |" in text
     capsys.readouterr()
     assert main(["study", "table", str(path), "--runs-dir", str(runs), "--per-seed"]) == 0
     per_seed = capsys.readouterr().out
-    row = f"| tiny | s4d-legs | 0 | {100 * legs['test']:.2f} | {100 * legs['val']:.2f} | {legs['best_step']} / 6 |"
+    row = f"| tiny | s4d-legs‡ | 0 | {100 * legs['test']:.2f} | {100 * legs['val']:.2f} | {legs['best_step']} / 6 |"
     assert row in per_seed
-    assert per_seed.count("| tiny | s4d-legs |") == 2 and per_seed.count("| tiny | s4d-lin |") == 1
+    assert per_seed.count("| tiny | s4d-legs") == 2 and per_seed.count("| tiny | s4d-lin |") == 1
 
     # a row stopped before its first checkpoint (config.yaml and a metrics row, no checkpoint) restarts
     row = s.run_dir(runs, "s4d-lin", 1)
@@ -155,6 +200,8 @@ def test_extra_tests_are_evaluated_and_tabulated(tmp_path, capsys):
     assert f"| x | s4d-lin, test half | {100 * got:.2f} | 1 |" in capsys.readouterr().out
     result = json.loads((run / "result.json").read_text())  # as if trained with --set: both tables mark it
     (run / "result.json").write_text(json.dumps({**result, "overrides": ["run.max_steps=2"]}))
+    from diagssm.train import config as config_mod
+    config_mod.save(study_mod.Study(path).config("s4d-lin", 0, ["run.max_steps=2"]), run / "config.yaml")
     for extra in ([], ["--per-seed"]):
         assert main(["study", "table", str(path), "--runs-dir", str(runs), *extra]) == 0
         out = capsys.readouterr().out

@@ -22,7 +22,9 @@ depth, width, optimiser and number of steps; only the variant's settings and run
 (a row stopped before its first checkpoint starts again). A row that fails (diverges, say) is
 reported and the next rows still run; the command then exits 1 and lists the failed rows.
 A finished row writes result.json: the test metric of the best-validation checkpoint, the best
-validation metric, the parameter count, seconds of training and seconds per epoch. `--set`
+validation metric, the parameter count, seconds of the run (training with its evaluations and
+checkpoints) and seconds per epoch, and the git commit of the code. The table averages the study's
+seeds only, and marks with ‡ a row whose config.yaml differs from what the study file gives now. `--set`
 changes every row (for a quick smoke run); such rows record it and the table marks them.
 """
 import json
@@ -53,22 +55,36 @@ class Study:
         for key in ("study", "seeds", "models", "config"):
             if key not in data:
                 raise ValueError(f"{path}: missing key {key!r}")
-        self.name, self.seeds = str(data["study"]), list(data["seeds"])
+        self.name, self.seeds = str(data["study"]), data["seeds"]
+        if not (isinstance(self.seeds, list) and self.seeds and len(set(self.seeds)) == len(self.seeds)
+                and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds)):
+            raise ValueError(f"{path}: seeds={self.seeds!r} must be a non-empty list of distinct ints >= 0")
         base = data["config"]
-        self.base = _read_yaml(self.path.parent / base) if isinstance(base, str) else base
-        self.common = [f"{key}={json.dumps(value)}" for key, value in (data.get("set") or {}).items()]
-        self.extra_tests = data.get("extra_tests") or {}
+        self.base = _read_yaml(self.path.parent / base, "config") if isinstance(base, str) else base
+        if not isinstance(self.base, dict):
+            raise ValueError(f"{path}: config must be a training config file or a mapping")
+        self.common = [f"{key}={json.dumps(value)}" for key, value in _mapping(data.get("set"), path, "set").items()]
+        self.extra_tests = _mapping(data.get("extra_tests"), path, "extra_tests")
         for name, spec in self.extra_tests.items():
-            if not isinstance(spec, dict) or set(spec) - {"rate", "set"} or float(spec.get("rate", 1.0)) <= 0:
+            if not (isinstance(spec, dict) and not set(spec) - {"rate", "set"} and isinstance(spec.get("rate", 1.0),
+                    (int, float)) and spec.get("rate", 1.0) > 0 and isinstance(spec.get("set") or {}, dict)):
                 raise ValueError(f"{path}: extra_tests.{name} must be {{rate: r > 0, set: {{dotted key: value}}}}")
-        if not self.seeds or not all(isinstance(s, int) and s >= 0 for s in self.seeds):
-            raise ValueError(f"{path}: seeds={self.seeds!r} must be a non-empty list of ints >= 0")
         models = data["models"]
-        self.models = _read_yaml(self.path.parent / models) if isinstance(models, str) else models
-        if not isinstance(self.models, dict) or not self.models:
+        self.models = _read_yaml(self.path.parent / models, "models") if isinstance(models, str) else models
+        if not isinstance(self.models, dict) or not self.models or \
+                not all(isinstance(v, dict) or v is None for v in self.models.values()):
             raise ValueError(f"{path}: models must name a mapping of variants (name: {{dotted key: value}})")
         for name in self.models:
-            self.config(name)  # every variant must give a valid config
+            try:  # every variant must give a valid config, with each extra test's settings too
+                self.config(name)
+                for test, spec in self.extra_tests.items():
+                    self.config(name, extra=self.extra_sets(test))
+            except ValueError as e:
+                raise ValueError(f"{path}: model {name!r}: {e}") from None
+
+    def extra_sets(self, test):
+        """The --set strings of extra test `test`."""
+        return [f"{k}={json.dumps(v)}" for k, v in (self.extra_tests[test].get("set") or {}).items()]
 
     def overrides(self, model):
         """The variant's settings as --set strings (JSON values are YAML)."""
@@ -94,15 +110,26 @@ class Study:
         return [(m, s) for m in names for s in picked]
 
 
-def _read_yaml(path):
+def _read_yaml(path, what="study"):
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such study file") from None
+        raise FileNotFoundError(f"{path}: no such {what} file") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
     return data
+
+
+def _mapping(value, path, key):
+    """`value` of study key `key`: a mapping, or {} when absent."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {key} must be a mapping; got {type(value).__name__}")
+    return value
 
 
 def count_parameters(cfg):
@@ -171,12 +198,29 @@ def write_result(study, trainer, model, seed, extra):
               "best_step": best["step"], "params": sum(p.numel() for p in trainer.model.parameters()),
               "steps": trainer.step, "seconds": trainer.elapsed_now(),
               "seconds_per_epoch": trainer.elapsed_now() / trainer.step * steps_per_epoch,
-              "overrides": list(extra), "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+              "overrides": list(extra), "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": code_commit(),
               "extra_tests": extra_tests(study, trainer, model, seed, extra)}
     atomic_write_text(json.dumps(result, indent=1) + "\n", trainer.run_dir / RESULT)
     print(f"[{study.name}] {model} seed {seed}: test {task.metric} {test['metric']:.4f} "
           f"(best val {result['val']:.4f} at step {best['step']})")
     return result
+
+
+def code_commit():
+    """The git commit of the code that ran (with "+changes" when its tree had uncommitted changes), or
+    None outside a git checkout: a change of code, such as a new initialisation, leaves the config alone."""
+    import subprocess
+
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here.parent,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
 def extra_tests(study, trainer, model, seed, extra):
@@ -188,8 +232,7 @@ def extra_tests(study, trainer, model, seed, extra):
 
     out = {}
     for name, spec in study.extra_tests.items():
-        sets = [f"{k}={json.dumps(v)}" for k, v in (spec.get("set") or {}).items()]
-        cfg = study.config(model, seed, list(extra) + sets)
+        cfg = study.config(model, seed, list(extra) + study.extra_sets(name))
         task = make_task(cfg)
         loader = eval_loader(task.test, task, cfg.optim.batch_size, trainer.world)
         rate = float(spec.get("rate", 1.0))
@@ -199,14 +242,29 @@ def extra_tests(study, trainer, model, seed, extra):
 
 
 def results(study, runs_dir):
-    """{model: [result dicts of finished seeds]} for every model of the study."""
+    """{model: [result dicts of finished seeds]} for every model of the study: the study's seeds only
+    (other seed folders, or copies of one, are not averaged in); each dict's "stale" says whether the
+    row's config.yaml differs from the config the study file gives it now."""
     found = {}
     for model in study.models:
         rows = []
-        for path in sorted((Path(runs_dir) / study.name / model).glob(f"seed*/{RESULT}")):
-            rows.append(json.loads(path.read_text()))
+        for seed in study.seeds:
+            folder = study.run_dir(runs_dir, model, seed)
+            if (folder / RESULT).exists():
+                row = json.loads((folder / RESULT).read_text())
+                row["stale"] = _stale(study, folder, model, seed, row.get("overrides", []))
+                rows.append(row)
         found[model] = rows
     return found
+
+
+def _stale(study, folder, model, seed, overrides):
+    """Whether the row in `folder` ran another config than the study file now gives (True also when
+    its config.yaml no longer loads)."""
+    try:
+        return bool(config_mod.diff(config_mod.load(folder / "config.yaml"), study.config(model, seed, overrides)))
+    except (ValueError, FileNotFoundError):
+        return True
 
 
 def spread(values):
@@ -221,8 +279,9 @@ def percent_scale(metric):
 
 
 def override_mark(rows):
-    """'*' when any of `rows` was trained with --set overrides."""
-    return "*" if any(r["overrides"] for r in rows) else ""
+    """'*' when any of `rows` was trained with --set overrides; '‡' when any ran another config than
+    the study file gives now (an edited study or training config)."""
+    return "*" * any(r["overrides"] for r in rows) + "‡" * any(r.get("stale") for r in rows)
 
 
 def mean_std_text(values):
@@ -256,9 +315,12 @@ def table(studies, runs_dir):
 
 
 def with_mark_note(lines):
-    """The table's lines joined, and a note saying what * marks when a row has it (past the header)."""
-    marked = any("*" in line for line in lines[2:])
-    return "\n".join(lines + ["\n\\* trained with --set overrides (each row's result.json lists them)"] * marked)
+    """The table's lines joined, and notes saying what * and ‡ mark when a row has them (past the header)."""
+    notes = [note for mark, note in (("*", "\\* trained with --set overrides (each row's result.json lists them)"),
+                                      ("‡", "‡ its config.yaml differs from the config the study file gives it now "
+                                            "(`diagssm study run` on it names the settings)"))
+             if any(mark in line for line in lines[2:])]
+    return "\n".join(lines + ["\n" + "\n".join(notes)] * bool(notes))
 
 
 def seed_table(studies, runs_dir):
