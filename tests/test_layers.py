@@ -558,7 +558,8 @@ def test_a_backend_set_after_construction_is_checked(who):
     """layer.backend = "Chunked" (a typo) had silently run fft and reported "Chunked"; S5's mode alike."""
     layer = EVERY_LAYER[who](4, 8)
     u = torch.randn(2, 5, 4)
-    attr, allowed = ("mode", r"\('scan', 'conv', 'auto'\)") if who == "S5" else ("backend", r"\('auto', 'fft', 'chunked'\)")
+    attr, allowed = (("mode", r"\('scan', 'conv', 'auto'\)") if who == "S5"
+                     else ("backend", r"\('auto', 'fft', 'chunked'\)"))
     setattr(layer, attr, "Chunked")
     with pytest.raises(ValueError, match=rf"{who}: {attr}='Chunked'.*allowed: {allowed}"):
         layer(u)
