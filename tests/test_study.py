@@ -241,3 +241,23 @@ def test_committed_studies_keep_parameter_counts_within_ten_percent(path):
                                head="classification")
         counts[model] = sum(p.numel() for p in make_model(cfg.model, task).parameters())
     assert study_mod.parameter_spread(counts) <= 10, f"{path.name}: {counts}"
+
+
+def test_code_commit_is_this_repositorys_or_none(tmp_path):
+    """An installed copy inside another git repository (a venv in a project) must not report that
+    repository's commit."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    copy = tmp_path / "study.py"
+    shutil.copy(study_mod.__file__, copy)
+    spec = importlib.util.spec_from_file_location("study_copy", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.code_commit() is None
+    ours = study_mod.code_commit()
+    assert ours is None or len(ours.split("+")[0]) == 40

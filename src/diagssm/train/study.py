@@ -213,6 +213,10 @@ def code_commit():
 
     here = Path(__file__).parent
     try:
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", Path(__file__).name], cwd=here,
+                                 capture_output=True, text=True, timeout=10)  # this package's repository, not
+        if tracked.returncode != 0:  # one that an installed copy merely sits in (a venv inside a project)
+            return None
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], cwd=here.parent,
                                capture_output=True, text=True, timeout=10)
