@@ -253,6 +253,8 @@ def test_code_commit_is_this_repositorys_or_none(tmp_path):
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "another project"], check=True)  # a HEAD to report
     copy = tmp_path / "study.py"
     shutil.copy(study_mod.__file__, copy)
     spec = importlib.util.spec_from_file_location("study_copy", copy)
