@@ -156,12 +156,10 @@ def train_row(study, runs_dir, model, seed, extra=()):
     run_dir = study.run_dir(runs_dir, model, seed)
     if (run_dir / RESULT).exists():
         print(f"[{study.name}] {model} seed {seed}: done before ({run_dir / RESULT})")
-        try:
-            changed = config_mod.diff(config_mod.load(run_dir / "config.yaml"), study.config(model, seed, extra))
-        except (ValueError, FileNotFoundError) as e:  # a row of an older config format: the note is not worth failing
-            changed = {}
-            print(f"[{study.name}] {model} seed {seed}: its config.yaml was not compared ({e})")
-        if changed:  # kept, but say so: a --set that differs from the finished row's does not rerun it
+        changed = config_changes(study, run_dir, model, seed, extra)
+        if isinstance(changed, Exception):  # a row of an older config format: the note is not worth failing
+            print(f"[{study.name}] {model} seed {seed}: its config.yaml was not compared ({changed})")
+        elif changed:  # kept, but say so: a --set that differs from the finished row's does not rerun it
             print(f"[{study.name}] {model} seed {seed}: note: it ran with other settings than asked now ("
                   + "; ".join(f"{k}: {old!r}, now {new!r}" for k, (old, new) in changed.items())
                   + "); kept as it is: use another --runs-dir (or delete the row) to rerun it")
@@ -256,19 +254,20 @@ def results(study, runs_dir):
             folder = study.run_dir(runs_dir, model, seed)
             if (folder / RESULT).exists():
                 row = json.loads((folder / RESULT).read_text())
-                row["stale"] = _stale(study, folder, model, seed, row.get("overrides", []))
+                row["stale"] = config_changes(study, folder, model, seed, row.get("overrides", [])) != {}
                 rows.append(row)
         found[model] = rows
     return found
 
 
-def _stale(study, folder, model, seed, overrides):
-    """Whether the row in `folder` ran another config than the study file now gives (True also when
-    its config.yaml no longer loads)."""
+def config_changes(study, folder, model, seed, extra):
+    """{dotted key: (the row's value, the study file's now)} between the row's config.yaml in `folder`
+    and the config the study gives row (model, seed) with `extra` --set strings; the error instead
+    when config.yaml does not load (an older format)."""
     try:
-        return bool(config_mod.diff(config_mod.load(folder / "config.yaml"), study.config(model, seed, overrides)))
-    except (ValueError, FileNotFoundError):
-        return True
+        return config_mod.diff(config_mod.load(folder / "config.yaml"), study.config(model, seed, extra))
+    except (ValueError, FileNotFoundError) as e:
+        return e
 
 
 def spread(values):
