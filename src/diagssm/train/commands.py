@@ -73,11 +73,8 @@ def cmd_eval(args):
     torch.set_flush_denormal(True)
     cfg, task, model, path, state = load_run(args.run_dir, args.checkpoint, overrides=args.set)
     world = make_world(args.device or cfg.run.device, cfg.run.precision)  # as the run validated
-    model.to(world.device)
-    if cfg.run.precision == "bf16":
-        from diagssm.train.world import keep_ssm_float32
-
-        keep_ssm_float32(model)
+    world.keep_precision(model.to(world.device))
+    if world.precision == "bf16":
         print("precision: bf16 autocast, SSM layers in float32 (the run's; --set run.precision=fp32 for fp32)")
     loader = eval_loader(task.split(args.split), task, args.batch_size or cfg.optim.batch_size)
     result = evaluate(model, loader, task, world, rate=args.rate)

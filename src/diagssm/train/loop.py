@@ -47,7 +47,7 @@ from diagssm.train.data import eval_loader, train_loader
 from diagssm.train.metrics import MetricsLog, NoLog, find_tensorboard
 from diagssm.train.objective import evaluate, forward_stats
 from diagssm.train.setup import make_model, make_optimizer, make_scheduler, make_task
-from diagssm.train.world import CompileError, compile_model, keep_ssm_float32, make_world
+from diagssm.train.world import CompileError, compile_model, make_world
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -113,8 +113,7 @@ class Trainer:
         self.model = make_model(cfg.model, self.task).to(self.world.device)  # the same on every rank
         if self.world.distributed:  # dropout: a stream per rank
             seed_everything(rank_seed(cfg.run.seed, self.world.rank))
-        if cfg.run.precision == "bf16":
-            keep_ssm_float32(self.model)
+        self.world.keep_precision(self.model)
         self.step_model = self.world.wrap_model(self.model)
         self.eval_model = self.model if self.world.distributed else self.step_model  # no DDP collectives in eval
         if cfg.run.compile:

@@ -109,6 +109,13 @@ class World:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def keep_precision(self, model):
+        """`model` as this world's precision runs it: under bf16 its SSM layers kept in float32
+        (`keep_ssm_float32`), as training and `diagssm eval` both need. Returns `model`."""
+        if self.precision == "bf16":
+            keep_ssm_float32(model)
+        return model
+
     def broadcast_buffers(self, model):
         """Rank 0's buffers on every rank (one process: nothing to do). DDP gives every rank rank 0's
         before each training forward, which then updates BatchNorm's running statistics with the
