@@ -241,7 +241,7 @@ class _Chunked(torch.autograd.Function):
         W_toe_t, W_out_t = W[:, :T].transpose(1, 2), W[:, Tp:].transpose(1, 2)  # (H, C'T, T), (H, C'T, 2M)
         stage = u.new_empty(Bsz * (CT // T) * H * nbmax * T)
         # gradient of the exit state (a lazy conjugate, from a loss on x.conj(), is resolved for view_as_real)
-        lam = torch.zeros_like(X[0]) if g_last is None else g_last.resolve_conj().resolve_neg()
+        lam = torch.zeros_like(X[0]) if g_last is None else g_last.resolve_conj()
         g_ar = g_into_r = None
         for _, c0, nb, final in reversed(_blocks(nc, nbmax)):
             a_exit, into_exit = (a_r, into_r) if final else (aT, into)

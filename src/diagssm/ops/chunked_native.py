@@ -447,7 +447,7 @@ def _state_of_lanes(x, a):
 def _pairs_lanes(z):
     """(H, B, M) complex -> (B, 2M, H) real rows (Re z_m, Im z_m) interleaved, channel innermost."""
     H, Bsz, M = z.shape
-    return torch.view_as_real(z.resolve_conj().resolve_neg()).permute(1, 2, 3, 0).reshape(Bsz, 2 * M, H)  # lazy views
+    return torch.view_as_real(z.resolve_conj()).permute(1, 2, 3, 0).reshape(Bsz, 2 * M, H)  # (a lazy conj: .conj())
 
 
 def _complex_of_lanes(x):
