@@ -80,12 +80,9 @@ class DSS(DiagonalSSM):
         self.channels, self.bidirectional, self.check_finite = channels, bidirectional, check_finite
         H, M = d_model, self.n_modes
         Lambda = inits.diagonal_init("legs", d_state)  # (M,)
-        if sep_dt and sep_dt_init == "independent":
-            log_dt = torch.log(log_uniform((2, H), dt_min, dt_max))  # (2, H)
-        else:
-            log_dt = torch.log(log_uniform(H, dt_min, dt_max))  # (H,)
+        log_dt = torch.log(log_uniform((2, H) if sep_dt_init == "independent" else H, dt_min, dt_max))
         if sep_dt and sep_dt_init == "tied":  # one draw for both, parting in training: the DSS code's tile(2)
-            log_dt = log_dt.expand(2, H)
+            log_dt = log_dt.expand(2, H)  # (2, H) with sep_dt, else (H,)
         self.log_dt = nn.Parameter(log_dt.float().contiguous())
         if variant == "exp":
             self.log_Lambda_re = nn.Parameter(torch.log(-Lambda.real).float())  # (M,)
