@@ -293,16 +293,6 @@ def test_logs_which_kernels_run(caplog, monkeypatch):
         assert caplog.records[-1].getMessage() == "chunked SSM op: native kernels"
 
 
-@needs_native
-def test_double_backward_is_an_error_not_a_wrong_answer():
-    p = {k: as32(v).requires_grad_() for k, v in system().items()}
-    u = randn(2, 64, 16, dtype=torch.float32, seed=19).requires_grad_()
-    y, _ = diagonal_chunked(u, p["w"], p["B_bar"], p["C"], chunk=16, native=True)
-    (g,) = torch.autograd.grad((y ** 2).sum(), [u], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.sum().backward()
-
-
 # the x86-64 targets that give native.c's tiles each vector width (floats, `vector_floats()`), and the
 # CPU flags a machine needs to run each
 MARCHES = {"x86-64": (4, set()), "haswell": (8, {"avx2", "fma"}),
@@ -339,7 +329,7 @@ def test_other_vector_widths_pass_the_native_tests(march, tmp_path):
     built = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert built.stdout.strip() == str(floats), built.stderr[-3000:]
     files = ["tests/test_chunked_native.py", "tests/test_s5_native.py", "tests/test_scan_native.py",
-             "tests/test_step_native.py"]
+             "tests/test_step_native.py", "tests/test_double_backward.py"]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k",
                            "not vector_width"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]

@@ -82,15 +82,6 @@ def test_the_pytorch_scan_where_the_kernel_cannot_run(case):
 
 
 @needs_native
-def test_double_backward_is_an_error():
-    a = decaying(4, seed=7).to(C64).requires_grad_()
-    Bu = randn(2, 30, 4, dtype=C64, seed=8).requires_grad_()
-    (g,) = torch.autograd.grad((scan(a, Bu).abs() ** 2).sum(), [Bu], create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        g.abs().sum().backward()
-
-
-@needs_native
 def test_logs_which_scan_runs(monkeypatch, caplog):
     monkeypatch.setattr(chunked_native, "_paths", {})
     Bu = randn(2, 20, 4, dtype=C64, seed=9)

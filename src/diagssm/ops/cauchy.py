@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .chunked_native import grads_by_twin
+
 CHUNK_ELEMENTS = 1 << 22  # complex entries of 1/(z - w) held at once (32 MB in complex64)
 
 
@@ -54,6 +56,12 @@ def _chunks(L, W, N):
     return [slice(s, min(s + c, L)) for s in range(0, L, c)]
 
 
+def _cauchy_chunks(v, z, w):
+    """`_Cauchy`'s forward as plain PyTorch ops, one chunk of z at a time (autograd keeps each chunk's
+    1/(z - w), (W, N, L) in all). Shapes: v (W, P, N), z (L,), w (W, N) -> ((W, P, L),)"""
+    return (torch.cat([v @ (z[s] - w[..., None]).reciprocal() for s in _chunks(z.shape[0], *w.shape)], -1),)
+
+
 class _Cauchy(torch.autograd.Function):
     """k = v @ R, R[w, n, l] = 1 / (z[l] - w[w, n]), one chunk of l at a time.
 
@@ -71,9 +79,10 @@ class _Cauchy(torch.autograd.Function):
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):  # g (W, P, L)
         v, z, w = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the same chunks as plain ops
+            return grads_by_twin(_cauchy_chunks, (v, z, w), ctx.needs_input_grad, (g,))
         need_v, need_z, need_w = ctx.needs_input_grad
         gv = torch.zeros_like(v) if need_v else None
         gw = torch.zeros_like(w) if need_w else None

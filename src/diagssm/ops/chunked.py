@@ -221,14 +221,17 @@ class _Chunked(torch.autograd.Function):
             Yb = torch.bmm(Zb.view(H, nb * Bsz, width), W, out=Y[:, : nb * Bsz])  # (H, nb B, C'T)
             _store(Yb.view(H, nb, Bsz, CT // T, T), c0 * T, T, y, _stage(stage, Bsz, nb, CT // T, H, T))
         one = nbmax >= nc  # one block: keep its Z too (as small as a block) instead of reloading u
-        ctx.save_for_backward(u, W, into, aT, into_r, a_r, X, Z if one else None)
+        ctx.save_for_backward(u, W, into, aT, into_r, a_r, X, Z if one else None, x0)
         ctx.T, ctx.nbmax = T, nbmax
         return y, x
 
     @staticmethod
     def backward(ctx, gy, g_last):
-        u, W, into, aT, into_r, a_r, X, Z_kept = ctx.saved_tensors
+        u, W, into, aT, into_r, a_r, X, Z_kept, x0 = ctx.saved_tensors
         T, nbmax = ctx.T, ctx.nbmax
+        if torch.is_grad_enabled():  # create_graph (out= buffers are not differentiable): from the twin
+            return chunked_native.grads_by_twin(chunked_native.chunks_ref, (u, W, into, aT, into_r, a_r, x0, T),
+                                                ctx.needs_input_grad, (gy, g_last))
         Bsz, L, H = u.shape
         nc, M, width, CT = -(-L // T), aT.shape[1], W.shape[1], W.shape[2]
         Tp = T + T % 2

@@ -484,6 +484,56 @@ def _complex_grad(g, P, H):
     return torch.view_as_complex(g.sum(0).view(P // 2, 2, H).permute(2, 0, 1).contiguous())
 
 
+def grads_by_twin(twin, args, needs, grads):
+    """What a custom op's backward returns when it runs under create_graph=True (grad mode on in the
+    backward: a gradient penalty, a Hessian-vector product). The kernels' backward is not
+    differentiable, so the forward runs again as `twin(*args)`, plain PyTorch ops with the same
+    outputs, and autograd differentiates that with create_graph: the gradients carry their graph and
+    a second derivative is right, at the twin's cost. (`once_differentiable` had detached them, so a
+    second derivative silently lacked every term through the op.)
+    args: the forward's inputs (the tensors saved unchanged, so that they keep their graph); needs:
+    ctx.needs_input_grad, one per forward argument (trailing non-tensor ones may be absent from
+    args); grads: the outputs' gradients (None where an output is unused)."""
+    wanted = [i for i, t in enumerate(args) if needs[i] and isinstance(t, torch.Tensor)]
+    result = [None] * len(needs)
+    with torch.enable_grad():
+        outs = twin(*args)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    if wanted and pairs:
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            result[i] = g
+    return tuple(result)
+
+
+def chunks_ref(u, W, into, aT, into_r, a_r, x0, T):
+    """Twin of `ChunkedNative` and `chunked._Chunked` (the same inputs and outputs) as plain PyTorch
+    ops, differentiable to any order: the chunk sums, the carry one chunk at a time, Z W in one
+    product. Their backward runs it under create_graph (`grads_by_twin`). A complex aT (H, M) carries
+    M modes, whose states are (Re, Im) pairs in Z; a real aT (H, n, n) carries n coordinates."""
+    Bsz, L, H = u.shape
+    nc, P, Cp = -(-L // T), into.shape[2], W.shape[2] // T
+    U = zero_padded(u, 1, nc * T - L).view(Bsz, nc, T, H).permute(3, 1, 0, 2)  # (H, nc, B, T)
+    diagonal = aT.is_complex()
+
+    def carried(a, x, S):  # a x + S, S (H, B, P) real
+        if diagonal:
+            return a[:, None] * x + torch.view_as_complex(S.unflatten(-1, (-1, 2)))
+        return x @ a.transpose(1, 2) + S
+
+    S = U @ into[:, None]  # (H, nc, B, P) chunk sums
+    xs = [x0]  # the states entering each chunk, (H, B, M) complex or (H, B, n)
+    for c in range(nc - 1):
+        xs.append(carried(aT, xs[-1], S[:, c]))
+    x_last = carried(a_r, xs[-1], U[:, -1] @ into_r)
+    X = torch.stack(xs, 1)  # (H, nc, B, .)
+    X = torch.view_as_real(X).flatten(-2) if diagonal else X  # (H, nc, B, P)
+    Y = U @ W[:, None, :T] + X @ W[:, None, -P:]  # (H, nc, B, C'T), columns (channel, step)
+    y = Y.view(H, nc, Bsz, Cp, T).permute(2, 1, 4, 3, 0).reshape(Bsz, nc * T, Cp, H)[:, :L]
+    return y, x_last
+
+
 class ChunkedNative(torch.autograd.Function):
     """Same inputs and outputs as `chunked._Chunked`: u (B, L, H), W (H, T + 2M, C'T), into (H, T,
     2M), aT (H, M) complex, into_r, a_r the same for the last chunk's r real steps, x0 (H, B, M)
@@ -499,7 +549,7 @@ class ChunkedNative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, W, into, aT, into_r, a_r, x0, T):
         lib = library()
-        (u,) = dense(u)
+        u_in, (u,) = u, dense(u)
         Bsz, L, H = u.shape
         nc, P, Cp = -(-L // T), into.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T  # real steps of the last chunk, 1..T
@@ -522,16 +572,19 @@ class ChunkedNative(torch.autograd.Function):
         Y_last = u.new_empty(Bsz, 1, T * Cp, H)
         _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1, cp=Cp)
         y[:, L - r:] = Y_last.view(Bsz, T, Cp, H)[:, :r]
-        ctx.save_for_backward(u, X, W, into, aT, into_r, a_r)
+        # u as given too where dense() copied it (u_in is u otherwise): with its graph, for create_graph
+        ctx.save_for_backward(u, X, W, into, aT, into_r, a_r, None if u_in is u else u_in, x0)
         ctx.T = T
         return y, _state_of_lanes(X[:, nc], aT)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels are not differentiable: an error, not a wrong answer
     def backward(ctx, gy, g_last):
-        lib = library()
-        u, X, W, into, aT, into_r, a_r = ctx.saved_tensors
+        u, X, W, into, aT, into_r, a_r, u_in, x0 = ctx.saved_tensors
         T = ctx.T
+        if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the twin
+            return grads_by_twin(chunks_ref, (u if u_in is None else u_in, W, into, aT, into_r, a_r, x0, T),
+                                 ctx.needs_input_grad, (gy, g_last))
+        lib = library()
         Bsz, L, H = u.shape
         nc, P, Cp = -(-L // T), X.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T

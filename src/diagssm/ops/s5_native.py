@@ -25,7 +25,7 @@ import logging
 import torch
 
 from . import chunked_native
-from .scan import _ptr, scan_ref
+from .scan import _ptr, scan, scan_ref
 
 log = logging.getLogger(__name__)
 S5_STEP = "S5 step"  # the name under which `chunked_native.log_path` logs the step's path
@@ -57,6 +57,7 @@ class S5Fused(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, W_in, a, W_out, D, h0):
         lib = chunked_native.library()
+        args = (u, W_in, a, W_out, D, h0)  # as given (dense() may copy): their graphs, for create_graph
         u, W_in, D, W_out = chunked_native.dense(u, W_in, D, W_out)
         (W_outT,), a_r = chunked_native.dense(W_out.t()), _real(a)
         h0_r = None if h0 is None else _real(h0)
@@ -68,14 +69,18 @@ class S5Fused(torch.autograd.Function):
         last = u.new_empty(B, P2 // 2, dtype=torch.complex64)
         lib.s5_fwd(y.data_ptr(), xs.data_ptr(), last.data_ptr(), u.data_ptr(), W_in.data_ptr(),
                    W_outT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
-        ctx.save_for_backward(u, xs, W_in, a_r, W_out, D, h0_r)
+        ctx.save_for_backward(xs, *args)
         return y, last
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, gy, g_last):
+        xs, *args = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the PyTorch ops
+            return chunked_native.grads_by_twin(_composed_fast, args, ctx.needs_input_grad, (gy, g_last))
         lib = chunked_native.library()
-        u, xs, W_in, a_r, W_out, D, h0_r = ctx.saved_tensors
+        u, W_in, a, W_out, D, h0 = args
+        u, W_in, W_out, D = chunked_native.dense(u, W_in, W_out, D)
+        a_r, h0_r = _real(a), None if h0 is None else _real(h0)
         B, L, H = u.shape
         P2 = W_in.shape[1]
         (gy,) = chunked_native.dense(gy)
@@ -155,8 +160,17 @@ def apply_on_lanes(u, W_in, a, W_out, D, h0=None):
 
 def s5_fused_ref(u, W_in, a, W_out, D, h0=None):
     """Reference twin of `s5_fused`: the real matmuls, `scan_ref` and the skip term, as PyTorch ops."""
+    return _composed(scan_ref, u, W_in, a, W_out, D, h0)
+
+
+def _composed_fast(u, W_in, a, W_out, D, h0=None):
+    """`s5_fused_ref` with the fast scan (`S5Fused`'s backward under create_graph)."""
+    return _composed(scan, u, W_in, a, W_out, D, h0)
+
+
+def _composed(scan_fn, u, W_in, a, W_out, D, h0):
     Bu = torch.view_as_complex((u @ W_in).unflatten(-1, (-1, 2)))  # (B, L, P)
-    x = scan_ref(a, Bu, h0)  # (B, L, P)
+    x = scan_fn(a, Bu, h0)  # (B, L, P)
     y = torch.view_as_real(x).flatten(-2) @ W_out.T + D * u  # (B, L, H)
     return y, x[:, -1]
 

@@ -196,18 +196,23 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
-        rev = ctx.reverse
-        a_c = a.conj()  # (B', L|1, P'); the shift's cat (or resolve_conj) materialises it once
-        a_next = _shift(a_c, a_c[:, :1], rev, +1) if a.shape[1] > 1 else a_c.resolve_conj()
-        lam = _Scan.apply(a_next, grad_h, None, not rev)  # (B, L, P)
-        grad_a = grad_h0 = None
-        if ctx.needs_input_grad[0]:
-            h_start = torch.zeros_like(h[:, 0]) if h0 is None else h0.expand_as(h[:, 0])  # (B, P)
-            grad_a = _times_conj_prev(lam, h, h_start, rev).sum_to_size(a.shape)  # (B', L|1, P')
-        if h0 is not None and ctx.needs_input_grad[2]:
-            k0 = -1 if rev else 0  # the first step taken
-            grad_h0 = (a[:, k0].conj() * lam[:, k0]).sum_to_size(h0.shape)  # (B, P)
-        return grad_a, lam, grad_h0, None
+        return (*_scan_grads(a, h, h0, grad_h, ctx.reverse, ctx.needs_input_grad), None)
+
+
+def _scan_grads(a, h, h0, grad_h, rev, needs):
+    """The gradients of a, b and h0 (`_Scan`'s docstring) from the states h; differentiable (under
+    create_graph, a second derivative goes through them). Shapes: a (B', L|1, P'), h (B, L, P)."""
+    a_c = a.conj()  # (B', L|1, P'); the shift's cat (or resolve_conj) materialises it once
+    a_next = _shift(a_c, a_c[:, :1], rev, +1) if a.shape[1] > 1 else a_c.resolve_conj()
+    lam = _Scan.apply(a_next, grad_h, None, not rev)  # (B, L, P)
+    grad_a = grad_h0 = None
+    if needs[0]:
+        h_start = torch.zeros_like(h[:, 0]) if h0 is None else h0.expand_as(h[:, 0])  # (B, P)
+        grad_a = _times_conj_prev(lam, h, h_start, rev).sum_to_size(a.shape)  # (B', L|1, P')
+    if h0 is not None and needs[2]:
+        k0 = -1 if rev else 0  # the first step taken
+        grad_h0 = (a[:, k0].conj() * lam[:, k0]).sum_to_size(h0.shape)  # (B, P)
+    return grad_a, lam, grad_h0
 
 
 def _shift(x, fill, reverse, step):
@@ -259,23 +264,26 @@ class _NativeScan(torch.autograd.Function):
     batch row)."""
 
     @staticmethod
-    def forward(ctx, a, b, h0, reverse):
+    def forward(ctx, a_in, b, h0_in, reverse):
         lib = chunked_native.library()
-        a, b = chunked_native.dense(a, b)
-        h0 = None if h0 is None else chunked_native.dense(h0)[0]
+        a, b = chunked_native.dense(a_in, b)
+        h0 = None if h0_in is None else chunked_native.dense(h0_in)[0]
         B, L, P = b.shape
         h = torch.empty_like(b)
         lib.scan_fwd(h.data_ptr(), b.data_ptr(), a.data_ptr(), _ptr(h0), B, L, P, int(reverse))
-        ctx.save_for_backward(a, h, h0)
+        ctx.save_for_backward(a_in, h, h0_in)  # as given (dense() may copy): their graphs, for create_graph
         ctx.reverse = reverse
         return h
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        lib = chunked_native.library()
         a, h, h0 = ctx.saved_tensors
-        (g,) = chunked_native.dense(g)
+        if torch.is_grad_enabled():  # create_graph: `_Scan`'s gradients, which are differentiable
+            grad_a, lam, grad_h0 = _scan_grads(a[None, None], h, h0, g, ctx.reverse, ctx.needs_input_grad)
+            return None if grad_a is None else grad_a.reshape(a.shape), lam, grad_h0, None
+        lib = chunked_native.library()
+        a, g = chunked_native.dense(a, g)
+        h0 = None if h0 is None else chunked_native.dense(h0)[0]
         B, L, P = h.shape
         lam, ga = torch.empty_like(h), h.new_empty(B, P)
         gh0 = h.new_empty(B, P) if h0 is not None and ctx.needs_input_grad[2] else None
