@@ -357,11 +357,12 @@ def test_rate_may_be_a_numpy_number(who):
 
 
 @pytest.mark.parametrize("who", ["S4D", "S5", "S4"])
-@pytest.mark.parametrize("change", ["in place", "replaced", "data replaced", "data cleared"])
+@pytest.mark.parametrize("change", ["in place", "fused optimizer", "replaced", "data replaced", "data cleared"])
 def test_step_system_cache_follows_parameter_updates(who, change):
-    """Inference reuses the discretised system; an optimiser step (in-place update), a parameter
-    replaced by a new one or its `.data` by new storage (`vector_to_parameters`) refreshes it; an
-    in-place change through `.data` (no version bump) after `clear_cache()`."""
+    """Inference reuses the discretised system; an optimiser step (in-place update; a fused optimizer's
+    bumps no version counter, and had left the old system in use), a parameter replaced by a new one
+    or its `.data` by new storage (`vector_to_parameters`) refreshes it; an in-place change through
+    `.data` (no version bump) after `clear_cache()`."""
     torch.manual_seed(0)
     layer = EVERY_LAYER[who](4, 8).double()
     u_t, h = randn(2, 4, seed=13), random_state(layer, 2)
@@ -370,6 +371,10 @@ def test_step_system_cache_follows_parameter_updates(who, change):
         assert torch.equal(layer.step(u_t, h)[0], y1)  # cached
         if change == "in place":
             layer.log_dt += 0.5  # as an optimiser does
+        elif change == "fused optimizer":
+            for p in layer.parameters():
+                p.grad = torch.full_like(p, -0.5)
+            torch.optim.SGD(layer.parameters(), lr=1.0, fused=True).step()
         elif change == "replaced":
             layer.log_dt = torch.nn.Parameter(layer.log_dt + 0.5)
         elif change == "data replaced":

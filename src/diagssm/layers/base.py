@@ -18,6 +18,7 @@ import numbers
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from diagssm import hippo
 from diagssm.ops import chunked_native, fft_conv
@@ -26,6 +27,18 @@ from diagssm.ops.step import diagonal_step
 from diagssm.ops.kernels import vandermonde_contract, vandermonde_sum
 
 log = logging.getLogger("diagssm")
+
+# Optimizer steps taken in this process (any torch.optim optimizer, by a global post-step hook): part
+# of the inference cache's key, since fused optimizers (Adam(fused=True), ...) update the parameters in
+# place without bumping their version counters.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 BACKENDS = ("auto", "fft", "chunked")
 
 
@@ -200,9 +213,10 @@ class SSMLayer(nn.Module):
 
     def inference_cached(self, key, build):
         """`build()`, reused under no autograd (inference) until a parameter or buffer changes (tracked
-        by their identities, storages and version counters, which in-place updates bump) or `key`
-        (the arguments build depends on) or dtype/device do: generation then does not rebuild the
-        step's system at every step. With autograd on, built afresh each call; so too for tensors
+        by their identities, storages and version counters, which in-place updates bump), an
+        optimizer takes a step (`_optimizer_steps`: fused optimizers bump no version counter), or
+        `key` (the arguments build depends on) or dtype/device do: generation then does not rebuild
+        the step's system at every step. With autograd on, built afresh each call; so too for tensors
         made under `torch.inference_mode`, which have no version counter. Changes made through
         `.data` bypass the version counter: call `clear_cache()` after them."""
         if torch.is_grad_enabled():
@@ -210,7 +224,8 @@ class SSMLayer(nn.Module):
         tensors = [*self.parameters(), *self.buffers()] if self._modules else \
             [t for t in (*self._parameters.values(), *self._buffers.values()) if t is not None]
         try:
-            key = (key, self.D.dtype, self.D.device, tuple((id(t), t.data_ptr(), t._version) for t in tensors))
+            key = (key, self.D.dtype, self.D.device, _optimizer_steps[0],
+                   tuple((id(t), t.data_ptr(), t._version) for t in tensors))
         except RuntimeError:  # "Inference tensors do not track version counter"
             return build()
         if getattr(self, "_step_cache", (None,))[0] != key:
