@@ -67,6 +67,20 @@ def test_pool_mean_and_last_honour_lengths():
     assert_close(pool(h, None, "last"), h[:, -1])
 
 
+@pytest.mark.parametrize("lengths,pooling,message", [
+    (None, "max", r"pooling='max' is not allowed; allowed"),
+    (torch.tensor([4, 4, 4]), "max", r"pooling='max' is not allowed; allowed"),
+    (torch.tensor([9, 1, 1]), "mean", r"lengths=\[9, 1, 1\] out of range"),
+    (torch.tensor([0, 1, 1]), "mean", r"lengths=\[0, 1, 1\] out of range"),
+    (torch.tensor([0, 1, 1]), "last", r"lengths=\[0, 1, 1\] out of range"),
+])
+def test_pool_checks_its_arguments(lengths, pooling, message):
+    """`pool` is public: it had pooled an unknown name as "last" or "mean", divided by lengths past L
+    and given NaN or step -1 for a length of 0."""
+    with pytest.raises(ValueError, match=message):
+        pool(randn(3, 7, H), lengths, pooling)
+
+
 @pytest.mark.parametrize("pooling", ["mean", "last"])
 @pytest.mark.parametrize("layer", ["s4d", "s5"])
 def test_model_pooling_equals_unpadded(pooling, layer):
@@ -202,6 +216,53 @@ def test_dss_softmax_model_steps_with_L():
     assert not torch.allclose(rollout_kw(m, x, L=20), m(x))  # another length is another system
     with pytest.raises(ValueError, match="pass L="):
         m.step(x[:, 0], m.default_state(2))
+
+
+def softmax_model(**kw):
+    torch.manual_seed(0)
+    lk = {"d_state": N, "variant": "softmax"}
+    m = SequenceModel(3, 5, d_model=H, n_layers=2, layer="dss", layer_kwargs=lk, **kw).double().eval()
+    randomise_norms(m)
+    return m
+
+
+def test_dss_softmax_model_with_L_does_not_depend_on_the_batch_padding():
+    """With variable lengths the padded batch's length had been DSS-softmax's L, so a sequence's
+    outputs changed with its batch neighbours; the model's L fixes the system (an error without it)."""
+    m = softmax_model(L=12, pooling="mean")
+    x = randn(2, 9, 3, seed=4)
+    alone = m(x[:1, :6], torch.tensor([6]))  # (1, d_output)
+    padded_by_a_neighbour = m(x, torch.tensor([6, 9]))[:1]
+    assert_close(padded_by_a_neighbour, alone, scale=100)
+    assert_close(m(x[:1, :6]), alone, scale=100)  # lengths or not: the system of L = 12
+    m.L = None
+    assert not torch.allclose(m(x[:1, :6]), m(x[:1]))  # each call's own length: another system
+    with pytest.raises(ValueError, match=r"variable lengths give SequenceModel\(L=...\)"):
+        m(x, torch.tensor([6, 9]))
+    with pytest.raises(ValueError, match=r"L=0 must be None or an int >= 1"):
+        softmax_model(L=0)
+
+
+def test_dss_softmax_model_steps_with_its_L():
+    m = softmax_model(L=12, pooling="none")
+    x = randn(2, 9, 3, seed=5)
+    assert_close(rollout_kw(m, x), m(x), scale=100)  # step's L defaults to the model's
+    assert_close(rollout_kw(m, x, L=12), m(x), scale=100)
+
+
+def test_generate_with_a_dss_softmax_model_of_fixed_L():
+    """`generate` steps with the model's L: the outputs over the prompt no longer depend on how many
+    steps follow (L had been prompt_len + steps); past L is an error."""
+    from diagssm.train.generate import generate
+
+    m = softmax_model(L=12, pooling="none")
+    x = randn(12, 3, seed=6)
+    _, short, gap_short = generate(m, x, prompt_len=5, steps=2)
+    _, long, gap_long = generate(m, x, prompt_len=5, steps=7)
+    assert_close(long[:7], short, scale=100)
+    assert max(gap_short, gap_long) < 1e-10  # the steps equal the forward of the same inputs
+    with pytest.raises(ValueError, match="defined for sequences of up to L = 12 steps"):
+        generate(m, x, prompt_len=5, steps=8)
 
 
 # --- sampling rate -------------------------------------------------------------------------------

@@ -47,6 +47,21 @@ def test_recall_variable_lengths_and_padding():
         assert torch.equal(x[i, :n], xi[:n]) and (x[i, n:] == 0).all() and y[i] == yi
 
 
+def test_max_length_of_variable_length_tasks_goes_to_the_model():
+    """A task of variable lengths gives its longest sequence as the model's L (DSS-softmax's system
+    length, fixed for every batch); a fixed-length task gives None (each batch has its length)."""
+    from diagssm.train.config import from_dict
+    from diagssm.train.setup import make_model
+
+    varying = build_task("recall", seq_len=30, min_len=10, **SMALL)
+    longest = max(int(d.lengths.max()) for d in (varying.train, varying.val, varying.test))
+    assert varying.max_length == longest and longest > 10
+    assert build_task("recall", seq_len=30, **SMALL).max_length is None
+    cfg = from_dict({"task": {"name": "recall"},
+                     "model": {"layer": "dss", "layer_kwargs": {"variant": "softmax"}, "d_model": 8}})
+    assert make_model(cfg.model, varying).L == longest
+
+
 def test_delay_contents():
     task = build_task("delay", seq_len=50, delay=7, smooth=4, seed=2, **SMALL)
     assert (task.d_input, task.head, task.pooling, task.metric, task.score_start) == (1, "per_step", "none", "mse", 7)

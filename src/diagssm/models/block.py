@@ -195,8 +195,9 @@ class ResidualBlock(nn.Module):
             v = y * torch.sigmoid(self.out(z))
         return drop(v)  # (..., H)
 
-    def forward(self, x, lengths=None, rate=1.0):
-        """Shapes: x (B, L, H); lengths (B,) int or None -> (B, L, H)"""
+    def forward(self, x, lengths=None, rate=1.0, L=None):
+        """`L`: the length a length-dependent layer's system is defined for (DSS-softmax; default x's
+        length); the other layers ignore it. Shapes: x (B, L, H); lengths (B,) int or None -> (B, L, H)"""
         check_rate(rate)
         if not torch.is_tensor(x) or x.dim() != 3 or x.shape[-1] != self.d_model:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
@@ -212,8 +213,17 @@ class ResidualBlock(nn.Module):
         x = zero_padding(x, mask)  # (B, L, H)
         z = norm_sequence(self.norm, x, mask) if self.prenorm else x  # (B, L, H)
         z = zero_padding(z, mask)  # the norm maps a zero step to its bias: zero it again
-        x = x + self.output(self.layer(z, rate=rate))  # (B, L, H)
+        x = x + self.output(self.layer(z, rate=rate, **self.length(L)))  # (B, L, H)
         return x if self.prenorm else norm_sequence(self.norm, x, mask)
+
+    @property
+    def length_dependent(self):
+        """Whether the layer's system depends on the sequence length (DSS-softmax)."""
+        return getattr(self.layer, "length_dependent", False)
+
+    def length(self, L):
+        """The layer's `L=` keyword: {"L": L} for a length-dependent layer, else none."""
+        return {"L": L} if self.length_dependent else {}
 
     def default_state(self, batch_size):
         """The SSM layer's zero state (see the layer's `default_state`)."""
@@ -227,7 +237,6 @@ class ResidualBlock(nn.Module):
         """
         check_rate(rate)
         z = norm_step(self.norm, x_t) if self.prenorm else x_t  # (B, H)
-        length = {"L": L} if getattr(self.layer, "length_dependent", False) else {}
-        y, state = self.layer.step(z, state, rate=rate, **length)  # (B, H)
+        y, state = self.layer.step(z, state, rate=rate, **self.length(L))  # (B, H)
         x_t = x_t + self.output(y, drop=False)  # (B, H)
         return (x_t if self.prenorm else norm_step(self.norm, x_t)), state

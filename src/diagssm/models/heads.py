@@ -13,7 +13,7 @@ The order of the features matters: swapping the two documents changes the logits
 import torch
 from torch import nn
 
-from diagssm.models.block import step_mask
+from diagssm.models.block import check_choice, check_lengths, step_mask
 
 POOLINGS = ("mean", "last", "none")
 HEADS = ("classification", "regression", "per_step", "retrieval")
@@ -27,7 +27,13 @@ def pool(h, lengths, pooling):
         "none": h unchanged
 
     Shapes: h (B, L, H); lengths (B,) int or None -> (B, H), or (B, L, H) for "none"
+    An unknown `pooling`, or lengths outside [1, L], is a ValueError (an unknown name had pooled as
+    "last" or "mean", lengths past L had divided by them, 0 had given NaN or step -1).
     """
+    check_choice("pooling", pooling, POOLINGS)
+    if not torch.is_tensor(h) or h.dim() != 3:
+        raise ValueError(f"h must be (B, L, H); got {tuple(h.shape) if torch.is_tensor(h) else type(h).__name__}")
+    check_lengths(lengths, h.shape[0], h.shape[1])
     if pooling == "none":
         return h
     Bsz, L, _ = h.shape

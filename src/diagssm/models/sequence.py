@@ -13,7 +13,7 @@ S5 code (`models/block.py`); the retrieval head from the LRA benchmark (Tay et a
 import torch
 from torch import nn
 
-from diagssm.layers.base import check_bools, check_positive_ints
+from diagssm.layers.base import check_bools, check_length, check_positive_ints
 from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_rate,
                                   make_norm, norm_sequence, norm_step, step_mask)
 from diagssm.models.heads import HEADS, POOLINGS, RetrievalHead, pool
@@ -37,13 +37,26 @@ class SequenceModel(nn.Module):
             language modelling, seq2seq) | "retrieval" (`RetrievalHead` on two pooled
             encodings, via `forward_pair`; needs pooling != "none").
 
+        L: the length a length-dependent layer's system is defined for (DSS-softmax normalises its
+            kernel over L; the other layers ignore it), an int >= 1 or None (each call's length).
+            Training runs on a task of variable lengths give its longest sequence (`Task.max_length`),
+            as the reference code's inputs padded to a fixed length do.
+
     Variable lengths: the padded steps (t >= lengths[b]) are zeroed before every block, so they
     reach neither the real steps' outputs (also through a bidirectional layer) nor the pooling.
+    A length-dependent layer's system depends on L, so such a model needs `L` for variable
+    lengths (an error without it): otherwise a sequence's outputs would depend on how long its
+    batch is padded.
+
+    BatchNorm (norm="batch") in train mode normalises with statistics over all B and L steps, later
+    ones included: a per-step model (pooling="none") trained so sees the future through them, which
+    eval mode and `step` do not. Use norm="layer" where that matters (causal generation).
 
     Recurrent inference (`default_state`, `step`; pooling="none" only) runs every block's `step`
     with eval-mode semantics (no dropout, BatchNorm on running statistics: `ResidualBlock`); in
     eval mode stepping over a sequence equals `forward`. A DSS-softmax model is stepped with
-    `L=` the length of the sequence (its system depends on it); other layers ignore L.
+    `L=` the length of the sequence (its system depends on it; default the model's `L`); other
+    layers ignore L.
 
     Sampling rate: `rate` (forward, forward_pair, step) multiplies every SSM layer's dt, so a model
     trained on a signal reads the same signal sampled at 1/rate of that rate (S5 paper, Sec. 6.3;
@@ -58,9 +71,11 @@ class SequenceModel(nn.Module):
 
     def __init__(self, d_input, d_output, d_model=64, n_layers=4, layer="s4d", layer_kwargs=None,
                  encoder="linear", norm="layer", prenorm=True, activation="gelu", dropout=0.0,
-                 pooling="mean", head="classification"):
+                 pooling="mean", head="classification", L=None):
         super().__init__()
         check_positive_ints("SequenceModel", d_input=d_input, d_output=d_output, d_model=d_model, n_layers=n_layers)
+        check_length(L)
+        self.L = L
         check_choice("encoder", encoder, ENCODERS)
         check_choice("pooling", pooling, POOLINGS)
         check_choice("head", head, HEADS)
@@ -102,9 +117,13 @@ class SequenceModel(nn.Module):
         self.check_input(x, name)
         check_lengths(lengths, x.shape[0], x.shape[1])
         check_rate(rate)
+        if lengths is not None and self.L is None and self.length_dependent:
+            raise ValueError("this model's DSS-softmax layers normalise over the sequence length L: with "
+                             "variable lengths give SequenceModel(L=...), the longest sequence it reads, so that a "
+                             "sequence's outputs do not depend on how its batch is padded")
         h = self.encoder(x)  # (B, L, H)
         for block in self.blocks:
-            h = block(h, lengths, rate)  # (B, L, H); each block zeroes its input's padded steps
+            h = block(h, lengths, rate, self.L)  # (B, L, H); each block zeroes its input's padded steps
         if self.norm is None:
             return h
         mask = None if lengths is None else step_mask(lengths, x.shape[1])  # (B, L)
@@ -129,6 +148,11 @@ class SequenceModel(nn.Module):
             raise ValueError(f"x1 and x2 must have the same batch size; got {o1.shape[0]} and {o2.shape[0]}")
         return self.head(o1, o2)  # (B, d_output)
 
+    @property
+    def length_dependent(self):
+        """Whether a layer's system depends on the sequence length (DSS-softmax)."""
+        return any(block.length_dependent for block in self.blocks)
+
     def default_state(self, batch_size):
         """One zero layer state per block (a list of n_layers tensors)."""
         return [block.default_state(batch_size) for block in self.blocks]
@@ -136,7 +160,7 @@ class SequenceModel(nn.Module):
     def step(self, x_t, state, rate=1.0, L=None):
         """One step of recurrent inference through the whole model (pooling="none" only).
         `rate` as in forward; `L`: the length of the sequence being stepped, needed by DSS-softmax
-        layers (their system depends on it) and unused by the others.
+        layers (their system depends on it; default the model's `L`) and unused by the others.
 
         Shapes: x_t (B,) int or (B, d_input); state: list of n_layers layer states
             -> out_t (B, d_output), the new list of states
@@ -150,6 +174,7 @@ class SequenceModel(nn.Module):
             got = f"{type(state).__name__} of length {len(state)}" if is_list else type(state).__name__
             raise ValueError(f"state must be a list of {len(self.blocks)} block states (default_state); got {got}")
         h = self.encoder(x_t)  # (B, H)
+        L = self.L if L is None else L
         new_state = []
         for block, s in zip(self.blocks, state):
             h, s = block.step(h, s, rate, L)  # (B, H)

@@ -109,6 +109,17 @@ class Task:
     def higher_is_better(self):
         return self.metric == "accuracy"
 
+    @property
+    def max_length(self):
+        """For a task of variable lengths (a split stores `lengths`), its longest sequence (the splits'
+        stored, padded length): the `L` a training run gives `SequenceModel`, so that a length-dependent
+        layer's system (DSS-softmax) does not change with each batch's padding. None for fixed lengths,
+        where every batch has the task's length."""
+        datasets = [self.split(s) for s in SPLITS]
+        if all(getattr(d, "lengths", None) is None for d in datasets):
+            return None
+        return max(int(d.x.shape[1]) for d in datasets)
+
 
 def _always_available():
     return None

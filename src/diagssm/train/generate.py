@@ -35,6 +35,9 @@ def check_request(model, x, prompt_len, steps, then):
         raise ValueError(f"steps={steps} must be >= 0")
     if then == "data" and prompt_len + steps > L:
         raise ValueError(f"steps={steps}: with then='data' prompt_len + steps must be <= {L}")
+    if model.length_dependent and model.L is not None and prompt_len + steps > model.L:
+        raise ValueError(f"prompt_len + steps = {prompt_len + steps}: this model's DSS-softmax layers are defined "
+                         f"for sequences of up to L = {model.L} steps")
     if then == "feedback" and (model.encoder_name != "linear" or model.d_output != model.d_input):
         raise ValueError("then='feedback' needs encoder 'linear' and d_output == d_input; this model has "
                          f"encoder {model.encoder_name!r}, d_input {model.d_input}, d_output {model.d_output}")
@@ -62,7 +65,8 @@ def generate(model, x, prompt_len, steps, then="zeros"):
     inputs, outputs, out_t = [], [], None
     for t in range(prompt_len + steps):
         x_t = x[t:t + 1] if t < prompt_len else next_input(then, x, t, out_t)  # (1, ...)
-        out_t, state = model.step(x_t, state, L=prompt_len + steps)  # (1, d_output); L for DSS-softmax
+        # L for DSS-softmax: the model's (that of its training), else the length generated
+        out_t, state = model.step(x_t, state, L=model.L or prompt_len + steps)  # (1, d_output)
         inputs.append(x_t)
         outputs.append(out_t)
     inputs, outputs = torch.cat(inputs), torch.cat(outputs)  # (T, ...), (T, d_output)
