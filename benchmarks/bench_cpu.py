@@ -4,7 +4,8 @@
     python benchmarks/bench_cpu.py --shape 4 1024 128 --repeats 3
 
 - denormals: ms of one elementwise multiply-add over a tensor of denormal floats (1e-40, what decaying
-  states reach), with torch.set_flush_denormal(False) and then (True); many x86 CPUs handle denormals
+  states reach), in a subprocess with torch.set_flush_denormal(False) and one with (True), each set
+  before torch's threads start (and the share of outputs still denormal: 0% where it took effect); many x86 CPUs handle denormals
   in slow microcode unless they are flushed to zero, some (the AVX2 machine of the README) at full speed.
 - huge pages: ms of `clone()` of the tensor (fresh memory each time, so its page faults), in a
   subprocess with THP_MEM_ALLOC_ENABLE=0 and one with =1 (libc10 reads it at its first allocation,
@@ -23,19 +24,13 @@ import torch
 from diagssm.bench import median_ms
 
 
-def denormal_ms(shape, repeats):
-    """{flush: ms} of y = 0.5 x + x over x of denormals (into a preallocated y: no page faults in the
-    timing), without and with flushing them to zero; None where the CPU cannot flush them."""
+def denormal_case(shape, repeats):
+    """(ms, share) of y = 0.5 x + x over x of denormals (into a preallocated y: no page faults in the
+    timing), in this process as it is set, and the share of y's entries left denormal (0 where
+    flushing took effect on every thread)."""
     x, y = torch.full(shape, 1e-40), torch.empty(shape)
-    ms = {}
-    try:
-        for flush in (False, True):
-            if not torch.set_flush_denormal(flush) and flush:
-                return None
-            ms[flush] = median_ms(lambda: torch.add(x, x, alpha=0.5, out=y), repeats, warmup=1)
-    finally:
-        torch.set_flush_denormal(False)
-    return ms
+    ms = median_ms(lambda: torch.add(x, x, alpha=0.5, out=y), repeats, warmup=1)
+    return ms, ((y != 0) & (y.abs() < torch.finfo(torch.float32).tiny)).float().mean().item()
 
 
 def clone_ms(shape, repeats):
@@ -43,14 +38,19 @@ def clone_ms(shape, repeats):
     return median_ms(lambda: x.clone(), repeats, warmup=1)
 
 
-def clone_ms_with_thp(setting, shape, repeats, threads):
-    """clone_ms in a fresh process with THP_MEM_ALLOC_ENABLE=setting."""
-    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=setting)
+def in_process(case, shape, repeats, threads, thp="1", flush=False):
+    """`case`(shape, repeats) in a fresh process with THP_MEM_ALLOC_ENABLE=thp (libc10 reads it at its
+    first allocation) and denormals flushed or not, set before torch's threads start (each thread
+    keeps the setting of the thread that started it: set later, only the calling thread flushes).
+    None where this CPU cannot flush denormals."""
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE=thp)
     code = ("import json, sys, torch; sys.path.insert(0, sys.argv[1]); import bench_cpu as b; "
+            "flush = sys.argv[6] == '1'; ok = torch.set_flush_denormal(flush) or not flush; "
             "torch.set_num_threads(int(sys.argv[4])); "
-            "print(json.dumps(b.clone_ms(tuple(json.loads(sys.argv[2])), int(sys.argv[3]))))")
+            "print(json.dumps(getattr(b, sys.argv[5])(tuple(json.loads(sys.argv[2])), int(sys.argv[3])) "
+            "if ok else None))")
     run = subprocess.run([sys.executable, "-c", code, os.path.dirname(os.path.abspath(__file__)),
-                          json.dumps(list(shape)), str(repeats), str(threads)],
+                          json.dumps(list(shape)), str(repeats), str(threads), case, str(int(flush))],
                          env=env, capture_output=True, text=True, check=True)
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -65,13 +65,13 @@ def main(argv=None):
     shape = tuple(args.shape)
     print(f"torch {torch.__version__}, threads = {args.threads}, float32 tensors of shape {shape}, "
           f"median of {args.repeats}")
-    den = denormal_ms(shape, args.repeats)
-    if den is None:
+    (kept, _), flushed = (in_process("denormal_case", shape, args.repeats, args.threads, flush=f) for f in (0, 1))
+    if flushed is None:
         print("  denormals: this CPU cannot flush them (torch.set_flush_denormal(True) returned False)")
     else:
-        print(f"  denormals, one multiply-add over them: {den[False]:.2f} ms kept, {den[True]:.2f} ms flushed "
-              f"({den[False] / den[True]:.1f}x)")
-    off, on = (clone_ms_with_thp(s, shape, args.repeats, args.threads) for s in ("0", "1"))
+        print(f"  denormals, one multiply-add over them: {kept:.2f} ms kept, {flushed[0]:.2f} ms flushed "
+              f"({kept / flushed[0]:.1f}x; {100 * flushed[1]:.0f}% of the flushed outputs denormal)")
+    off, on = (in_process("clone_ms", shape, args.repeats, args.threads, thp=s) for s in ("0", "1"))
     print(f"  clone() of a fresh tensor: {off:.2f} ms with THP_MEM_ALLOC_ENABLE=0, {on:.2f} ms with =1 "
           f"({off / on:.1f}x)")
     return 0

@@ -10,9 +10,10 @@ Layers at B = 16, H = 128, d_state = 64, float32, CPU, L in {1024, 4096, 16384, 
 
 Per case: fwd ms (forward under no_grad) and fwd+bwd ms (gradients of u and of every parameter,
 loss = sum(y * w), w fixed random), each the median of --repeats after one warm-up, and peak MB:
-the ru_maxrss increase over one forward+backward pass. Every (layer, impl, L) case runs in a fresh
-subprocess (`python -m diagssm.bench --one LAYER IMPL L`) so that ru_maxrss is its own high-water
-mark; the subprocess has THP_MEM_ALLOC_ENABLE=1 in its environment (libc10 reads it once, at the
+the resident-memory high-water mark over one forward+backward pass, less the memory resident before
+it (`PeakMemory`: the mark is reset first; where it cannot be, the ru_maxrss increase, which the
+warm-up's peak can hide). Every (layer, impl, L) case runs in a fresh subprocess (`python -m
+diagssm.bench --one LAYER IMPL L`), so that its memory is its own; the subprocess has THP_MEM_ALLOC_ENABLE=1 in its environment (libc10 reads it once, at the
 first allocation, so it must be there before torch is imported: huge pages on fresh large
 allocations) and calls torch.set_flush_denormal(True) (decaying states make denormals). Naive
 cases estimated, by extrapolation from the same case at a smaller L (time ~ L log L, memory ~ L),
@@ -24,8 +25,9 @@ the forward's dominant terms and take forward+backward = 3x forward (the usual r
 an FFT's backward is two transforms per forward transform). M = d_state/2 modes, T = 64 the chunk,
 n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
 
-    chunked  FLOPs 2 B L H (T/2 + 4M)            (in-chunk Toeplitz, its causal half; into- and out-of-
-                                                   state 2M each)
+    chunked  FLOPs 2 B L H (T/2 + 4M)            (in-chunk Toeplitz, its causal half, which the native
+                                                   kernels skip to; into- and out-of-state 2M each)
+                   2 B L H (T + 4M)              (PyTorch kernels: batched matmuls of the whole block)
              bytes 4 B L H * 8 + 8 B H M (L/T) * 4  (PyTorch kernels: (B, L, H) float32 touched ~8 times,
                                                    with the layout copies; chunk states 4 times)
                    4 B L H * 3 + 8 B H M (L/T) * 4  (native kernels, on (B, L, H) itself: u read twice,
@@ -39,7 +41,7 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
     conv     FLOPs 8 B L H M + (2 B M + M) 5 n log2 n + 6 B M n
              bytes 4 B L H * 2 + 8 B M (3 n + 3 L)
     S4's chunked (a dense carry on n_x = N real coordinates): FLOPs 2 B L H (T/2 + 2 N + N^2/T)
-             (Toeplitz half, N in, N out, the carry's (N, N) product per chunk), bytes as chunked's
+             (Toeplitz half, T on PyTorch's matmuls; N in, N out, the carry's (N, N) product per chunk), bytes as chunked's
              (PyTorch or native kernels) with N numbers per chunk state
     S4's fft ("dplr" before session 25): the fft path's terms + Cauchy H N (L/2) (10 + 8*4)
              (1/(z - w), four Cauchy products)
@@ -175,7 +177,8 @@ def s5_naive(layer, u):
     """The official JAX S5's formulation (ZOH, conj_sym) in torch, over (B, L, P) complex tensors:
 
         Lambda_bar = exp(Lambda Delta),  B_bar = ((Lambda_bar - 1)/Lambda) B_tilde
-        (a, b)_k = (Lambda_bar, B_bar u_k)  (a materialised, as `Lambda_bar * ones((L, P))`)
+        (a, b)_k = (Lambda_bar, B_bar u_k)  (a materialised, as `Lambda_bar * ones((L, P))`, once for the
+        batch: the reference vmaps over it with Lambda_bar unbatched)
         h = associative_scan(a, b),  y = 2 Re(C_tilde h) + D u
 
     Shapes: u (B, L, H) -> y (B, L, H)
@@ -185,7 +188,7 @@ def s5_naive(layer, u):
     Lambda_bar = torch.exp(Lambda * torch.exp(layer.log_dt))  # (M,)
     B_bar = ((Lambda_bar - 1) / Lambda)[:, None] * torch.view_as_complex(layer.B)  # (M, H)
     Bu = u.to(B_bar.dtype) @ B_bar.T  # (B, L, M)
-    _, h = associative_scan(Lambda_bar * torch.ones_like(Bu), Bu)  # (B, L, M)
+    _, h = associative_scan(Lambda_bar * torch.ones_like(Bu[:1]), Bu)  # a (1, L, M), shared by the batch
     return layer.factor * (h @ torch.view_as_complex(layer.C)[0].T).real + layer.D * u  # (B, L, H)
 
 
@@ -270,10 +273,33 @@ def maxrss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _status_mb(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+def _reset_high_water_mark():
+    """Reset the process's resident-memory high-water mark (VmHWM) to its current RSS (Linux's
+    /proc/self/clear_refs, "5"); False where that cannot be done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _status_mb("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
-    """The peak memory of what runs between start() and mb(), in MB: the ru_maxrss increase on the CPU
-    (a process-wide high-water mark: valid once per fresh process), the CUDA caching allocator's peak
-    over what was allocated at start() on a GPU (valid any number of times in one process)."""
+    """The peak memory of what runs between start() and mb(), in MB. On the CPU: the resident-memory
+    high-water mark, reset at start(), over the memory resident then (Linux); elsewhere the increase
+    of ru_maxrss, a high-water mark that cannot be reset, so that memory freed before start() hides
+    as much of the measured peak (valid once per fresh process, and only where the earlier peak was
+    low). On a GPU: the CUDA caching allocator's peak over what was allocated at start()."""
 
     def __init__(self, device):
         self.cuda = torch.device(device).type == "cuda"
@@ -284,14 +310,15 @@ class PeakMemory:
             synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / MB
-        else:
-            self.base = maxrss_mb()
+            return
+        self.resettable = _reset_high_water_mark()
+        self.base = _status_mb("VmRSS") if self.resettable else maxrss_mb()
 
     def mb(self):
         if self.cuda:
             synchronize(self.device)
             return torch.cuda.max_memory_allocated(self.device) / MB - self.base
-        return maxrss_mb() - self.base
+        return (_status_mb("VmHWM") if self.resettable else maxrss_mb()) - self.base
 
 
 def _case(name, impl, device="cpu", size=None, **options):
@@ -457,11 +484,12 @@ def cost(name, impl, L, native=False):
     lg = math.log2
     n = 2 * L
     T = chunk_size(L)
-    if name == "s4" and impl == "chunked":  # per step: Toeplitz half, N in, N out, the dense carry N^2 / T
-        flops = 2 * B * L * H * (T / 2 + 2 * N + N * N / T)
+    toeplitz = T / 2 if native else T  # the native kernels skip the block's zero half, matmuls do not
+    if name == "s4" and impl == "chunked":  # per step: Toeplitz, N in, N out, the dense carry N^2 / T
+        flops = 2 * B * L * H * (toeplitz + 2 * N + N * N / T)
         return flops, 4 * B * L * H * (3 if native else 8) + 4 * B * H * N * (L / T) * 4
-    if impl == "chunked":  # per step: the causal half of a (T, T) Toeplitz block, 2M sums in, 2M out
-        return 2 * B * L * H * (T / 2 + 4 * M), 4 * B * L * H * (3 if native else 8) + 8 * B * H * M * (L / T) * 4
+    if impl == "chunked":  # per step: a (T, T) Toeplitz block (its causal half, native), 2M sums in, 2M out
+        return 2 * B * L * H * (toeplitz + 4 * M), 4 * B * L * H * (3 if native else 8) + 8 * B * H * M * (L / T) * 4
     fft = ((2 * B * H + H) * 2.5 * n * lg(n) + 6 * B * H * n / 2, 4 * B * L * H * 14)
     if impl == "dplr" or (name == "s4" and impl == "fft"):
         k = L.bit_length() - 1 + bin(L).count("1") - 1  # matmuls of torch.linalg.matrix_power(A_bar, L)
@@ -491,7 +519,9 @@ def limits(results, args):
     """Per layer and fast path, at the largest L that ran: the roofline floor against the measurement."""
     rows = []
     for name in dict.fromkeys(r["layer"] for r in results):
-        ran = [r for r in results if r["layer"] == name and r["impl"] in FAST[name] and "skipped" not in r]
+        # every fast path, also those of older saved runs (S4's "dplr", today's "fft"): not the naive one
+        ran = [r for r in results if r["layer"] == name and r["impl"] not in ("naive", "throughput")
+               and "skipped" not in r]
         if not ran:
             continue
         L = max(r["L"] for r in ran)
