@@ -5,8 +5,9 @@
 
 - denormals: ms of one elementwise multiply-add over a tensor of denormal floats (1e-40, what decaying
   states reach), in a subprocess with torch.set_flush_denormal(False) and one with (True), each set
-  before torch's threads start (and the share of outputs still denormal: 0% where it took effect); many x86 CPUs handle denormals
-  in slow microcode unless they are flushed to zero, some (the AVX2 machine of the README) at full speed.
+  before torch's threads start (and the share of outputs still denormal: 0% where it took effect);
+  many x86 CPUs handle denormals in slow microcode unless they are flushed to zero, some (the AVX2
+  machine of the README) at full speed.
 - huge pages: ms of `clone()` of the tensor (fresh memory each time, so its page faults), in a
   subprocess with THP_MEM_ALLOC_ENABLE=0 and one with =1 (libc10 reads it at its first allocation,
   so each setting needs its own process).

@@ -13,9 +13,9 @@ loss = sum(y * w), w fixed random), each the median of --repeats after one warm-
 the resident-memory high-water mark over one forward+backward pass, less the memory resident before
 it (`PeakMemory`: the mark is reset first; where it cannot be, the ru_maxrss increase, which the
 warm-up's peak can hide). Every (layer, impl, L) case runs in a fresh subprocess (`python -m
-diagssm.bench --one LAYER IMPL L`), so that its memory is its own; the subprocess has THP_MEM_ALLOC_ENABLE=1 in its environment (libc10 reads it once, at the
-first allocation, so it must be there before torch is imported: huge pages on fresh large
-allocations) and calls torch.set_flush_denormal(True) (decaying states make denormals). Naive
+diagssm.bench --one LAYER IMPL L`), so that its memory is its own; the subprocess has
+THP_MEM_ALLOC_ENABLE=1 in its environment (libc10 reads it once, at the first allocation, so it
+must be there before torch is imported: huge pages on fresh large allocations) and calls torch.set_flush_denormal(True) (decaying states make denormals). Naive
 cases estimated, by extrapolation from the same case at a smaller L (time ~ L log L, memory ~ L),
 to need more than --max-gb or --max-seconds are skipped; fast paths always run.
 
@@ -41,7 +41,8 @@ n = 2L the FFT length (S5 "conv": the next power of two >= 2L), N = d_state:
     conv     FLOPs 8 B L H M + (2 B M + M) 5 n log2 n + 6 B M n
              bytes 4 B L H * 2 + 8 B M (3 n + 3 L)
     S4's chunked (a dense carry on n_x = N real coordinates): FLOPs 2 B L H (T/2 + 2 N + N^2/T)
-             (Toeplitz half, T on PyTorch's matmuls; N in, N out, the carry's (N, N) product per chunk), bytes as chunked's
+             (Toeplitz half, T on PyTorch's matmuls; N in, N out, the carry's (N, N) product per
+             chunk), bytes as chunked's
              (PyTorch or native kernels) with N numbers per chunk state
     S4's fft ("dplr" before session 25): the fft path's terms + Cauchy H N (L/2) (10 + 8*4)
              (1/(z - w), four Cauchy products)
