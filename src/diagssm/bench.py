@@ -16,8 +16,9 @@ warm-up's peak can hide). Every (layer, impl, L) case runs in a fresh subprocess
 diagssm.bench --one LAYER IMPL L`), so that its memory is its own; the subprocess has
 THP_MEM_ALLOC_ENABLE=1 in its environment (libc10 reads it once, at the first allocation, so it
 must be there before torch is imported: huge pages on fresh large allocations) and calls
-torch.set_flush_denormal(True) (decaying states make denormals). Naive cases estimated, by extrapolation from the same case at a smaller L (time ~ L log L, memory ~ L),
-to need more than --max-gb or --max-seconds are skipped; fast paths always run.
+torch.set_flush_denormal(True) (decaying states make denormals). Naive cases estimated, by
+extrapolation from the same case at a smaller L (time ~ L log L, memory ~ L), to need more than
+--max-gb or --max-seconds are skipped; fast paths always run.
 
 Distance from the machine's limits, per fast path at the largest L that ran: floor = max(FLOPs /
 --peak-gflops, bytes / --peak-gbs) against the measured fwd+bwd time. The estimates (`cost`) count
