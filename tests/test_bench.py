@@ -337,8 +337,9 @@ def test_bench_s5_times_a_layer_of_other_sizes(capsys):
     line = capsys.readouterr().out.strip()
     assert "B=16 H=40 P=28 L=64: " in line
     assert line.endswith("fused native op") if chunked_native.available() else "PyTorch ops: " in line
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="2"):
         script.main(["--H", "40"])
+    assert "--H and --N go with --layer" in capsys.readouterr().err
 
 
 def test_bench_chunked_script_takes_output_channels(capsys):
@@ -426,8 +427,9 @@ def test_bench_chunked_pads_lanes_as_told_and_restores_the_limit(capsys):
     first, last = capsys.readouterr().out.splitlines()
     assert "H=20 " in first and "'native': True" in first
     assert {"_chunks_fwd", "_mm", "_red"} <= set(re.findall(r"(\w+) [0-9.]+", last.split(":", 1)[1]))
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="2"):
         script.main(argv + ["--pad-limit", "0.5"])
+    assert "--pad-limit must be >= 1" in capsys.readouterr().err
 
 
 def test_one_case_with_profile_prints_its_op_table(capsys):
@@ -437,8 +439,9 @@ def test_one_case_with_profile_prints_its_op_table(capsys):
     assert r["layer"] == "s5" and r["impl"] == "scan" and r["fwdbwd_ms"] > 0
     # the fused S5 op where the native kernels are built, else the projections B u and Re(C x)
     assert "Self CPU" in err and ("S5Fused" if chunked_native.available() else "aten::mm") in err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="2"):
         bench.parse_args(["--profile"])
+    assert "--profile goes with --one" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["dss", "s4"])
@@ -472,6 +475,7 @@ def test_bench_cpu_times_denormals_and_huge_pages(capsys):
     flushing takes effect on every thread (it had been set after torch's threads started, so half the
     outputs of a 2-thread pass stayed denormal); this process's setting is untouched."""
     script = benchmark_script("bench_cpu")
+    flushing = (torch.tensor([1e-40]) * 1.0).item() == 0.0  # as earlier tests in this process left it
     assert script.main(["--shape", "2", "4096", "32", "--repeats", "1", "--threads", "2"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("torch ") and "(2, 4096, 32)" in out[0]
@@ -481,7 +485,7 @@ def test_bench_cpu_times_denormals_and_huge_pages(capsys):
     assert len(denormal) == 1
     assert "cannot flush" in denormal[0] or (len(re.findall(r"[0-9.]+ ms", denormal[0])) == 2
                                              and "; 0% of the flushed outputs denormal" in denormal[0])
-    assert (torch.tensor([1e-40]) * 1.0).item() != 0.0  # flushing is off here: denormals survive
+    assert ((torch.tensor([1e-40]) * 1.0).item() == 0.0) == flushing  # this process's setting is untouched
 
 
 def test_bench_ops_runs_each_case_in_a_subprocess_set_up_as_the_layer_benchmark(tmp_path, capsys):

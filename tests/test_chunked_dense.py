@@ -87,9 +87,14 @@ needs_native = pytest.mark.skipif(not chunked_native.available(),
 @pytest.mark.parametrize("H, Bsz, L, chunk, Cp", [(16, 3, 150, 16, 2), (16, 5, 64, 16, 1), (40, 4, 37, None, 2),
                                                    (16, 8, 200, 8, 1)])
 @pytest.mark.parametrize("D, h0", [(True, True), (False, False)])
-def test_native_kernels_match_the_recurrence(H, Bsz, L, chunk, Cp, D, h0):
+@pytest.mark.parametrize("per_block", [None, 3], ids=["one-block", "blocks-of-3"])
+def test_native_kernels_match_the_recurrence(H, Bsz, L, chunk, Cp, D, h0, per_block, monkeypatch):
     """float32 on the native kernels (`ChunkedNative` with `dense_carry`) against the float64 recurrence:
-    batch rows in register tiles of 4 and left over, a partial last chunk, H = 40 on 48 padded lanes."""
+    batch rows in register tiles of 4 and left over, a partial last chunk, H = 40 on 48 padded lanes;
+    the backward in one time block, or in blocks of 3 chunks (a shorter first one in time), as at
+    training sizes (at the default BLOCK_NUMBERS these sizes fit one block)."""
+    if per_block:
+        monkeypatch.setattr(chunked_native, "BLOCK_NUMBERS", Bsz * 8 * chunked_native.lanes(H) * per_block)
     args64 = system(H=H, n=8, Cp=Cp, Bsz=Bsz, L=L, seed=4, D=D, h0=h0)
     args32 = [None if a is None else a.detach().float().requires_grad_() for a in args64]
     chunked_native.paths(forget=True)

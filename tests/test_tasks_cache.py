@@ -54,7 +54,7 @@ def test_truncated_cache_is_an_error_naming_the_file():
 def test_a_failed_build_leaves_no_cache_file():
     def build():
         raise RuntimeError("interrupted half-way")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="interrupted half-way"):
         cache.cached("demo", {"n": 1}, build, version=1)
     assert not cache.cache_dir().exists() or not any(cache.cache_dir().iterdir())
 
@@ -64,7 +64,7 @@ def test_write_failure_leaves_no_partial_file(monkeypatch):
         f.write(b"partial")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="disk full"):
         cache.cached("demo", {"n": 2}, _build_counter([], 2), version=1)
     assert [p.name for p in cache.cache_dir().iterdir()] == []
 

@@ -141,20 +141,25 @@ def candidates_ref(centre, angle, radius, mask, margin, continuity):
     turn = np.minimum(np.abs(angles - angle), 2 * np.pi - np.abs(angles - angle))
     w = np.maximum(np.cos(np.minimum(turn * continuity, 0.5 * np.pi)), 0) ** 2
     pmf = (1 - dilated[coords[:, 0], coords[:, 1]]) * w
+    if len(coords) == 0 or pmf.sum() < 1e-4:  # a dead end: no pixel, or (almost) no free probability
+        return None
     return coords, angles, np.cumsum(pmf / pmf.sum())
 
 
 def test_candidates_match_the_original_formulation():
     rng = np.random.default_rng(0)
+    dead_ends = 0
     for trial in range(40):
         mask = np.clip(rng.random((32, 32)) * (rng.random((32, 32)) < 0.1) * 1.5, 0, 1)
         centre = [int(v) for v in rng.integers(-2, 34, 2)]
         angle, radius, margin = rng.uniform(-np.pi, np.pi), int(rng.integers(3, 9)), int(rng.integers(1, 4))
         fast = draw.candidates(centre, angle, radius, draw.dilate(mask, draw.disk(margin)), 1.8)
-        if fast is None:
-            continue
-        for a, b in zip(fast, candidates_ref(centre, angle, radius, mask, margin, 1.8)):
+        ref = candidates_ref(centre, angle, radius, mask, margin, 1.8)
+        assert (fast is None) == (ref is None)  # the same dead ends (these had been skipped unchecked)
+        dead_ends += fast is None
+        for a, b in zip(fast or (), ref or ()):
             np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    assert 0 < dead_ends < 20  # both kinds of trial ran
 
 
 def test_occupancy_keeps_the_dilated_mask_in_step():
