@@ -72,7 +72,7 @@ def test_matches_recurrence_outputs_and_gradients(B, L, H, M, chunk, block_numbe
     assert_close(got[0], want[0], scale=10)
     assert_close(got[1], want[1], scale=10)
     for g, w in zip(got[2], want[2]):  # sums over up to B L steps
-        assert_close(g, w, scale=300)
+        assert_close(g, w, scale=30)  # the worst measured: 2.1
 
 
 @needs_native

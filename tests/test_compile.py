@@ -39,7 +39,7 @@ def test_compiled_layer_matches_float64(name, backend):
     layer.float()
     got = fwd_bwd(torch.compile(layer, backend=backend), u.float(), gy.float())
     for g, w in zip(got, want):  # sums over up to B L steps
-        assert_close(g, w, scale=300)
+        assert_close(g, w, scale=30)  # the worst measured: 3.1
 
 
 @needs_native
@@ -111,7 +111,7 @@ def test_compiled_ops_run_their_kernels(name):
     if grad:  # <y, y> as the loss: a gradient that depends on every output
         (g32,) = torch.autograd.grad(got[0].abs().pow(2).sum(), [leaf32])
         (g64,) = torch.autograd.grad(want[0].abs().pow(2).sum(), [leaf64])
-        assert_close(g32, g64, scale=300)
+        assert_close(g32, g64, scale=30)  # the worst measured: 3.4
 
 
 @needs_native

@@ -76,7 +76,7 @@ def diagonal_op(op, chunk, **kw):
 def test_diagonal_chunked(native):
     """Chunks of 8 over L = 50 (a last chunk of 2 steps), an initial state, two output channels, D."""
     compare(diagonal_op(diagonal_chunked, 8, native=native), diagonal_op(diagonal_chunked_ref, 8),
-            diagonal_args(), scale=100)
+            diagonal_args(), scale=10)
 
 
 def test_diagonal_chunked_float64():
@@ -90,7 +90,7 @@ def test_diagonal_chunked_float64():
     pytest.param(False, id="pytorch")])
 def test_dense_chunked(native):
     args = [None if t is None else t.detach() for t in dense_system(H=16, n=8, L=37)]
-    compare(lambda *a: dense_chunked(*a, chunk=8, native=native), dense_chunked_ref, args, scale=100)
+    compare(lambda *a: dense_chunked(*a, chunk=8, native=native), dense_chunked_ref, args, scale=10)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
@@ -110,7 +110,7 @@ def test_scan(reverse, h0):
 @needs_native
 @pytest.mark.parametrize("h0", [True, False])
 def test_s5_fused(h0):
-    compare(s5_fused, s5_fused_ref, s5_problem(2, 40, 16, 8, h0), scale=100)
+    compare(s5_fused, s5_fused_ref, s5_problem(2, 40, 16, 8, h0), scale=10)
 
 
 def test_cauchy(monkeypatch):
@@ -152,4 +152,4 @@ def test_gradient_penalty_through_a_layer(name):
         ref_layer.backend = "fft"
     want = penalty_grads(ref_layer, ref_lin, u)
     for g, w in zip(got, want):
-        assert_close(g, w, scale=300)
+        assert_close(g, w, scale=50)  # the worst measured: 7.3 (sums over B L steps through two maps)
