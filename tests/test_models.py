@@ -263,6 +263,14 @@ def test_generate_with_a_dss_softmax_model_of_fixed_L():
     assert max(gap_short, gap_long) < 1e-10  # the steps equal the forward of the same inputs
     with pytest.raises(ValueError, match="defined for sequences of up to L = 12 steps"):
         generate(m, x, prompt_len=5, steps=8)
+    m.L = None  # a fixed-length task's model: the system of x's length
+    inputs, short, gap_short = generate(m, x, prompt_len=5, steps=2)
+    _, long, gap_long = generate(m, x, prompt_len=5, steps=7)
+    assert_close(long[:7], short, scale=100)
+    assert max(gap_short, gap_long) < 1e-10
+    assert_close(short, m(inputs[None], L=12)[0], scale=100)
+    assert not torch.allclose(short, m(inputs[None])[0])  # the system of 7 steps is another
+    generate(m, x, prompt_len=5, steps=20)  # past x: the system of the length generated
 
 
 # --- sampling rate -------------------------------------------------------------------------------

@@ -112,29 +112,31 @@ class SequenceModel(nn.Module):
         if not step and x.shape[1] < 1:
             raise ValueError(f"{name} has length L = 0; need L >= 1")
 
-    def encode(self, x, lengths=None, name="x", rate=1.0):
+    def encode(self, x, lengths=None, name="x", rate=1.0, L=None):
         """The features before pooling. Shapes: x as in forward -> h (B, L, H)"""
         self.check_input(x, name)
         check_lengths(lengths, x.shape[0], x.shape[1])
         check_rate(rate)
-        if lengths is not None and self.L is None and self.length_dependent:
+        L = self.L if L is None else L
+        if lengths is not None and L is None and self.length_dependent:
             raise ValueError("this model's DSS-softmax layers normalise over the sequence length L: with "
                              "variable lengths give SequenceModel(L=...), the longest sequence it reads, so that a "
                              "sequence's outputs do not depend on how its batch is padded")
         h = self.encoder(x)  # (B, L, H)
         for block in self.blocks:
-            h = block(h, lengths, rate, self.L)  # (B, L, H); each block zeroes its input's padded steps
+            h = block(h, lengths, rate, L)  # (B, L, H); each block zeroes its input's padded steps
         if self.norm is None:
             return h
         mask = None if lengths is None else step_mask(lengths, x.shape[1])  # (B, L)
         return norm_sequence(self.norm, h, mask)  # (B, L, H)
 
-    def forward(self, x, lengths=None, rate=1.0):
-        """out = head(pool(encode(x))); `rate` multiplies every layer's dt. Shapes: the class docstring."""
+    def forward(self, x, lengths=None, rate=1.0, L=None):
+        """out = head(pool(encode(x))); `rate` multiplies every layer's dt; `L` (default the model's) is the
+        length a DSS-softmax layer's system is defined for. Shapes: the class docstring."""
         if self.head_name == "retrieval":
             raise ValueError("head='retrieval' scores a pair of sequences: "
                              "call forward_pair(x1, x2, lengths1, lengths2)")
-        h = self.encode(x, lengths, rate=rate)  # (B, L, H)
+        h = self.encode(x, lengths, rate=rate, L=L)  # (B, L, H)
         return self.head(pool(h, lengths, self.pooling))  # (B, d_output) or (B, L, d_output)
 
     def forward_pair(self, x1, x2, lengths1=None, lengths2=None, rate=1.0):

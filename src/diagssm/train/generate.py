@@ -54,7 +54,9 @@ def next_input(then, x, t, out_t):
 
 @torch.no_grad()
 def generate(model, x, prompt_len, steps, then="zeros"):
-    """Step `model` (eval mode) through x[:prompt_len], then `steps` more inputs (`then`).
+    """Step `model` (eval mode) through x[:prompt_len], then `steps` more inputs (`then`). A DSS-softmax
+    model's system is that of its `L`, else of x's length (or prompt_len + steps, if longer): the
+    outputs do not depend on how many steps follow (it had been prompt_len + steps).
 
     Shapes: x (L,) int64 or (L, d_input) float -> inputs (T, ...), outputs (T, d_output),
         T = prompt_len + steps; and the max |step output - model(inputs)| over all steps
@@ -63,14 +65,16 @@ def generate(model, x, prompt_len, steps, then="zeros"):
     model.eval()
     state = model.default_state(1)
     inputs, outputs, out_t = [], [], None
+    # L for DSS-softmax: the model's (a variable-length task's longest sequence), else the example's
+    # length (a fixed-length task's, which it was trained at), or the length generated if longer
+    L = model.L or max(len(x), prompt_len + steps)
     for t in range(prompt_len + steps):
         x_t = x[t:t + 1] if t < prompt_len else next_input(then, x, t, out_t)  # (1, ...)
-        # L for DSS-softmax: the model's (that of its training), else the length generated
-        out_t, state = model.step(x_t, state, L=model.L or prompt_len + steps)  # (1, d_output)
+        out_t, state = model.step(x_t, state, L=L)  # (1, d_output)
         inputs.append(x_t)
         outputs.append(out_t)
     inputs, outputs = torch.cat(inputs), torch.cat(outputs)  # (T, ...), (T, d_output)
-    full = model(inputs[None])[0]  # (T, d_output)
+    full = model(inputs[None], L=L)[0]  # (T, d_output)
     return inputs, outputs, (full - outputs).abs().max().item()
 
 
