@@ -113,6 +113,20 @@ def test_s5_fused(h0):
     compare(s5_fused, s5_fused_ref, s5_problem(2, 40, 16, 8, h0), scale=10)
 
 
+@needs_native
+def test_s5_fused_with_one_tensor_for_two_arguments():
+    """W_in and W_out tied (one tensor passed twice): under create_graph even the first-order gradient
+    had come out twice as large (each place got the sum, and autograd added them)."""
+    u, W, a, _, D, _ = s5_problem(2, 20, 16, 8, False)
+    compare(lambda u, W, a, D: s5_fused(u, W, a, W, D), lambda u, W, a, D: s5_fused_ref(u, W, a, W, D),
+            [u, W, a, D], scale=10)
+    xs = [lower(t).requires_grad_() for t in (u, W, a, D)]
+    loss = _dot(s5_fused(xs[0], xs[1], xs[2], xs[1], xs[3]), 30)
+    plain, graphed = torch.autograd.grad(loss, xs, retain_graph=True), torch.autograd.grad(loss, xs, create_graph=True)
+    for p, g in zip(plain, graphed):
+        assert_close(g, p)
+
+
 def test_cauchy(monkeypatch):
     """In chunks of z (CHUNK_ELEMENTS made small), v batched beyond w."""
     monkeypatch.setattr(sys.modules["diagssm.ops.cauchy"], "CHUNK_ELEMENTS", 12)

@@ -237,8 +237,23 @@ def test_dss_softmax_model_with_L_does_not_depend_on_the_batch_padding():
     assert_close(m(x[:1, :6]), alone, scale=100)  # lengths or not: the system of L = 12
     m.L = None
     assert not torch.allclose(m(x[:1, :6]), m(x[:1]))  # each call's own length: another system
-    with pytest.raises(ValueError, match=r"variable lengths give SequenceModel\(L=...\)"):
+    with pytest.raises(ValueError, match=r"padded sequences \(lengths below the batch's length\) give "
+                                         r"SequenceModel\(L=...\)"):
         m(x, torch.tensor([6, 9]))
+    # a fixed-length task's batch (every length the batch's: no padding) needs no L; it had raised
+    assert_close(m(x, torch.tensor([9, 9])), m(x), scale=100)
+
+
+def test_dss_softmax_model_L_counts_steps_at_the_rate():
+    """At rate r the model's L spans ceil(L / r) steps: the same time as L steps at rate 1."""
+    m = softmax_model(L=12, pooling="none")
+    x = randn(2, 6, 3, seed=7)
+    assert_close(m(x, rate=2.0), m(x, rate=2.0, L=6), scale=100)
+    assert_close(m(x[:, :5], rate=2.5), m(x[:, :5], rate=2.5, L=5), scale=100)
+    assert not torch.allclose(m(x, rate=2.0), m(x, rate=2.0, L=12))
+    longer = randn(2, 9, 3, seed=8)  # an input not resampled, longer than ceil(12 / 2): its own length
+    assert_close(m(longer, rate=2.0), m(longer, rate=2.0, L=9), scale=100)
+    assert_close(rollout_kw(m, x, rate=2.0), m(x, rate=2.0), scale=100)  # step's default too
     with pytest.raises(ValueError, match=r"L=0 must be None or an int >= 1"):
         softmax_model(L=0)
 

@@ -54,6 +54,21 @@ def rows(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.parametrize("params", [{}, {"min_len": 20}], ids=["fixed-length", "variable-length"])
+def test_dss_softmax_trains_and_evaluates_at_fixed_and_variable_lengths(tmp_path, params):
+    """The trainer passes lengths for every batch; on a fixed-length task a DSS-softmax model (L None)
+    had refused them (an error meant for padded batches), and on a variable-length one it gets the
+    task's longest sequence as L."""
+    task = dict(TINY["task"], params=dict(TINY["task"]["params"], **params))
+    model = {"layer": "dss", "layer_kwargs": {"d_state": 16, "variant": "softmax"}}
+    cfg = write_config(tmp_path / "t.yaml", model=model, task=task,
+                       run={"max_steps": 4, "eval_every": 4, "checkpoint_every": 4})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run)]) == 0
+    assert main(["eval", "--run-dir", str(run), "--split", "test"]) == 0
+    assert main(["eval", "--run-dir", str(run), "--split", "test", "--rate", "2"]) == 0  # data not resampled
+
+
 def test_train_writes_the_run_folder_and_eval_reads_it_back(tmp_path, capsys):
     cfg_path, run = write_config(tmp_path / "tiny.yaml"), tmp_path / "run"
     assert main(["train", "--config", str(cfg_path), "--run-dir", str(run), "--set", "optim.lr=2e-3"]) == 0
@@ -86,7 +101,7 @@ def test_eval_at_another_rate(tmp_path, capsys):
     cfg_path, run = write_config(tmp_path / "d.yaml", TINY_DELAY), tmp_path / "run"
     assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
     capsys.readouterr()
-    assert main(["eval", "--run-dir", str(run), "--split", "test", "--rate", "2"]) == 0
+    assert main(["eval", "--run-dir", str(run), "--split", "test", "--rate", "2"]) == 0  # data not resampled
     out = capsys.readouterr().out
     cfg, task, model, _, _ = load_run(run)
     loader = eval_loader(task.test, task, cfg.optim.batch_size)

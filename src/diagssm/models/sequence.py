@@ -10,6 +10,8 @@ S5 code (`models/block.py`); the retrieval head from the LRA benchmark (Tay et a
     h   = norm(h_n) if prenorm else h_n
     out = head(pool(h))
 """
+import math
+
 import torch
 from torch import nn
 
@@ -44,9 +46,9 @@ class SequenceModel(nn.Module):
 
     Variable lengths: the padded steps (t >= lengths[b]) are zeroed before every block, so they
     reach neither the real steps' outputs (also through a bidirectional layer) nor the pooling.
-    A length-dependent layer's system depends on L, so such a model needs `L` for variable
-    lengths (an error without it): otherwise a sequence's outputs would depend on how long its
-    batch is padded.
+    A length-dependent layer's system depends on L, so such a model needs `L` for padded batches
+    (an error without it): otherwise a sequence's outputs would depend on how long its batch is
+    padded. At `rate` r the model's L counts ceil(L / r) steps (`system_length`).
 
     BatchNorm (norm="batch") in train mode normalises with statistics over all B and L steps, later
     ones included: a per-step model (pooling="none") trained so sees the future through them, which
@@ -117,11 +119,11 @@ class SequenceModel(nn.Module):
         self.check_input(x, name)
         check_lengths(lengths, x.shape[0], x.shape[1])
         check_rate(rate)
-        L = self.L if L is None else L
-        if lengths is not None and L is None and self.length_dependent:
-            raise ValueError("this model's DSS-softmax layers normalise over the sequence length L: with "
-                             "variable lengths give SequenceModel(L=...), the longest sequence it reads, so that a "
-                             "sequence's outputs do not depend on how its batch is padded")
+        L = self.system_length(L, rate, x.shape[1])
+        if L is None and self.length_dependent and lengths is not None and bool((lengths < x.shape[1]).any()):
+            raise ValueError("this model's DSS-softmax layers normalise over the sequence length L: with padded "
+                             "sequences (lengths below the batch's length) give SequenceModel(L=...), the longest "
+                             "sequence it reads, so that a sequence's outputs do not depend on how its batch is padded")
         h = self.encoder(x)  # (B, L, H)
         for block in self.blocks:
             h = block(h, lengths, rate, L)  # (B, L, H); each block zeroes its input's padded steps
@@ -155,6 +157,15 @@ class SequenceModel(nn.Module):
         """Whether a layer's system depends on the sequence length (DSS-softmax)."""
         return any(block.length_dependent for block in self.blocks)
 
+    def system_length(self, L, rate=1.0, length=1):
+        """The `L` a length-dependent layer gets: the one given, else the model's `L` in steps of the
+        input's rate (ceil(L / rate): a signal resampled to 1/rate of the training rate spans as long a
+        time in L / rate steps; at least the input's `length`, for an input not resampled), else None
+        (each call's length)."""
+        if L is not None or self.L is None:
+            return L
+        return max(length, math.ceil(self.L / rate))
+
     def default_state(self, batch_size):
         """One zero layer state per block (a list of n_layers tensors)."""
         return [block.default_state(batch_size) for block in self.blocks]
@@ -176,7 +187,7 @@ class SequenceModel(nn.Module):
             got = f"{type(state).__name__} of length {len(state)}" if is_list else type(state).__name__
             raise ValueError(f"state must be a list of {len(self.blocks)} block states (default_state); got {got}")
         h = self.encoder(x_t)  # (B, H)
-        L = self.L if L is None else L
+        L = self.system_length(L, rate)
         new_state = []
         for block, s in zip(self.blocks, state):
             h, s = block.step(h, s, rate, L)  # (B, H)

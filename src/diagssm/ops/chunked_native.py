@@ -497,6 +497,9 @@ def grads_by_twin(twin, args, needs, grads):
     wanted = [i for i, t in enumerate(args) if needs[i] and isinstance(t, torch.Tensor)]
     result = [None] * len(needs)
     with torch.enable_grad():
+        # one alias per argument: a tensor passed twice (s5_fused's tied W_in, W_out) would get the sum of
+        # both gradients at each place, and then autograd adds the two (twice the gradient)
+        args = tuple(t.view_as(t) if isinstance(t, torch.Tensor) else t for t in args)
         outs = twin(*args)
     pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
     if wanted and pairs:
@@ -572,19 +575,20 @@ class ChunkedNative(torch.autograd.Function):
         Y_last = u.new_empty(Bsz, 1, T * Cp, H)
         _mm(lib, Y_last, U_last, Wtoe, A2=X[:, nc - 1:nc], W2=Wout, tri=1, cp=Cp)
         y[:, L - r:] = Y_last.view(Bsz, T, Cp, H)[:, :r]
-        # u as given too where dense() copied it (u_in is u otherwise): with its graph, for create_graph
-        ctx.save_for_backward(u, X, W, into, aT, into_r, a_r, None if u_in is u else u_in, x0)
+        # u as given (its graph, for create_graph; dense() again in the backward where it copied)
+        ctx.save_for_backward(u_in, X, W, into, aT, into_r, a_r, x0)
         ctx.T = T
         return y, _state_of_lanes(X[:, nc], aT)
 
     @staticmethod
     def backward(ctx, gy, g_last):
-        u, X, W, into, aT, into_r, a_r, u_in, x0 = ctx.saved_tensors
+        u, X, W, into, aT, into_r, a_r, x0 = ctx.saved_tensors
         T = ctx.T
         if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the twin
-            return grads_by_twin(chunks_ref, (u if u_in is None else u_in, W, into, aT, into_r, a_r, x0, T),
-                                 ctx.needs_input_grad, (gy, g_last))
+            return grads_by_twin(chunks_ref, (u, W, into, aT, into_r, a_r, x0, T), ctx.needs_input_grad,
+                                 (gy, g_last))
         lib = library()
+        (u,) = dense(u)
         Bsz, L, H = u.shape
         nc, P, Cp = -(-L // T), X.shape[2], W.shape[2] // T
         r = L - (nc - 1) * T
