@@ -111,14 +111,14 @@ class Task:
 
     @property
     def max_length(self):
-        """For a task of variable lengths (a split stores `lengths`), its longest sequence (the splits'
-        stored, padded length): the `L` a training run gives `SequenceModel`, so that a length-dependent
-        layer's system (DSS-softmax) does not change with each batch's padding. None for fixed lengths,
-        where every batch has the task's length."""
-        datasets = [self.split(s) for s in SPLITS]
-        if all(getattr(d, "lengths", None) is None for d in datasets):
+        """For a task of variable lengths (a split stores `lengths`), its longest sequence over the
+        splits: the `L` a training run gives `SequenceModel`, so that a length-dependent layer's system
+        (DSS-softmax) does not change with each batch's padding. None for fixed lengths, where every
+        batch has the task's length."""
+        lengths = [getattr(self.split(s), "lengths", None) for s in SPLITS]
+        if all(n is None for n in lengths):
             return None
-        return max(int(d.x.shape[1]) for d in datasets)
+        return max((int(n.max()) for n in lengths if n is not None and len(n)), default=None)
 
 
 def _always_available():
