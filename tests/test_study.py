@@ -238,7 +238,7 @@ def test_committed_studies_keep_parameter_counts_within_ten_percent(path):
     for model in study.models:
         cfg = study.config(model)
         task = SimpleNamespace(name=cfg.task.name, d_input=3, d_output=10, encoder="linear", pooling="mean",
-                               head="classification")
+                               head="classification", max_length=None)
         counts[model] = sum(p.numel() for p in make_model(cfg.model, task).parameters())
     assert study_mod.parameter_spread(counts) <= 10, f"{path.name}: {counts}"
 

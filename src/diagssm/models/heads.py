@@ -34,6 +34,12 @@ def pool(h, lengths, pooling):
     if not torch.is_tensor(h) or h.dim() != 3:
         raise ValueError(f"h must be (B, L, H); got {tuple(h.shape) if torch.is_tensor(h) else type(h).__name__}")
     check_lengths(lengths, h.shape[0], h.shape[1])
+    return pooled(h, lengths, pooling)
+
+
+def pooled(h, lengths, pooling):
+    """`pool` without its checks, for callers that made them (`SequenceModel`: the pooling at
+    construction, the lengths in `encode`; checking again costs a device sync per forward)."""
     if pooling == "none":
         return h
     Bsz, L, _ = h.shape

@@ -18,7 +18,7 @@ from torch import nn
 from diagssm.layers.base import check_bools, check_length, check_positive_ints
 from diagssm.models.block import (ResidualBlock, check_choice, check_lengths, check_rate,
                                   make_norm, norm_sequence, norm_step, step_mask)
-from diagssm.models.heads import HEADS, POOLINGS, RetrievalHead, pool
+from diagssm.models.heads import HEADS, POOLINGS, RetrievalHead, pooled
 
 ENCODERS = ("embedding", "linear")
 
@@ -139,15 +139,15 @@ class SequenceModel(nn.Module):
             raise ValueError("head='retrieval' scores a pair of sequences: "
                              "call forward_pair(x1, x2, lengths1, lengths2)")
         h = self.encode(x, lengths, rate=rate, L=L)  # (B, L, H)
-        return self.head(pool(h, lengths, self.pooling))  # (B, d_output) or (B, L, d_output)
+        return self.head(pooled(h, lengths, self.pooling))  # (B, d_output) or (B, L, d_output)
 
     def forward_pair(self, x1, x2, lengths1=None, lengths2=None, rate=1.0):
         """LRA retrieval: both sequences through the same encoder and blocks, pooled, then the
         retrieval head on [o1, o2, o1 - o2, o1 * o2]. Shapes: x1, x2 as x -> (B, d_output)"""
         if self.head_name != "retrieval":
             raise ValueError(f"forward_pair needs head='retrieval'; this model has head={self.head_name!r}")
-        o1 = pool(self.encode(x1, lengths1, "x1", rate), lengths1, self.pooling)  # (B, H)
-        o2 = pool(self.encode(x2, lengths2, "x2", rate), lengths2, self.pooling)  # (B, H)
+        o1 = pooled(self.encode(x1, lengths1, "x1", rate), lengths1, self.pooling)  # (B, H)
+        o2 = pooled(self.encode(x2, lengths2, "x2", rate), lengths2, self.pooling)  # (B, H)
         if o1.shape[0] != o2.shape[0]:
             raise ValueError(f"x1 and x2 must have the same batch size; got {o1.shape[0]} and {o2.shape[0]}")
         return self.head(o1, o2)  # (B, d_output)

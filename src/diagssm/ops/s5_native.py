@@ -20,6 +20,7 @@ fails, and `layers.S5` then composes the PyTorch ops as before.
 projection, the complex multiply-add and the output projection per batch row), for float32
 inference on the CPU; `s5_step_ref` is its twin as PyTorch ops, which runs otherwise.
 """
+import functools
 import logging
 
 import torch
@@ -76,7 +77,8 @@ class S5Fused(torch.autograd.Function):
     def backward(ctx, gy, g_last):
         xs, *args = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the PyTorch ops
-            return chunked_native.grads_by_twin(_composed_fast, args, ctx.needs_input_grad, (gy, g_last))
+            twin = functools.partial(_composed, scan)  # s5_fused_ref's ops with the fast scan
+            return chunked_native.grads_by_twin(twin, args, ctx.needs_input_grad, (gy, g_last))
         lib = chunked_native.library()
         u, W_in, a, W_out, D, h0 = args
         u, W_in, W_out, D = chunked_native.dense(u, W_in, W_out, D)
@@ -161,11 +163,6 @@ def apply_on_lanes(u, W_in, a, W_out, D, h0=None):
 def s5_fused_ref(u, W_in, a, W_out, D, h0=None):
     """Reference twin of `s5_fused`: the real matmuls, `scan_ref` and the skip term, as PyTorch ops."""
     return _composed(scan_ref, u, W_in, a, W_out, D, h0)
-
-
-def _composed_fast(u, W_in, a, W_out, D, h0=None):
-    """`s5_fused_ref` with the fast scan (`S5Fused`'s backward under create_graph)."""
-    return _composed(scan, u, W_in, a, W_out, D, h0)
 
 
 def _composed(scan_fn, u, W_in, a, W_out, D, h0):

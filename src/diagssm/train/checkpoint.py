@@ -82,10 +82,14 @@ class CheckpointFolder:
             return []
         return sorted(p for p in self.folder.iterdir() if STEP_FILE.match(p.name))
 
+    def step_path(self, step):
+        """The file of step `step`'s checkpoint: step_<step>.pt."""
+        return self.folder / f"step_{step:08d}.pt"
+
     def save(self, state):
         """Write `state` as step_<step>.pt, then delete all but the newest keep_last."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"step_{state['step']:08d}.pt"
+        path = self.step_path(state["step"])
         atomic_save(state, path)
         for old in self.step_files()[:-self.keep_last]:
             old.unlink()

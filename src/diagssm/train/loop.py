@@ -189,7 +189,7 @@ class Trainer:
         if self.last_checkpoint_step != self.step:
             rngs = self.world.gather_objects(rng_state())
             self.write_on_main(f"the checkpoint of step {self.step}", lambda: self.ckpts.save(self.state(rngs)))
-            self.last_checkpoint = self.ckpts.folder / f"step_{self.step:08d}.pt"
+            self.last_checkpoint = self.ckpts.step_path(self.step)
         self.last_checkpoint_step = self.step
         self.world.barrier()
 
@@ -264,7 +264,7 @@ class Trainer:
         aside = path.with_name("best_unreadable.pt" if later is None else f"best_discarded_step{later:08d}.pt")
         path.replace(aside)
         what = "best.pt" if later is None else f"best.pt (step {later}) came after the checkpoint resumed from"
-        kept = self.best and self.ckpts.folder / f"step_{self.best['step']:08d}.pt"
+        kept = self.best and self.ckpts.step_path(self.best["step"])
         if kept and kept.exists():
             self.ckpts.save_best(load_checkpoint(kept))
             self.say(f"{what}: moved to {aside.name}; best.pt is now {kept.name}, the best before it")

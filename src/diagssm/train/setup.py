@@ -19,8 +19,7 @@ def model_kwargs(model_cfg, task):
     return dict(d_input=task.d_input, d_output=task.d_output, d_model=m.d_model, n_layers=m.n_layers,
                 layer=m.layer, layer_kwargs=dict(m.layer_kwargs), encoder=m.encoder or task.encoder,
                 norm=m.norm, prenorm=m.prenorm, activation=m.activation, dropout=m.dropout,
-                pooling=m.pooling or task.pooling, head=m.head or task.head,
-                L=getattr(task, "max_length", None))  # a task-like object without it: each call's length
+                pooling=m.pooling or task.pooling, head=m.head or task.head, L=task.max_length)
 
 
 def make_model(model_cfg, task):
