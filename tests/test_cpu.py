@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from diagssm.cpu import fast_cpu_settings, keep_freed_memory
+from diagssm.cpu import fast_cpu_settings, keep_freed_memory, trim_freed_memory
 
 
 def test_fast_cpu_settings():
@@ -57,3 +57,8 @@ def test_keep_freed_memory_keeps_the_top_of_the_heap():
 def test_keep_freed_memory_elsewhere_is_false(monkeypatch):
     monkeypatch.setattr(platform, "system", lambda: "Darwin")
     assert keep_freed_memory() is False
+
+
+def test_trim_freed_memory_elsewhere_is_false(monkeypatch):
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    assert trim_freed_memory() is False

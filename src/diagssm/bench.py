@@ -71,7 +71,7 @@ import time
 
 import torch
 
-from diagssm.cpu import cpu_fields, cpu_flags, kept_freed_memory
+from diagssm.cpu import cpu_fields, cpu_flags, kept_freed_memory, trim_freed_memory
 from diagssm.layers import DSS, S4, S4D, S5
 from diagssm.ops import chunked_native
 from diagssm.ops.chunked import chunk_size
@@ -298,7 +298,9 @@ def _reset_high_water_mark():
 
 class PeakMemory:
     """The peak memory of what runs between start() and mb(), in MB. On the CPU: the resident-memory
-    high-water mark, reset at start(), over the memory resident then (Linux); elsewhere the increase
+    high-water mark, reset at start(), over the memory resident then (Linux), after start() has
+    returned the heap's free memory to the system (`cpu.trim_freed_memory`: the 64 MB that
+    `keep_freed_memory` keeps would otherwise be reused without raising the mark); elsewhere the increase
     of ru_maxrss, a high-water mark that cannot be reset, so that memory freed before start() hides
     as much of the measured peak (valid once per fresh process, and only where the earlier peak was
     low). On a GPU: the CUDA caching allocator's peak over what was allocated at start()."""
@@ -313,6 +315,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device) / MB
             return
+        trim_freed_memory()  # freed heap memory kept resident would be reused unseen by the mark
         self.resettable = _reset_high_water_mark()
         self.base = _status_mb("VmRSS") if self.resettable else maxrss_mb()
 

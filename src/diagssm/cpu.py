@@ -57,6 +57,18 @@ def keep_freed_memory(pad=TOP_PAD_BYTES):
     return done
 
 
+def trim_freed_memory():
+    """Return the heap's free memory to the system now (glibc's malloc_trim(0), whatever pad
+    `keep_freed_memory` set), so that resident memory counts only what is in use. True where glibc
+    released some; False where it released none or the C library is not glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def kept_freed_memory():
     """The pad `keep_freed_memory` set in this process, in bytes (0: not called, or not set)."""
     return _kept.get("pad", 0)
