@@ -133,7 +133,9 @@ def transition(measure, N):
     - ``"legt"`` (HiPPO 2020 LegT, with the extra 1/2 time-scale factor of the S4 code,
       "How to Train Your HiPPO"):
       A[n,k] = -1/2 sqrt(2n+1) sqrt(2k+1) * (1 if n >= k else (-1)^(n-k));  B[n] = 1/2 sqrt(2n+1).
-    - ``"lagt"`` (HiPPO 2020 LagT): A = I/2 - tril(ones) (diagonal included);  B[n] = 1.
+    - ``"lagt"`` (the S4 code's ``transition('lagt', N)``, which it calls an earlier, differently
+      normalised version of the tilted Laguerre (LagT) of HiPPO 2020): A = I/2 - tril(ones)
+      (diagonal included);  B[n] = 1.
     - ``"fout"`` (FouT, "How to Train Your HiPPO"; exactly the S4 code's
       ``transition('fout', N)`` in state-spaces/s4 ``src/models/hippo/hippo.py``):
       B[0] = 1, B[n] = sqrt(2) for even n >= 2, B[n] = 0 for odd n;

@@ -102,7 +102,9 @@ class S5(SSMLayer):
     Args:
         d_model: H, the number of input and output channels (one MIMO system).
         d_state: P, the size of the real state (= the HiPPO-N matrices' total size).
-        blocks: J, the number of HiPPO-N blocks of size P/J on the diagonal of A.
+        blocks: J, the number of HiPPO-N blocks of size P/J on the diagonal of A. Default 1 (one
+            HiPPO-N matrix of size P); the S5 code's training script defaults to 8, and its LRA
+            scripts use 3-16 (e.g. ListOps P = 16 in 8 blocks, Path-X P = 256 in 16).
         conj_sym: store the M = P/2 modes with Im > 0 and output 2 Re(...) (needs P/J even);
             otherwise M = P modes and Re(...).
         C_init: "trunc_standard_normal" | "lecun_normal" | "complex_normal" (see `init_C`).

@@ -151,7 +151,9 @@ def dss_kernel(Lambda, W, dt, L, variant="exp", eps=EPS_RECIPROCAL):
     of the geometric sum, shifted so that the exponent's real part never grows (a mode with
     Re Lambda > 0 is summed from the end of the sequence), and the regularised reciprocal
     conj(x)/(|x|^2 + eps), eps = 1e-7, for the denominator Lambda * (1 - exp(dt Lambda L)), as the
-    DSS code does (eps=0 gives the exact formula).
+    DSS code does (eps=0 gives the exact formula). Gradients are the formula's own for every mode;
+    the DSS code's differ for growing modes (it shifts their exponents under no_grad:
+    docs/decisions.md, "Numerics").
 
     Shapes:
         Lambda: (N,) or (H, N) complex; W: (H, N) complex
