@@ -143,6 +143,8 @@ def test_dss_gradients_match_twin(variant):
 
 @pytest.mark.parametrize("variant", ["exp", "softmax"])
 def test_dss_gradcheck(variant):
+    """Against finite differences, growing softmax modes included (where the DSS code's gradient
+    lacks its detached shift's term: docs/decisions.md, "Numerics")."""
     leaves = [t.requires_grad_() for t in dss_system(H=2, N=3, seed=6, growing=variant == "softmax", sep_dt=True)]
     assert torch.autograd.gradcheck(lambda *a: dss_kernel(*a, 29, variant), leaves)
 
