@@ -339,3 +339,15 @@ def test_other_vector_widths_pass_the_native_tests(march, tmp_path):
                            "not vector_width"], cwd=root, env=env, capture_output=True, text=True)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:]
     assert "skipped" not in done.stdout, done.stdout[-3000:]
+
+
+@pytest.mark.parametrize("bad", [torch.ones(4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.float64),
+                                 torch.ones(4, device="meta"), torch.ones(4, dtype=torch.complex128)])
+def test_a_pointer_for_the_kernels_is_float32_on_the_cpu(bad):
+    """The kernels read raw float32: another dtype or device had been read as garbage or written past
+    its end (S4's dense carry under autocast corrupted the heap; a meta state read as none)."""
+    with pytest.raises(TypeError, match="native kernels take float32 or complex64 CPU tensors"):
+        chunked_native.ptr(bad)
+    t = torch.ones(4)
+    assert chunked_native.ptr(t) == t.data_ptr() and chunked_native.ptr(None) is None
+    assert chunked_native.ptr(t.to(torch.complex64)) != 0

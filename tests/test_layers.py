@@ -231,6 +231,20 @@ def test_bad_input_errors():
 EVERY_LAYER = {"S4D": S4D, "DSS": DSS, "S4": S4, "S5": S5}
 
 
+@pytest.mark.parametrize("who", list(EVERY_LAYER))
+def test_inputs_and_states_on_another_device_are_an_error(who):
+    """A state on another device than the layer had reached the native kernels as a raw pointer (a meta
+    tensor's is 0: S5 read it as no state, silently; a CUDA one would be read on the host)."""
+    layer = EVERY_LAYER[who](16, 8)
+    u, state = torch.randn(2, 5, 16), layer.default_state(2)
+    with pytest.raises(ValueError, match="state is on meta but the layer's parameters are on cpu"):
+        layer(u, state=state.to("meta"))
+    with pytest.raises(ValueError, match="state is on meta but the layer's parameters are on cpu"):
+        layer.step(u[:, 0], state.to("meta"))
+    with pytest.raises(ValueError, match="u is on meta but the layer's parameters are on cpu"):
+        layer(u.to("meta"))
+
+
 @pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")  # default_state in float16
 @pytest.mark.parametrize("who", list(EVERY_LAYER))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

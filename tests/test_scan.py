@@ -162,6 +162,16 @@ def test_scan_errors(args, match):
             fn(*args)
 
 
+@pytest.mark.parametrize("args", [
+    (torch.full((3,), 0.5, dtype=C64, device="meta"), torch.ones(2, 5, 3, dtype=C64)),
+    (torch.full((3,), 0.5, dtype=C64), torch.ones(2, 5, 3, dtype=C64), torch.ones(2, 3, dtype=C64, device="meta")),
+])
+def test_scan_on_two_devices_is_an_error(args):
+    """The native kernel had read a meta A_bar's pointer (0): a segfault; a meta h0 was read as none."""
+    with pytest.raises(ValueError, match="scan: A_bar, Bu and h0 must be on one device"):
+        scan(*args)
+
+
 @pytest.mark.parametrize("reverse", [1, "no", None])
 def test_scan_reverse_must_be_a_bool(reverse):
     """reverse='no' had failed inside int() with a message that named nothing; 1 had passed as True."""

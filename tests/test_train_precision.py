@@ -163,3 +163,51 @@ def test_keep_ssm_float32_survives_copies_and_steps():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert_close(loaded(u.bfloat16()), y_twin)
     assert keep_ssm_float32(loaded) == 0  # still installed
+
+
+AUTOCAST_CASES = [  # (layer, options, H): each path a layer can take on the CPU, native and not
+    ("S4D", {}, 16), ("S4D", {}, 8), ("S4D", {"backend": "fft"}, 16), ("DSS", {}, 16),
+    ("DSS", {"variant": "softmax"}, 8), ("S5", {}, 16), ("S5", {}, 8), ("S5", {"mode": "conv"}, 16),
+    ("S4", {}, 16), ("S4", {}, 8), ("S4", {"backend": "fft"}, 16),
+]
+
+
+@pytest.mark.parametrize("name,options,H", AUTOCAST_CASES)
+def test_layers_compute_in_float32_under_autocast(name, options, H):
+    """Without keep_ssm_float32, a layer under bf16 autocast gives what it gives without autocast
+    (float32 outputs, states and steps, and the gradients of a forward run under autocast), on every
+    path. Before, its matmuls ran in bfloat16 inside: S4's native path read bfloat16 tensors as
+    float32 (NaN or wrong outputs, then heap corruption in the backward), others returned bfloat16
+    or raised."""
+    from diagssm import layers
+    torch.manual_seed(0)
+    layer = getattr(layers, name)(H, d_state=16, **options)
+    u = torch.randn(2, 70, H, requires_grad=True)
+    state = torch.randn_like(layer.default_state(2))
+    leaves = [u] + list(layer.parameters())
+
+    def forward():
+        y, h = layer(u, state=state, return_state=True)
+        y_t, h_t = layer.step(u[:, 0], state, **({"L": 70} if getattr(layer, "length_dependent", False) else {}))
+        return (y * torch.linspace(-1, 1, H)).sum(), [y, h, y_t, h_t]
+
+    loss, want = forward()
+    want += torch.autograd.grad(loss, leaves)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, got = forward()
+        y_half = layer(u.detach().bfloat16())  # an autocast op's output before the layer
+        loss_in, _ = forward()
+        inside = torch.autograd.grad(loss_in, leaves)  # a backward inside autocast (PyTorch advises against)
+    got += torch.autograd.grad(loss, leaves)  # the backward outside, as PyTorch advises
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype
+        assert_close(g, w)
+    assert y_half.dtype == torch.float32
+    assert_close(y_half, layer(u.detach().bfloat16().float()))
+    # Inside autocast PyTorch runs the built-in ops' backwards in bfloat16 (the library's own ops stay
+    # float32, and S4's native path had corrupted the heap here): bfloat16-close, relative to each
+    # gradient's largest entry.
+    for g, w in zip(inside, want[4:]):
+        m = w.abs().max()
+        assert g.dtype == torch.float32
+        assert_close(g / m, w / m, dtype=torch.bfloat16)

@@ -11,6 +11,7 @@ and its convolution kernel K (C', H, L) = factor Re sum_n C B_bar exp(w l), whic
 computes with the fast op of its paper. `factor` is 2 for a conjugate-symmetric state (N/2
 stored modes stand for N) and 1 otherwise.
 """
+import functools
 import logging
 import math
 import numbers
@@ -40,6 +41,30 @@ def _count_optimizer_step(optimizer, args, kwargs):
 
 register_optimizer_step_post_hook(_count_optimizer_step)
 BACKENDS = ("auto", "fft", "chunked")
+
+
+def _autocast_on(device_type):
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know (meta): the input checks say what is wrong
+        return False
+
+
+def autocast_off(method):
+    """A layer's `forward` or `step` that runs with torch.autocast off for its input's device: under
+    autocast a float16 / bfloat16 input (from an autocast op before the layer) is cast to float32 and
+    the layer computes and returns float32, on every path. Its exponentials, powers and scans lose
+    too much below float32, and the native kernels read float32 only; autocast inside the layer had
+    given results that depended on the path (bfloat16 matmuls in some, errors in others). Without
+    autocast the method runs as written."""
+    @functools.wraps(method)
+    def run(self, u, *args, **kwargs):
+        if torch.is_tensor(u) and _autocast_on("cpu" if u.is_cpu else u.device.type):  # (is_cpu: a step's fast path)
+            return self._in_float32(method, u, *args, **kwargs)
+        return method(self, u, *args, **kwargs)
+    return run
 
 
 class NonFiniteInput(ValueError):
@@ -142,6 +167,8 @@ class SSMLayer(nn.Module):
                                  f"(its parameters are {dtype}: {name}.to({dtype})){hint}")
             raise ValueError(f"{name} has dtype {u.dtype} but the layer's parameters are {dtype}; "
                              f"convert one of them (layer.to({u.dtype}) or {name}.to({dtype}))")
+        if u.device != self.D.device:
+            raise ValueError(f"{name} is on {u.device} but the layer's parameters are on {self.D.device}")
         if ndim == 3 and min(u.shape[:2]) < 1:  # (a step of B = 0 inputs returns empty tensors)
             what = "length L" if u.shape[1] < 1 else "batch size B"
             raise ValueError(f"{name} has {what} = 0; need {what[-1]} >= 1")
@@ -157,6 +184,8 @@ class SSMLayer(nn.Module):
         if not torch.is_tensor(state) or tuple(state.shape) != shape or state.dtype != dtype:
             got = (tuple(state.shape), state.dtype) if torch.is_tensor(state) else type(state).__name__
             raise ValueError(f"state must have shape {shape} and dtype {dtype}; got {got}")
+        if state.device != self.D.device:  # the native kernels would read another device's pointer
+            raise ValueError(f"state is on {state.device} but the layer's parameters are on {self.D.device}")
 
     def check_recurrent(self, L=None, rate=1.0):
         if self.bidirectional:
@@ -265,6 +294,7 @@ class DiagonalSSM(SSMLayer):
         return self.zero_state(batch_size, self.d_model, self.n_modes)
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
+    @autocast_off
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
         """y = K * u + D u (+ the response to `state`), by FFT convolution or chunked matmuls.
 
@@ -333,6 +363,7 @@ class DiagonalSSM(SSMLayer):
         return L
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
+    @autocast_off
     def step(self, u_t, state, rate=1.0, L=None):
         """One step of the recurrence: x = A_bar x + B_bar u_t, y_t = factor Re(C x) + D u_t.
 

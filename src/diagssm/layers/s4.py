@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from diagssm import hippo
-from diagssm.layers.base import (SSMLayer, as_complex, check_backend, check_bools, check_even_state, check_length,
-                                 check_positive_ints, check_rate, complex_parameter, log_uniform)
+from diagssm.layers.base import (SSMLayer, as_complex, autocast_off, check_backend, check_bools, check_even_state,
+                                 check_length, check_positive_ints, check_rate, complex_parameter, log_uniform)
 from diagssm.ops import chunked_native, fft_conv
 from diagssm.ops.chunked_dense import dense_chunked, row_powers
 from diagssm.ops.step import dplr_step
@@ -328,6 +328,7 @@ class S4(SSMLayer):
         return A, real_coords(B_bar[:, :M]), 2 * real_coords(C.conj())  # (H, N, N), (H, N), (C', H, N)
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
+    @autocast_off
     def forward(self, u, state=None, return_state=False, rate=1.0, L=None):
         """y = K * u + D u (+ the response to `state`), by FFT convolution or chunked matmuls.
 
@@ -390,6 +391,7 @@ class S4(SSMLayer):
                           for c in range(self.channels)], dim=-1)
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
+    @autocast_off
     def step(self, u_t, state, rate=1.0, L=None):
         """One bilinear step in O(N r) per channel, using the DPLR structure (the recurrent view of S4):
             x' = (I - dt/2 A)^{-1} ((I + dt/2 A) x + dt B u_t),   y_t = 2 Re(C x') + D u_t

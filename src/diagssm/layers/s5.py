@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from diagssm import init as inits
-from diagssm.layers.base import (SSMLayer, as_complex, check_bools, check_positive_ints, check_rate, complex_parameter,
-                                 log_uniform)
+from diagssm.layers.base import (SSMLayer, as_complex, autocast_off, check_bools, check_positive_ints, check_rate,
+                                 complex_parameter, log_uniform)
 from diagssm.ops import chunked_native, discretize, modal_conv, s5_native, scan
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,7 @@ class S5(SSMLayer):
         return self.zero_state(batch_size, self.n_modes)
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
+    @autocast_off
     def forward(self, u, state=None, return_state=False, rate=1.0, dt=None, resets=None):
         """y_k = factor Re(C_tilde h_k) + D u_k with h_k = Lambda_bar_k h_(k-1) + B_bar_k u_k, h_(-1) = state.
 
@@ -287,6 +288,7 @@ class S5(SSMLayer):
         return dt, resets
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
+    @autocast_off
     def step(self, u_t, state, rate=1.0):
         """One step of the recurrence: h = Lambda_bar state + B_bar u_t, y_t = factor Re(C_tilde h) + D u_t.
 

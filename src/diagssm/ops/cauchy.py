@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import chunked_native
 from .chunked_native import grads_by_twin
 
 CHUNK_ELEMENTS = 1 << 22  # complex entries of 1/(z - w) held at once (32 MB in complex64)
@@ -79,6 +80,7 @@ class _Cauchy(torch.autograd.Function):
         return out
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, g):  # g (W, P, L)
         v, z, w = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the same chunks as plain ops

@@ -226,6 +226,7 @@ class _Chunked(torch.autograd.Function):
         return y, x
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, gy, g_last):
         u, W, into, aT, into_r, a_r, X, Z_kept, x0 = ctx.saved_tensors
         T, nbmax = ctx.T, ctx.nbmax

@@ -81,6 +81,7 @@ class _ToChunks(torch.autograd.Function):
         return _to_chunks(u[:, :, None], T, u.new_empty(H, nc, Bsz, 1, T))[:, :, :, 0]
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, g):
         H, nc, Bsz, T = g.shape
         return _from_chunks(g[:, :, :, None], T, g.new_empty(Bsz, ctx.L, 1, H))[:, :, 0], None
@@ -96,6 +97,7 @@ class _FromChunks(torch.autograd.Function):
         return _from_chunks(z, T, z.new_empty(Bsz, L, K, H))
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, gy):
         Bsz, L, K, H = gy.shape
         T = ctx.T
@@ -125,6 +127,7 @@ class _Carry(torch.autograd.Function):
         return X
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, gX):
         AT, X = ctx.saved_tensors
         H, nc, Bsz, n = X.shape

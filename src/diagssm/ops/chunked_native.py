@@ -161,6 +161,37 @@ def dense(*ts):
                  else t.resolve_conj().resolve_neg().contiguous() for t in ts)
 
 
+NATIVE_DTYPES = (torch.float32, torch.complex64)  # complex64: (Re, Im) float32 pairs
+
+
+def ptr(t):
+    """The address of t's memory for the library, which reads and writes it as raw float32 on the CPU:
+    another dtype or device would be read as garbage or written past its end, so it is an error (a
+    TypeError, which the ops' own checks should have made unreachable). None (an optional argument
+    left out) gives None, a NULL pointer."""
+    if t is None:
+        return None
+    if not (t.is_cpu and t.dtype in NATIVE_DTYPES):  # (not t.device.type: 6x slower, and a step passes ~9)
+        raise TypeError(f"diagssm's native kernels take float32 or complex64 CPU tensors; got {t.dtype} on "
+                        f"{t.device} (a diagssm bug where a layer passed it: please report it)")
+    return t.data_ptr()
+
+
+def without_autocast(backward):
+    """A custom autograd Function's `backward`, run with autocast off for its gradients' device.
+    PyTorch runs a backward pass under its caller's autocast state (on the CPU `loss.backward()`
+    inside an autocast block casts the backward's matmuls to bfloat16), while these forwards ran in
+    the layers' float32 (`layers.base.autocast_off`) and the native kernels read float32 only: their
+    backwards stay in float32. Built-in ops' backwards follow PyTorch's rule (wrap only the forward
+    in autocast)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next((g.device.type for g in grads if torch.is_tensor(g)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return backward(ctx, *grads)
+    return run
+
+
 def check_step_args(who, names, ts, dims, want, expected):
     """The step ops' argument check: tensors of the ranks `dims` whose shapes are `want(*ts)` (the
     sizes read from the tensors), else an error naming `who` and every argument's shape; `expected`
@@ -247,7 +278,7 @@ BLOCK_NUMBERS = 1 << 21
 
 def _rows(t):
     """(pointer, batch stride, chunk stride) of the rows (b, c) of a (B, n, K, H) view."""
-    return t.data_ptr(), t.stride(0), t.stride(1)
+    return ptr(t), t.stride(0), t.stride(1)
 
 
 def _widths(I):
@@ -266,7 +297,7 @@ def _tiles(w):
     K, I, H = w.shape
     S, V = _widths(I)
     t = w.new_empty(H // V, I // S, K, S, V)
-    library().tile_weights(t.data_ptr(), w.data_ptr(), *w.stride(), K, I, H, 0)
+    library().tile_weights(ptr(t), ptr(w), *w.stride(), K, I, H, 0)
     return t
 
 
@@ -278,7 +309,7 @@ def _untile(g, out=None):
     _float32_cpu(g, out)
     if out.shape != (K, m * S, n * V):
         raise ValueError(f"_untile: out must be {(K, m * S, n * V)}; got {tuple(out.shape)}")
-    library().tile_weights(g.data_ptr(), out.data_ptr(), *out.stride(), *out.shape, 1)
+    library().tile_weights(ptr(g), ptr(out), *out.stride(), *out.shape, 1)
     return out
 
 
@@ -325,8 +356,8 @@ def _mm(lib, C, A1, W1, A2=None, W2=None, tri=0, cp=1):
     where k > i // cp, or its transpose, zero (2) where k // cp < i; the kernel skips those zeros."""
     Bsz, n, I, H = C.shape
     r2 = _rows(A2) if A2 is not None else (None, 0, 0)
-    w2, K2 = (W2.data_ptr(), _KI(W2)[0]) if W2 is not None else (None, 0)
-    _check(lib.rows_mm(*_rows(C), *_rows(A1), W1.data_ptr(), _KI(W1)[0], tri, cp, *r2, w2, K2, I, H, n, Bsz * n))
+    w2, K2 = (ptr(W2), _KI(W2)[0]) if W2 is not None else (None, 0)
+    _check(lib.rows_mm(*_rows(C), *_rows(A1), ptr(W1), _KI(W1)[0], tri, cp, *r2, w2, K2, I, H, n, Bsz * n))
 
 
 def _red(lib, G, A, Bm, tri=0, parts=None, cp=1):
@@ -339,7 +370,7 @@ def _red(lib, G, A, Bm, tri=0, parts=None, cp=1):
     own = parts is None
     if own:
         parts = _partials(lib, G, Bsz * n)
-    _check(lib.rows_red(G.data_ptr(), parts.data_ptr(), parts.shape[0], *_rows(A), *_rows(Bm), K, _KI(G)[1], H, n,
+    _check(lib.rows_red(ptr(G), ptr(parts), parts.shape[0], *_rows(A), *_rows(Bm), K, _KI(G)[1], H, n,
                         Bsz * n, tri, cp))
     if own:
         _add_parts(G, parts)
@@ -363,22 +394,22 @@ def _chunks_fwd(lib, Y, X, U, Win, Wtoe, Wout, ar, ai):
     with X[:, 0] the entering states, on return the states entering each chunk and the next; Y (B, n,
     C'T, H) the outputs; weights tiled (`_tiles`)."""
     Bsz, n, T, H = U.shape
-    _check(lib.chunks_fwd(*_rows(Y), *_rows(X), *_rows(U), Win.data_ptr(), Wtoe.data_ptr(), Wout.data_ptr(),
-                          ar.data_ptr(), ai.data_ptr(), T, X.shape[2] // 2, Y.shape[2], H, n, Bsz))
+    _check(lib.chunks_fwd(*_rows(Y), *_rows(X), *_rows(U), ptr(Win), ptr(Wtoe), ptr(Wout),
+                          ptr(ar), ptr(ai), T, X.shape[2] // 2, Y.shape[2], H, n, Bsz))
 
 
 def _carry(lib, X, ar, ai):
     """X (B, n + 1, 2M, H): chunk input sums -> the states entering each chunk (`carry_fwd`)."""
     Bsz, n1, P, H = X.shape
-    lib.carry_fwd(X.data_ptr(), X.stride(0), X.stride(1), ar.data_ptr(), ai.data_ptr(), P // 2, H, n1 - 1, Bsz)
+    lib.carry_fwd(ptr(X), X.stride(0), X.stride(1), ptr(ar), ptr(ai), P // 2, H, n1 - 1, Bsz)
 
 
 def _carry_back(lib, Lm, X, ar, ai, gA):
     """Lm (B, n + 1, 2M, H): the states' gradients through their chunks' outputs (and the next
     block's) -> their total gradients; gA (B, 2M, H) += the gradient of A^T (`carry_bwd`)."""
     Bsz, n1, P, H = Lm.shape
-    lib.carry_bwd(Lm.data_ptr(), Lm.stride(0), Lm.stride(1), X.data_ptr(), X.stride(0), X.stride(1),
-                  ar.data_ptr(), ai.data_ptr(), gA.data_ptr(), gA.stride(0), P // 2, H, n1 - 1, Bsz)
+    lib.carry_bwd(ptr(Lm), Lm.stride(0), Lm.stride(1), ptr(X), X.stride(0), X.stride(1),
+                  ptr(ar), ptr(ai), ptr(gA), gA.stride(0), P // 2, H, n1 - 1, Bsz)
 
 
 class _DiagonalCarry:
@@ -411,7 +442,7 @@ class _DenseCarry:
 
     def _run(self, X, adjoint):
         Bsz, n1, n, H = X.shape
-        _check(self.lib.dense_carry(X.data_ptr(), X.stride(0), X.stride(1), self.A.data_ptr(), n, H, n1 - 1, Bsz,
+        _check(self.lib.dense_carry(ptr(X), X.stride(0), X.stride(1), ptr(self.A), n, H, n1 - 1, Bsz,
                                     adjoint))
 
     def fwd(self, X):
@@ -581,6 +612,7 @@ class ChunkedNative(torch.autograd.Function):
         return y, _state_of_lanes(X[:, nc], aT)
 
     @staticmethod
+    @without_autocast
     def backward(ctx, gy, g_last):
         u, X, W, into, aT, into_r, a_r, x0 = ctx.saved_tensors
         T = ctx.T

@@ -26,7 +26,8 @@ import logging
 import torch
 
 from . import chunked_native
-from .scan import _ptr, scan, scan_ref
+from .chunked_native import ptr
+from .scan import scan, scan_ref
 
 log = logging.getLogger(__name__)
 S5_STEP = "S5 step"  # the name under which `chunked_native.log_path` logs the step's path
@@ -68,12 +69,13 @@ class S5Fused(torch.autograd.Function):
         # the final state, written as (Re, Im) pairs into a complex tensor: returned as itself, not as a
         # complex view of a real one (which torch.compile could not trace)
         last = u.new_empty(B, P2 // 2, dtype=torch.complex64)
-        lib.s5_fwd(y.data_ptr(), xs.data_ptr(), last.data_ptr(), u.data_ptr(), W_in.data_ptr(),
-                   W_outT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
+        lib.s5_fwd(ptr(y), ptr(xs), ptr(last), ptr(u), ptr(W_in),
+                   ptr(W_outT), ptr(D), ptr(a_r), ptr(h0_r), B, L, H, P2, TB)
         ctx.save_for_backward(xs, *args)
         return y, last
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, gy, g_last):
         xs, *args = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: gradients with a graph, from the PyTorch ops
@@ -91,9 +93,9 @@ class S5Fused(torch.autograd.Function):
         g_in, g_out, gD, ga = u.new_empty(B, H, P2), u.new_empty(B, H, P2), u.new_empty(B, H), u.new_empty(B, P2)
         gh0 = u.new_empty(B, P2) if h0_r is not None and ctx.needs_input_grad[5] else None
         (W_inT,) = chunked_native.dense(W_in.t())  # bound to a name: it must live through the call
-        lib.s5_bwd(gu.data_ptr(), g_in.data_ptr(), g_out.data_ptr(), gD.data_ptr(), ga.data_ptr(), _ptr(gh0),
-                   lam.data_ptr(), gy.data_ptr(), _ptr(g_last), u.data_ptr(), xs.data_ptr(), W_out.data_ptr(),
-                   W_inT.data_ptr(), D.data_ptr(), a_r.data_ptr(), _ptr(h0_r), B, L, H, P2, TB)
+        lib.s5_bwd(ptr(gu), ptr(g_in), ptr(g_out), ptr(gD), ptr(ga), ptr(gh0),
+                   ptr(lam), ptr(gy), ptr(g_last), ptr(u), ptr(xs), ptr(W_out),
+                   ptr(W_inT), ptr(D), ptr(a_r), ptr(h0_r), B, L, H, P2, TB)
 
         def cplx(g):
             return torch.view_as_complex(g.view(*g.shape[:-1], -1, 2))
@@ -205,8 +207,8 @@ def _s5_step_native(u_t, state, a, W_in, W_out, D):
     u_t, state, a, W_in, W_out, D = chunked_native.dense(u_t, state, a, W_in, W_out, D)
     (Bsz, H), P = u_t.shape, a.shape[0]
     y, h = torch.empty_like(u_t), torch.empty_like(state)
-    chunked_native.library().s5_step(y.data_ptr(), h.data_ptr(), u_t.data_ptr(), state.data_ptr(), a.data_ptr(),
-                                     W_in.data_ptr(), W_out.data_ptr(), D.data_ptr(), Bsz, H, P)
+    chunked_native.library().s5_step(ptr(y), ptr(h), ptr(u_t), ptr(state), ptr(a),
+                                     ptr(W_in), ptr(W_out), ptr(D), Bsz, H, P)
     return y, h
 
 

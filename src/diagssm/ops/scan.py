@@ -43,6 +43,7 @@ import math
 import torch
 
 from . import chunked_native
+from .chunked_native import ptr
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class _Scan(torch.autograd.Function):
         return h
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, grad_h):
         a, h, h0 = ctx.saved_tensors
         return (*_scan_grads(a, h, h0, grad_h, ctx.reverse, ctx.needs_input_grad), None)
@@ -254,10 +256,6 @@ def _native_problem(a, b, h0):
     return "" if chunked_native.available() else chunked_native.why_unavailable()
 
 
-def _ptr(t):
-    return None if t is None else t.data_ptr()
-
-
 class _NativeScan(torch.autograd.Function):
     """The scan of a constant a (P,) complex64 over b (B, L, P) from h0 (B, P) or zero, on the
     native kernels `scan_fwd` / `scan_bwd` (the same recurrences as `_Scan`, one sequential loop per
@@ -270,12 +268,13 @@ class _NativeScan(torch.autograd.Function):
         h0 = None if h0_in is None else chunked_native.dense(h0_in)[0]
         B, L, P = b.shape
         h = torch.empty_like(b)
-        lib.scan_fwd(h.data_ptr(), b.data_ptr(), a.data_ptr(), _ptr(h0), B, L, P, int(reverse))
+        lib.scan_fwd(ptr(h), ptr(b), ptr(a), ptr(h0), B, L, P, int(reverse))
         ctx.save_for_backward(a_in, h, h0_in)  # as given (dense() may copy): their graphs, for create_graph
         ctx.reverse = reverse
         return h
 
     @staticmethod
+    @chunked_native.without_autocast
     def backward(ctx, g):
         a, h, h0 = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: `_Scan`'s gradients, which are differentiable
@@ -287,7 +286,7 @@ class _NativeScan(torch.autograd.Function):
         B, L, P = h.shape
         lam, ga = torch.empty_like(h), h.new_empty(B, P)
         gh0 = h.new_empty(B, P) if h0 is not None and ctx.needs_input_grad[2] else None
-        lib.scan_bwd(lam.data_ptr(), g.data_ptr(), h.data_ptr(), a.data_ptr(), _ptr(h0), ga.data_ptr(), _ptr(gh0),
+        lib.scan_bwd(ptr(lam), ptr(g), ptr(h), ptr(a), ptr(h0), ptr(ga), ptr(gh0),
                      B, L, P, int(ctx.reverse))
         return ga.sum(0), lam, gh0, None
 
@@ -312,6 +311,11 @@ def scan(A_bar, Bu, h0=None, reverse=False):
         h0:    (B, P) or None (zeros)
         h:     (B, L, P), dtype promoted from A_bar, Bu (and h0)
     """
+    devices = [t.device for t in (A_bar, Bu, h0) if torch.is_tensor(t)]
+    if any(d != devices[0] for d in devices):
+        names = ", ".join(f"{n} on {t.device}" for n, t in zip(("A_bar", "Bu", "h0"), (A_bar, Bu, h0))
+                          if torch.is_tensor(t))
+        raise ValueError(f"scan: A_bar, Bu and h0 must be on one device; got {names}")
     a, b, h0 = _prepare(A_bar, Bu, h0, reverse)  # (B', L', P'), (B, L, P), (B, P)
     why = _native_problem(a, b, h0)
     chunked_native.log_path(log, chunked_native.SCAN, "native kernel", "PyTorch loop", why)

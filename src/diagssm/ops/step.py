@@ -18,6 +18,7 @@ import logging
 import torch
 
 from . import chunked_native
+from .chunked_native import ptr
 
 log = logging.getLogger(__name__)
 STEP, DPLR_STEP = "diagonal step", "S4 (DPLR) step"  # the names under which `chunked_native.log_path` logs
@@ -57,8 +58,8 @@ def _diagonal_step_native(u_t, state, A_bar, B_bar, C, D, factor):
     u_t, state, A_bar, B_bar, C, D = chunked_native.dense(u_t, state, A_bar, B_bar, C, D)
     (Bsz, H), M, Cp = u_t.shape, A_bar.shape[-1], C.shape[0]
     y, x = u_t.new_empty(Bsz, Cp, H), torch.empty_like(state)
-    chunked_native.library().diag_step(y.data_ptr(), x.data_ptr(), u_t.data_ptr(), state.data_ptr(),
-                                       A_bar.data_ptr(), B_bar.data_ptr(), C.data_ptr(), D.data_ptr(),
+    chunked_native.library().diag_step(ptr(y), ptr(x), ptr(u_t), ptr(state),
+                                       ptr(A_bar), ptr(B_bar), ptr(C), ptr(D),
                                        float(factor), Bsz, H, M, Cp)
     return y, x
 
@@ -118,7 +119,7 @@ def _dplr_step_native(*ts):
     u_t, E, Pc2, C = ts[0], ts[2], ts[3], ts[10]
     (Bsz, H), M, R, Cp = u_t.shape, E.shape[1], Pc2.shape[0], C.shape[0]
     y, x = ts[0].new_empty(Bsz, Cp, H), torch.empty_like(ts[1])
-    chunked_native.library().dplr_step(y.data_ptr(), x.data_ptr(), *(t.data_ptr() for t in ts), Bsz, H, M, R, Cp)
+    chunked_native.library().dplr_step(ptr(y), ptr(x), *(ptr(t) for t in ts), Bsz, H, M, R, Cp)
     return y, x
 
 
