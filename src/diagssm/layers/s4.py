@@ -200,14 +200,6 @@ def dplr_kernel_ref(Lambda, P, B, C, dt, L):
     return torch.stack(K, dim=-1)  # (C', H, L)
 
 
-def apply_A(Lambda, P, x):
-    """A x on the stored half: Lambda x - sum_r P_r 2 Re(P_r^H x).
-    Shapes: Lambda (M,) or (H, M); P (r, M) or (r, H, M); x (..., H, M) -> (..., H, M)"""
-    Lambda, P = per_channel(Lambda, P, x.shape[-2])  # (H, M), (r, H, M)
-    q = 2 * torch.einsum("rhm,...hm->...hr", P.conj(), x).real  # (..., H, r)
-    return Lambda * x - torch.einsum("...hr,rhm->...hm", q.to(x.dtype), P)  # (..., H, M)
-
-
 def final_state(A_bar, B_bar, u, x0_full):
     """x_L = A_bar^L x0 + sum_l A_bar^{L-1-l} B_bar u_l on the doubled state, in two levels like
     `vandermonde_contract`: l = c m + j with c ~ sqrt(L); in-chunk powers A_bar^j B_bar (j < c)
