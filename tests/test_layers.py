@@ -232,6 +232,16 @@ EVERY_LAYER = {"S4D": S4D, "DSS": DSS, "S4": S4, "S5": S5}
 
 
 @pytest.mark.parametrize("who", list(EVERY_LAYER))
+def test_every_layer_takes_L(who):
+    """One interface: forward and step take `L=` (used by DSS-softmax only; S5 had refused it)."""
+    layer = EVERY_LAYER[who](16, 8)
+    u = torch.randn(2, 5, 16)
+    assert_close(layer(u, L=5), layer(u))
+    state = layer.default_state(2)
+    assert_close(layer.step(u[:, 0], state, L=5)[0], layer.step(u[:, 0], state)[0])
+
+
+@pytest.mark.parametrize("who", list(EVERY_LAYER))
 def test_inputs_and_states_on_another_device_are_an_error(who):
     """A state on another device than the layer had reached the native kernels as a raw pointer (a meta
     tensor's is 0: S5 read it as no state, silently; a CUDA one would be read on the host)."""

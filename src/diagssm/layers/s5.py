@@ -210,11 +210,12 @@ class S5(SSMLayer):
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     @autocast_off
-    def forward(self, u, state=None, return_state=False, rate=1.0, dt=None, resets=None):
+    def forward(self, u, state=None, return_state=False, rate=1.0, dt=None, resets=None, L=None):
         """y_k = factor Re(C_tilde h_k) + D u_k with h_k = Lambda_bar_k h_(k-1) + B_bar_k u_k, h_(-1) = state.
 
         `rate` scales the step (a change of sampling rate); `dt` multiplies it per step (class
-        docstring); `resets[b, k]` restarts the state at step k: h_k = B_bar_k u_k.
+        docstring); `resets[b, k]` restarts the state at step k: h_k = B_bar_k u_k. `L` is accepted
+        for interface parity with the other layers and unused (S5 does not depend on it).
 
         Shapes:
             u: (B, L, H); state: (B, M) complex or None (zero); dt: (B, L) or None; resets: (B, L) bool
@@ -289,8 +290,9 @@ class S5(SSMLayer):
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     @autocast_off
-    def step(self, u_t, state, rate=1.0):
+    def step(self, u_t, state, rate=1.0, L=None):
         """One step of the recurrence: h = Lambda_bar state + B_bar u_t, y_t = factor Re(C_tilde h) + D u_t.
+        `L`: as `forward`'s, unused.
 
         Shapes: u_t (B, H); state (B, M) complex -> y_t (B, H), state (B, M)
         """
