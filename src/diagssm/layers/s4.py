@@ -221,26 +221,43 @@ def final_state(A_bar, B_bar, u, x0_full):
     return (x + h)[..., 0, :]  # (B, H, N)
 
 
-def state_response(A_bar, C, x0_full, L):
-    """y_l = Re(C A_bar^(l+1) x0) for l < L (the response to the state x0 with no input), in two
-    levels like `final_state`: l = c m + j, rows C A_bar^j (j < c) by doubling, states
-    A_bar^(c m + 1) x0 by a recurrence over the L/c chunks with A_bar^c. Its errors stay at the
-    precision's (the generating-function route, the kernel of B' = A_bar x0 / dt through C_tilde,
-    lost a third of the response in float32 at dt = 1e-3: C_tilde's cancellation times 1/dt).
+def real_matrix(A_bar):
+    """The doubled A_bar's action on the stored half, x -> A11 x + A12 conj x (real-linear), as a
+    real matrix on x = [Re x; Im x]. Shapes: (H, N, N) complex -> (H, N, N) real"""
+    M = A_bar.shape[-1] // 2
+    A11, A12 = A_bar[:, :M, :M], A_bar[:, :M, M:]  # (H, M, M)
+    return torch.cat([torch.cat([A11.real + A12.real, A12.imag - A11.imag], -1),
+                      torch.cat([A11.imag + A12.imag, A11.real - A12.real], -1)], -2)  # (H, N, N)
 
-    Shapes: A_bar (H, N, N); C (C', H, N) doubled; x0_full (B, H, N) -> (B, C', H, L)
+
+def real_output(C):
+    """C (C', H, M) complex -> the real (C', H, N) with C' x = 2 Re(C x_stored) on x = [Re x; Im x]."""
+    return 2 * real_coords(C.conj())
+
+
+def state_response(A, C, x0, L):
+    """y_l = C A^(l+1) x0 for l < L (the response to the state x0 with no input; real coordinates:
+    `real_matrix`, `real_output`), in two levels like `final_state`: l = c m + j, rows C A^j
+    (j < c) by doubling, states A^(c m + 1) x0 by a recurrence over the L/c chunks with A^c. Its
+    errors stay at the precision's (the generating-function route, the kernel of B' = A_bar x0 / dt
+    through C_tilde, lost a quarter of the response in float32 at dt = 1e-3: C_tilde's cancellation
+    times 1/dt).
+
+    Shapes: A (H, N, N); C (C', H, N); x0 (B, H, N) -> (B, C', H, L)
     """
     c = 1 << math.ceil(math.log2(L) / 2)  # in-chunk length, a power of two >= sqrt(L)
     n_chunks = -(-L // c)
-    R, Ac = row_powers(C, A_bar, c)  # (C', H, c, N) rows C A^j; (H, N, N) A^c
-    s = (A_bar @ x0_full[..., None])[..., 0]  # (B, H, N): A x0
-    states = []
+    Cp, H, N = C.shape
+    R, Ac = row_powers(C, A, c)  # (C', H, c, N) rows C A^j; (H, N, N) A^c
+    s = x0.transpose(0, 1) @ A.transpose(-1, -2)  # (H, B, N): A x0, per channel one (B, N) x (N, N) product
+    Act, states = Ac.transpose(-1, -2), []
     for _ in range(n_chunks):
         states.append(s)
-        s = (Ac @ s[..., None])[..., 0]
-    S = torch.stack(states, dim=-1)  # (B, H, N, n)
-    y = (R[None] @ S[:, None]).real  # (B, C', H, c, n): Re(C A^j A^(c m + 1) x0)
-    return y.transpose(-1, -2).flatten(-2)[..., :L]  # (B, C', H, L), l = c m + j
+        s = s @ Act
+    S = torch.stack(states, dim=2).flatten(1, 2)  # (H, B n, N): A^(c m + 1) x0
+    y = R.transpose(0, 1).flatten(1, 2) @ S.transpose(-1, -2)  # (H, C' c, B n): C A^j A^(c m + 1) x0
+    y = y.unflatten(1, (Cp, c)).unflatten(-1, (x0.shape[0], n_chunks))  # (H, C', c, B, n)
+    return y.permute(3, 1, 0, 4, 2).flatten(-2)[..., :L]  # (B, C', H, L), l = c m + j
 
 
 class S4(SSMLayer):
@@ -334,12 +351,7 @@ class S4(SSMLayer):
         A (H, N, N), B (H, N) and C (C', H, N) real with y = C x = 2 Re(C x_stored). The stored half
         of A_bar [x; conj x] is A11 x + A12 conj x, real-linear in x (module docstring)."""
         A_bar, B_bar = self.dense(rate)  # (H, N, N), (H, N) doubled
-        M = self.n_modes
-        A11, A12 = A_bar[:, :M, :M], A_bar[:, :M, M:]  # (H, M, M)
-        A = torch.cat([torch.cat([A11.real + A12.real, A12.imag - A11.imag], -1),
-                       torch.cat([A11.imag + A12.imag, A11.real - A12.real], -1)], -2)  # (H, N, N)
-        C = as_complex(self.C)  # (C', H, M)
-        return A, real_coords(B_bar[:, :M]), 2 * real_coords(C.conj())  # (H, N, N), (H, N), (C', H, N)
+        return real_matrix(A_bar), real_coords(B_bar[:, :self.n_modes]), real_output(as_complex(self.C))
 
     @chunked_native.eager  # runs as it is inside a compiled model (README, torch.compile)
     @autocast_off
@@ -387,7 +399,8 @@ class S4(SSMLayer):
         y = self._conv(u, K)  # (B, L, channels H)
         if state is None:
             return y, None
-        y = y + state_response(A_bar, doubled(C), doubled(state), L_u).permute(0, 3, 1, 2).flatten(2)  # (B, L, C' H)
+        response = state_response(real_matrix(A_bar), real_output(C), real_coords(state), L_u)  # (B, C', H, L)
+        y = y + response.permute(0, 3, 1, 2).flatten(2)  # (B, L, C' H)
         if not return_state:
             return y, None
         x = final_state(A_bar, B_bar, u, doubled(state))  # (B, H, N)
