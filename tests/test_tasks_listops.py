@@ -251,6 +251,15 @@ def test_reader_skips_a_byte_order_mark(tmp_path):
     assert [(listops_gen.decode(x[:n].tolist()), y) for x, y, n in items(task.train)] == ROWS
 
 
+def test_reader_skips_blank_lines(tmp_path):
+    """A blank last line (a hand-edited file) had been an error: ':6: no tab'."""
+    folder = release(tmp_path / "lra")
+    path = folder / "basic_train.tsv"
+    path.write_bytes(path.read_bytes() + b"\r\n")
+    task = listops.listops_lra_task(path=str(folder))
+    assert [(listops_gen.decode(x[:n].tolist()), y) for x, y, n in items(task.train)] == ROWS
+
+
 def test_reader_reads_generated_expressions_back(small, tmp_path):
     rows = [(listops_gen.decode(x[:n].tolist()), y) for x, y, n in items(small.val)]
     task = listops.listops_lra_task(path=release(tmp_path / "lra", rows, rows[:3], rows[3:6]))

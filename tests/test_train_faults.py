@@ -1,5 +1,9 @@
 """Faults: a NaN stops the run and keeps the last good checkpoint; checkpoint writes are atomic;
 truncated checkpoints and leftover temporary files are never loaded."""
+import os
+import socket
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -59,6 +63,18 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         atomic_save({"a": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)["a"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_atomic_writes_use_a_temporary_name_of_their_own(tmp_path, monkeypatch):
+    """Named by the PID alone, two writers on two machines sharing a folder (NFS) could write one
+    temporary file: the name has the host and a random part too."""
+    names = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (names.append(Path(src).name), real_replace(src, dst)))
+    for _ in range(2):
+        atomic_save({"a": torch.ones(3)}, tmp_path / "c.pt")
+    assert names[0] != names[1] and all(n.startswith(f".c.pt.{socket.gethostname()}.{os.getpid()}.") for n in names)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,8 @@ target with os.replace (atomic on POSIX) and fsyncs the folder so that the renam
 Temporary names start with "." and end in ".tmp". Checkpoints and task caches are written with it.
 """
 import os
+import secrets
+import socket
 from pathlib import Path
 
 import torch
@@ -27,7 +29,8 @@ def atomic_write_text(text, path):
 
 def _atomic_write(path, write):
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # unique per writer: processes on two machines writing one shared (NFS) folder can share a PID
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -129,6 +129,8 @@ def read_tsv(path, max_length=None, too_long="cut", check_labels=True):
         if header.split("\t") != ["Source", "Target"]:
             raise cache.DataError(f"{path}: line 1 is {header[:40]!r}; expected the header 'Source<TAB>Target'")
         for n, line in enumerate(f, start=2):
+            if not line.strip():  # a blank line (a hand-edited file's last): skipped, as the other readers do
+                continue
             ids, label = _read_row(line.rstrip("\r\n"), f"{path}:{n}", check_labels)
             if max_length is not None and len(ids) > max_length:
                 if too_long == "error":
