@@ -20,9 +20,10 @@ Train and val stay at 16 kHz. The data card is docs/data/speech.md.
 <path>/<word>/<speaker hash>_nohash_<n>.wav, 16 kHz 16-bit mono; validation_list.txt and
 testing_list.txt name the val and test files (paths relative to <path>); every other file of the
 chosen words' folders is train; _background_noise_/ and the other words' folders are not read.
-words=10 keeps the 10 command words only (10 classes, the "SC10" of the S4 papers; no "unknown"
-or "silence" class), words=35 all 35 words (S4's and S5's 35-class task). Clips are padded with
-zeros at the end or cut to 16000 samples.
+words=10 keeps the 10 command words only (10 classes, the words of the S4 papers' "SC10"; no
+"unknown" or "silence" class), words=35 all 35 words (S4's and S5's 35-class task). Clips are padded
+with zeros at the end or cut to 16000 samples. The S4 code's SC10 split, normalisation and
+half-rate test differ (docs/data/speech.md, "Against the S4 code's loader").
 """
 import shutil
 from pathlib import Path
