@@ -220,6 +220,19 @@ def test_generate_steps_a_delay_model(tmp_path, capsys):
     assert "--every=0 must be >= 1" in capsys.readouterr().err
 
 
+def test_generate_steps_a_token_task(tmp_path, capsys):
+    """copy stores its tokens as uint8 (the training batches convert them): generate had refused the
+    item, 'x_t must be an int64 (or int32) tensor of tokens'."""
+    config = write_config(tmp_path / "c.yaml", TINY_DELAY, task={"name": "copy", "params": {
+        "n_copy": 4, "delay": 8, "n_train": 32, "n_val": 16, "n_test": 16}})
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run-dir", str(run), "--prompt-len", "5", "--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("max |step-by-step output - model(inputs)|: ")[1].split()[0]) < 1e-4
+
+
 def test_generate_zeros_and_feedback_agree_with_forward(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--config", str(write_config(tmp_path / "d.yaml", TINY_DELAY)), "--run-dir", str(run)]) == 0

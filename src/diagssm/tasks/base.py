@@ -48,6 +48,12 @@ def item_length(item):
     return int(item[2]) if len(item) == 3 else len(item[0])
 
 
+def model_input(x):
+    """x as the model takes it: tokens stored compactly (uint8, int16) as int64, which embeddings
+    take; real inputs unchanged."""
+    return x if x.is_floating_point() else x.long()
+
+
 def pad_collate(items, per_step_targets=False):
     """Stack a list of dataset items into (x, y, lengths), padding with zeros to the batch's
     longest sequence. Items are (x, y) (length = len(x)) or (x, y, length).
@@ -59,8 +65,7 @@ def pad_collate(items, per_step_targets=False):
     L = int(lengths.max())
     xs = [it[0][:n] for it, n in zip(items, lengths.tolist())]
     x = torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)  # (B, L, ...)
-    if not x.is_floating_point():
-        x = x.long()  # tokens may be stored compactly (uint8, int16); embeddings take int64
+    x = model_input(x)
     if per_step_targets:
         ys = [it[1][:n] for it, n in zip(items, lengths.tolist())]
         y = torch.nn.utils.rnn.pad_sequence(ys, batch_first=True)  # (B, L, ...)

@@ -16,6 +16,7 @@ import csv
 
 import torch
 
+from diagssm.tasks.base import model_input
 from diagssm.train.objective import scored_steps
 
 CONTINUATIONS = ("zeros", "data", "feedback")
@@ -115,6 +116,7 @@ def cmd_generate(args):
         raise ValueError(f"--index {args.index}: the {args.split} split has {len(dataset)} sequences")
     item = dataset[args.index]
     x, y = item[0][:int(item[2])] if len(item) == 3 else item[0], item[1]
+    x = model_input(x)  # a token task's uint8 (the training batches' conversion)
     inputs, outputs, gap = generate(model, x, args.prompt_len, args.steps, args.then)
     print(f"{path} (step {state['step']}): {args.split}[{args.index}], prompt {args.prompt_len} steps, "
           f"then {args.steps} steps of {args.then}")
