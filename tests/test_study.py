@@ -225,6 +225,19 @@ def test_a_failing_row_does_not_stop_the_others(tmp_path, capsys):
     assert not (runs / "tiny" / "diverges" / "seed0" / "result.json").exists()
 
 
+def test_a_row_whose_folder_cannot_be_written_does_not_stop_the_others(tmp_path, capsys):
+    """A file system error in one row (its folder's place taken by a file) had ended the whole study
+    with a traceback; it is that row's failure."""
+    path = write_study(tmp_path)
+    runs = tmp_path / "runs"
+    (runs / "tiny" / "s4d-legs").mkdir(parents=True)
+    (runs / "tiny" / "s4d-legs" / "seed0").write_text("not a folder")
+    assert main(["study", "run", str(path), "--runs-dir", str(runs), "--seeds", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "s4d-legs seed 0: failed:" in err and "1 of 2 rows failed: s4d-legs seed 0" in err
+    assert (runs / "tiny" / "s4d-lin" / "seed0" / "result.json").exists()
+
+
 @pytest.mark.parametrize("path", sorted(p for p in (Path(__file__).parents[1] / "configs" / "study").glob("*.yaml")
                                         if p.name != "models.yaml"), ids=lambda p: p.stem)
 def test_committed_studies_keep_parameter_counts_within_ten_percent(path):

@@ -197,6 +197,15 @@ def test_train_refuses_a_used_folder_and_resume_needs_a_folder(tmp_path, capsys)
     assert "optim.lr='fast' has type str; expected float" in capsys.readouterr().err
 
 
+def test_a_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    """Errors of the file system other than a missing or existing file (here NotADirectoryError; a
+    read-only disk is the same) had escaped as tracebacks with exit 1, the code of a diverged run."""
+    cfg_path = write_config(tmp_path / "t.yaml", run={"max_steps": 2})
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(cfg_path / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diagssm train: error: ") and "Not a directory" in err and "Traceback" not in err
+
+
 def test_generate_steps_a_delay_model(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(write_config(tmp_path / "d.yaml", TINY_DELAY)), "--run-dir", str(run)]) == 0

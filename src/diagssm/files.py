@@ -18,8 +18,15 @@ def cache_dir():
 
 
 def atomic_save(obj, path):
-    """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring). A
+    write that fails inside torch.save's archive writer (a RuntimeError, e.g. "unexpected pos" when
+    the disk fills at some points) is an OSError, as the other failed writes are."""
+    def save(f):
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            raise OSError(f"torch.save could not write {Path(path).name} (a full disk?): {e}") from e
+    _atomic_write(path, save)
 
 
 def atomic_write_text(text, path):

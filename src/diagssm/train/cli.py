@@ -1,7 +1,8 @@
 """The `diagssm` command: train, eval, generate, bench, plot, info, data, study.
 
 Exit codes: 0 success; 1 training diverged (NaN/inf loss or gradient); 2 a usage or config
-error (the message names the argument), or torch.compile failing with run.compile=true;
+error (the message names the argument), a file that cannot be read or written (a read-only or
+full disk: the operating system's error), or torch.compile failing with run.compile=true;
 130 / 143 training stopped by SIGINT / SIGTERM after writing a checkpoint (128 + the signal
 number), and 130 for Ctrl-C in any other command. Under torchrun every process returns the same
 code (torchrun's own is 1 after a signal).
@@ -163,7 +164,7 @@ def main(argv=None):
     except TrainingDiverged as e:
         print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, CompileError) as e:
+    except (ValueError, OSError, CheckpointError, CompileError) as e:  # OSError: a read-only or full disk, ...
         print(f"diagssm {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (which saves and returns 130 itself): no traceback

@@ -378,7 +378,7 @@ def cmd_study(args):
     for model, seed in rows:
         try:
             code = train_row(study, args.runs_dir, model, seed, args.set)
-        except (TrainingDiverged, CheckpointError, ValueError) as e:  # this row's failure: go on to the next
+        except (TrainingDiverged, CheckpointError, ValueError, OSError) as e:  # this row's failure: go on
             print(f"[{study.name}] {model} seed {seed}: failed: {e}", file=sys.stderr)
             failed.append(f"{model} seed {seed}")
             continue
