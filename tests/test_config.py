@@ -70,6 +70,23 @@ def test_yaml_file_errors(tmp_path):
         load(tmp_path / "b.yaml")
 
 
+def test_a_key_given_twice_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second run: section had replaced the first (its
+    max_steps, threads and progress) silently."""
+    (tmp_path / "c.yaml").write_text("run: {max_steps: 3, threads: 1}\noptim: {lr: 0.01}\nrun: {eval_every: 1}\n")
+    with pytest.raises(ValueError, match=r"c.yaml: not valid YAML.*'run' is given twice"):
+        load(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("optim: {lr: 0.01, lr: 0.02}\n")
+    with pytest.raises(ValueError, match="'lr' is given twice"):
+        load(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("task: {params: &p {seq_len: 8}}\nmodel: {layer_kwargs: {<<: *p, seq_len: 4}}\n")
+    assert load(tmp_path / "e.yaml").model.layer_kwargs == {"seq_len": 4}  # a merge may repeat a key: allowed
+    with pytest.raises(ValueError, match=r"--set 'model.layer_kwargs=\{a: 1, a: 2\}': not valid YAML.*given twice"):
+        load(None, ["model.layer_kwargs={a: 1, a: 2}"])
+    with pytest.raises(ValueError, match=r"--set 'run.max_steps=\[1': not valid YAML"):  # had been a traceback
+        load(None, ["run.max_steps=[1"])
+
+
 def test_dotted_overrides():
     cfg = load(None, ["optim.lr=1e-3", "optim.grad_clip=1", "model.layer_kwargs.d_state=32",
                       "model.layer_kwargs.init=lin", "task.params.seq_len=64", "optim.betas=[0.8, 0.9]",

@@ -245,8 +245,37 @@ def apply_overrides(data, overrides):
             elif not isinstance(node[part], dict):
                 raise ValueError(f"--set {item!r}: {part!r} holds {node[part]!r}, not a mapping")
             node = node[part]
-        node[parts[-1]] = yaml.safe_load(text)
+        try:
+            node[parts[-1]] = read_yaml(text)
+        except yaml.YAMLError as e:  # had escaped as a traceback
+            raise ValueError(f"--set {item!r}: not valid YAML ({' '.join(str(e).split())})") from None
     return data
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """yaml.SafeLoader refusing a key given twice in one mapping: PyYAML keeps the last one silently,
+    so a second `run:` section had replaced the first (max_steps and all) without a word."""
+
+
+def _mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, which may repeat keys
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in this mapping",
+                                                    key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeys.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
+def read_yaml(stream):
+    """yaml.safe_load, with a key given twice in a mapping an error (yaml.YAMLError)."""
+    return yaml.load(stream, Loader=_UniqueKeys)
 
 
 def load(path=None, overrides=()):
@@ -255,7 +284,7 @@ def load(path=None, overrides=()):
     if path is not None:
         with open(path) as f:
             try:
-                data = yaml.safe_load(f) or {}
+                data = read_yaml(f) or {}
             except yaml.YAMLError as e:
                 raise ValueError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(data, dict):

@@ -113,7 +113,7 @@ class Study:
 def _read_yaml(path, what="study"):
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = config_mod.read_yaml(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such {what} file") from None
     except yaml.YAMLError as e:
