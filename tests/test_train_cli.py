@@ -92,6 +92,21 @@ def test_train_writes_the_run_folder_and_eval_reads_it_back(tmp_path, capsys):
     assert "no such checkpoint (choose latest, best, a path or a file name in" in capsys.readouterr().err
 
 
+def test_a_checkpoint_name_is_the_runs_own_file(tmp_path, capsys, monkeypatch):
+    """A file of the same name in the current folder had been evaluated instead, and reported as the run's."""
+    cfg_path, run = write_config(tmp_path / "t.yaml", run={"max_steps": 20}), tmp_path / "run"
+    assert main(["train", "--config", str(cfg_path), "--run-dir", str(run)]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "step_00000010.pt").write_bytes((run / "checkpoints" / "step_00000020.pt").read_bytes())
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(run), "--checkpoint", "step_00000010.pt"]) == 0
+    assert "step 10" in capsys.readouterr().out
+    assert main(["eval", "--run-dir", str(run), "--checkpoint", "./step_00000010.pt"]) == 0  # a path: that file
+    assert "step 20" in capsys.readouterr().out
+
+
 def test_eval_at_another_rate(tmp_path, capsys):
     """--rate r evaluates model(x, lengths, rate=r): every SSM step size scaled by r."""
     from diagssm.train.data import eval_loader

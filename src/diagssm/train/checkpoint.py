@@ -128,14 +128,15 @@ class CheckpointFolder:
 
     def resolve(self, which):
         """The file for "latest" (newest valid step checkpoint), "best", a path, or the name of a file
-        in the folder (step_00000080.pt)."""
+        in the folder (step_00000080.pt). A bare name is the folder's file where it has one (a file of
+        that name in the current folder had been taken instead, and reported as this run's)."""
         if which == "latest":
             found = self.latest_valid()
             if found is None:
                 raise CheckpointError(f"no checkpoint in {self.folder}")
             return found
         path = self.folder / "best.pt" if which == "best" else Path(which)
-        if not path.exists() and (self.folder / which).exists():
+        if (self.folder / which).exists() and (not path.exists() or Path(which).name == which):
             path = self.folder / which
         if not path.exists():
             raise CheckpointError(f"{path}: no such checkpoint (choose latest, best, a path or a file name in "
