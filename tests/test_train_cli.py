@@ -189,6 +189,29 @@ def test_every_option_has_help():
             assert action.help, f"diagssm {name} {action.option_strings or action.dest} has no help text"
 
 
+NO_YAML = """
+import builtins, sys
+real = builtins.__import__
+def without_yaml(name, *args, **kwargs):
+    if name.split(".")[0] == "yaml":
+        raise ModuleNotFoundError("No module named 'yaml'", name="yaml")
+    return real(name, *args, **kwargs)
+builtins.__import__ = without_yaml
+from diagssm.train.cli import main
+sys.exit(main(["info"]))
+"""
+
+
+def test_a_missing_extra_is_named(tmp_path):
+    """The console script is installed without the [train] extra too: `diagssm info` had ended in a
+    ModuleNotFoundError traceback for yaml."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", NO_YAML], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "diagssm: error: this command needs PyYAML (pip install 'diagssm[train]')" in out.stderr
+
+
 def test_version_names_diagssm_and_torch(capsys):
     import torch
 

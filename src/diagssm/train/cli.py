@@ -147,6 +147,21 @@ def build_parser():
 def main(argv=None):
     """Run the command; return its exit code (module docstring). Errors print one line."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as e:  # the console script is installed without the [train] extra too
+        if e.name not in EXTRAS:
+            raise
+        print(f"diagssm: error: this command needs {EXTRAS[e.name]} (pip install 'diagssm[train]')",
+              file=sys.stderr)
+        return 2
+
+
+# the [train] extra (pyproject.toml): module -> package
+EXTRAS = {"yaml": "PyYAML", "tqdm": "tqdm", "matplotlib": "matplotlib", "PIL": "Pillow"}
+
+
+def _main(argv):
     from diagssm.cpu import fast_cpu_settings
 
     fast_cpu_settings()  # speed only: denormals flushed, huge pages for large tensors
