@@ -314,6 +314,10 @@ def test_resume_reports_changed_settings_and_continues(tmp_path, capsys):
     assert f"resumed from {run / 'checkpoints' / 'step_00000010.pt'}: step 10 (epoch 0, batch 10)" in out
     assert config_mod.load(run / "config.yaml").run.max_steps == 20
     assert [int(r["step"]) for r in rows(run) if r["split"] == "val"] == [10, 20]
+    # fewer steps than done: an error, config.yaml kept (it had ended at once and saved max_steps 15)
+    assert main(["train", "--run-dir", str(run), "--resume", "--set", "run.max_steps=15"]) == 2
+    assert "run.max_steps=15 is below the step of step_00000020.pt, 20: nothing to train" in capsys.readouterr().err
+    assert config_mod.load(run / "config.yaml").run.max_steps == 20
 
 
 def test_resume_that_does_not_fit_leaves_the_run_as_it_was(tmp_path, capsys):

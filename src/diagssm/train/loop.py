@@ -223,6 +223,9 @@ class Trainer:
                 if bad.name > path.name:
                     bad.replace(bad.with_name(bad.name + ".unreadable"))
                     self.say(f"{bad.name} does not load: renamed {bad.name}.unreadable")
+        if self.cfg.run.max_steps < state["step"]:  # had ended at once, and config.yaml said the smaller number
+            raise ValueError(f"run.max_steps={self.cfg.run.max_steps} is below the step of {path.name}, "
+                             f"{state['step']}: nothing to train (diagssm eval --checkpoint evaluates an earlier step)")
         for key, (old, new) in diff(from_dict(state["config"]), self.cfg).items():
             self.say(f"resuming with a changed setting: {key}: {old!r} -> {new!r}")
         load_into(self.model, state["model"], path)
