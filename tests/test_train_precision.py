@@ -211,3 +211,23 @@ def test_layers_compute_in_float32_under_autocast(name, options, H):
         m = w.abs().max()
         assert g.dtype == torch.float32
         assert_close(g / m, w / m, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["S4D", "S4", "S5"])
+def test_autocast_wrapper_keeps_the_calling_conventions(name):
+    """The wrapper had taken the input as a parameter named u: step(u_t=...) failed on every layer
+    ("missing 1 required positional argument: 'u'"). A float64 layer takes a half input as float64
+    (it had been cast to float32 and refused as not the layer's dtype)."""
+    from diagssm import layers
+    torch.manual_seed(0)
+    layer = getattr(layers, name)(16, d_state=8)
+    u, state = torch.randn(2, 5, 16), layer.default_state(2)
+    want_y, want_t = layer(u), layer.step(u[:, 0], state)[0]
+    assert_close(layer(u=u), want_y)
+    assert_close(layer.step(u_t=u[:, 0], state=state)[0], want_t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert_close(layer(u=u), want_y)
+        assert_close(layer.step(u_t=u[:, 0], state=state)[0], want_t)
+        y64 = layer.double()(u.bfloat16())
+    assert y64.dtype == torch.float64
+    assert_close(y64, layer(u.bfloat16().double()))

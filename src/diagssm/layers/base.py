@@ -52,18 +52,26 @@ def _autocast_on(device_type):
         return False
 
 
+def _input(args, kwargs):
+    """A layer call's input: its first positional argument, or u= (forward) / u_t= (step)."""
+    if args:
+        return args[0]
+    return kwargs.get("u", kwargs.get("u_t"))
+
+
 def autocast_off(method):
     """A layer's `forward` or `step` that runs with torch.autocast off for its input's device: under
-    autocast a float16 / bfloat16 input (from an autocast op before the layer) is cast to float32 and
-    the layer computes and returns float32, on every path. Its exponentials, powers and scans lose
-    too much below float32, and the native kernels read float32 only; autocast inside the layer had
-    given results that depended on the path (bfloat16 matmuls in some, errors in others). Without
-    autocast the method runs as written."""
+    autocast a float16 / bfloat16 input (from an autocast op before the layer) is cast to the layer's
+    float32 (or float64), and the layer computes and returns that, on every path. Its exponentials,
+    powers and scans lose too much below float32, and the native kernels read float32 only;
+    autocast inside the layer had given results that depended on the path (bfloat16 matmuls in
+    some, errors in others). Without autocast the method runs as written."""
     @functools.wraps(method)
-    def run(self, u, *args, **kwargs):
+    def run(self, *args, **kwargs):
+        u = _input(args, kwargs)
         if torch.is_tensor(u) and _autocast_on("cpu" if u.is_cpu else u.device.type):  # (is_cpu: a step's fast path)
-            return self._in_float32(method, u, *args, **kwargs)
-        return method(self, u, *args, **kwargs)
+            return self._in_float32(method, *args, **kwargs)
+        return method(self, *args, **kwargs)
     return run
 
 
@@ -130,22 +138,30 @@ def check_even_state(d_state, who):
 class SSMLayer(nn.Module):
     """Input and state checks shared by all layers. Subclasses set d_model and check_finite."""
 
-    def _forward_float32(self, u, *args, **kwargs):
+    def _forward_float32(self, *args, **kwargs):
         """The class's `forward` in float32 with autocast off; `keep_ssm_float32` (diagssm.train.world)
         installs it as the instance's `forward`. A bound method of the class, so that a deepcopy (EMA,
         AveragedModel) runs its own parameters and a pickled layer keeps it."""
-        return self._in_float32(type(self).forward, u, *args, **kwargs)
+        return self._in_float32(type(self).forward, *args, **kwargs)
 
-    def _step_float32(self, u_t, *args, **kwargs):
+    def _step_float32(self, *args, **kwargs):
         """`step` as `_forward_float32` runs `forward`."""
-        return self._in_float32(type(self).step, u_t, *args, **kwargs)
+        return self._in_float32(type(self).step, *args, **kwargs)
 
-    def _in_float32(self, fn, u, *args, **kwargs):
+    def _in_float32(self, fn, *args, **kwargs):
+        """fn(self, *args, **kwargs) with autocast off, a half-precision input (positional, u= or u_t=)
+        cast to the parameters' float32 or float64."""
+        u = _input(args, kwargs)
         if torch.is_tensor(u) and u.dtype in (torch.bfloat16, torch.float16):
-            u = u.float()
+            dtype = self.param_dtype()
+            u = u.to(dtype if dtype in (torch.float32, torch.float64) else torch.float32)
+            if args:
+                args = (u,) + args[1:]
+            else:
+                kwargs = {**kwargs, ("u" if "u" in kwargs else "u_t"): u}
         device = u.device.type if torch.is_tensor(u) else "cpu"
         with torch.autocast(device_type=device, enabled=False):
-            return fn(self, u, *args, **kwargs)
+            return fn(self, *args, **kwargs)
 
     def check_input(self, u, name="u"):
         ndim = 3 if name == "u" else 2
