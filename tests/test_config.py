@@ -85,6 +85,9 @@ def test_a_key_given_twice_is_an_error(tmp_path):
         load(None, ["model.layer_kwargs={a: 1, a: 2}"])
     with pytest.raises(ValueError, match=r"--set 'run.max_steps=\[1': not valid YAML"):  # had been a traceback
         load(None, ["run.max_steps=[1"])
+    (tmp_path / "f.yaml").write_text("? [a, b]\n: 1\n")  # the duplicate check had raised TypeError here
+    with pytest.raises(ValueError, match="(?s)f.yaml: not valid YAML.*found unhashable key"):
+        load(tmp_path / "f.yaml")
 
 
 def test_dotted_overrides():

@@ -65,6 +65,17 @@ def test_atomic_save_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatc
     assert torch.equal(torch.load(path)["a"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == ["c.pt"]
 
 
+def test_atomic_save_keeps_other_runtime_errors(tmp_path):
+    """Only torch.save's failed writes are OSErrors (a full disk); a pickling error stays itself."""
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    with pytest.raises(RuntimeError, match="cannot pickle this"):
+        atomic_save({"a": Unpicklable()}, tmp_path / "c.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_writes_use_a_temporary_name_of_their_own(tmp_path, monkeypatch):
     """Named by the PID alone, two writers on two machines sharing a folder (NFS) could write one
     temporary file: the name has the host and a random part too."""

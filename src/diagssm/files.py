@@ -17,14 +17,20 @@ def cache_dir():
     return Path(os.environ.get("DIAGSSM_CACHE", "~/.cache/diagssm")).expanduser()
 
 
+# what torch.save's archive writer (caffe2's PyTorchStreamWriter) says when a write fails
+WRITER_ERRORS = ("inline_container", "PytorchStreamWriter")
+
+
 def atomic_save(obj, path):
     """torch.save(obj) to `path` so that `path` is never seen half-written (module docstring). A
-    write that fails inside torch.save's archive writer (a RuntimeError, e.g. "unexpected pos" when
-    the disk fills at some points) is an OSError, as the other failed writes are."""
+    write that fails inside torch.save's archive writer (a RuntimeError naming it, e.g. "unexpected
+    pos" when the disk fills at some points) is an OSError, as the other failed writes are."""
     def save(f):
         try:
             torch.save(obj, f)
         except RuntimeError as e:
+            if not any(m in str(e) for m in WRITER_ERRORS):  # a pickling or device error is not a write's
+                raise
             raise OSError(f"torch.save could not write {Path(path).name} (a full disk?): {e}") from e
     _atomic_write(path, save)
 

@@ -284,6 +284,7 @@ class _Chunked(torch.autograd.Function):
         return gu, gW, g_into, g_aT, g_into_r, g_ar, lam, None, None
 
 
+@chunked_native.without_autocast_op
 def diagonal_chunked(u, w, B_bar, C, factor=2, h0=None, chunk=None, D=None, block=None, native=None):
     """Outputs and final state of H diagonal SSMs, by chunked matrix multiplies (module docstring).
 

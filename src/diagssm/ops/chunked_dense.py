@@ -165,6 +165,7 @@ def native_problem(u, Cp, T, n):
     return f"n = {n} state coordinates: a multiple of 4 only" if n % 4 else chunked_native.unsupported(u, Cp, T, n // 2)
 
 
+@chunked_native.without_autocast_op
 def dense_chunked(u, A, B, C, D=None, h0=None, chunk=None, native=None):
     """Outputs and final state of H dense real LTI systems by chunked matmuls (module docstring).
 

@@ -192,6 +192,17 @@ def without_autocast(backward):
     return run
 
 
+def without_autocast_op(op):
+    """A public op computed in its inputs' precision, with torch.autocast off for the device of its
+    first argument: under autocast, the matrix powers that `ops.dense_chunked` builds had come out
+    bfloat16 (then refused by `ptr` on the native path, or bfloat16 outputs on the PyTorch one)."""
+    @functools.wraps(op)
+    def run(u, *args, **kwargs):
+        with torch.autocast(device_type="cuda" if getattr(u, "is_cuda", False) else "cpu", enabled=False):
+            return op(u, *args, **kwargs)
+    return run
+
+
 def check_step_args(who, names, ts, dims, want, expected):
     """The step ops' argument check: tensors of the ranks `dims` whose shapes are `want(*ts)` (the
     sizes read from the tensors), else an error naming `who` and every argument's shape; `expected`

@@ -263,6 +263,10 @@ def _mapping(loader, node, deep=False):
         if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges, which may repeat keys
             continue
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:  # PyYAML's own check below says "found unhashable key"
+            continue
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice in this mapping",
                                                     key_node.start_mark)
