@@ -299,8 +299,10 @@ def _reset_high_water_mark():
 class PeakMemory:
     """The peak memory of what runs between start() and mb(), in MB. On the CPU: the resident-memory
     high-water mark, reset at start(), over the memory resident then (Linux), after start() has
-    returned the heap's free memory to the system (`cpu.trim_freed_memory`: the 64 MB that
-    `keep_freed_memory` keeps would otherwise be reused without raising the mark); elsewhere the increase
+    returned the heap's free memory to the system (`cpu.trim_freed_memory`): glibc keeps freed
+    memory resident (up to 64 MB at the top of its heap after large frees by its own thresholds, or
+    the pad of `keep_freed_memory`), which the pass would reuse without raising the mark, so that
+    peaks read low (README, "Against the issue's targets"); elsewhere the increase
     of ru_maxrss, a high-water mark that cannot be reset, so that memory freed before start() hides
     as much of the measured peak (valid once per fresh process, and only where the earlier peak was
     low). On a GPU: the CUDA caching allocator's peak over what was allocated at start()."""
