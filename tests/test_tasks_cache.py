@@ -137,6 +137,8 @@ def test_data_build_rejects_unknown_params(capsys):
     assert "seq_len=-4" in capsys.readouterr().err
     assert main(["data", "build", "recall", "--param", "colour=3"]) == 2
     assert "unknown key 'colour' in --param for task 'recall'" in capsys.readouterr().err
+    assert main(["data", "build", "recall", "--param", "seq_len=[4"]) == 2  # had been a traceback
+    assert "--param 'seq_len=[4': not valid YAML" in capsys.readouterr().err
 
 
 def test_data_build_takes_the_task_section_of_a_config(tmp_path, capsys):

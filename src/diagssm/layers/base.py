@@ -159,8 +159,7 @@ class SSMLayer(nn.Module):
                 args = (u,) + args[1:]
             else:
                 kwargs = {**kwargs, ("u" if "u" in kwargs else "u_t"): u}
-        device = u.device.type if torch.is_tensor(u) else "cpu"
-        with torch.autocast(device_type=device, enabled=False):
+        with chunked_native.no_autocast(u):
             return fn(self, *args, **kwargs)
 
     def check_input(self, u, name="u"):

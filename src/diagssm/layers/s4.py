@@ -247,7 +247,7 @@ def state_response(A, C, x0, L):
     """
     c = 1 << math.ceil(math.log2(L) / 2)  # in-chunk length, a power of two >= sqrt(L)
     n_chunks = -(-L // c)
-    Cp, H, N = C.shape
+    Cp = C.shape[0]
     R, Ac = row_powers(C, A, c)  # (C', H, c, N) rows C A^j; (H, N, N) A^c
     s = x0.transpose(0, 1) @ A.transpose(-1, -2)  # (H, B, N): A x0, per channel one (B, N) x (N, N) product
     Act, states = Ac.transpose(-1, -2), []

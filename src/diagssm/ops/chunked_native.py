@@ -162,19 +162,29 @@ def dense(*ts):
 
 
 NATIVE_DTYPES = (torch.float32, torch.complex64)  # complex64: (Re, Im) float32 pairs
+FLOAT32 = (torch.float32,)  # the weight tiling's: it reads (K, I, H) floats
 
 
-def ptr(t):
+def ptr(t, dtypes=NATIVE_DTYPES):
     """The address of t's memory for the library, which reads and writes it as raw float32 on the CPU:
     another dtype or device would be read as garbage or written past its end, so it is an error (a
     TypeError, which the ops' own checks should have made unreachable). None (an optional argument
-    left out) gives None, a NULL pointer."""
+    left out) gives None, a NULL pointer. `dtypes`: those allowed (the weight tiling: float32 only)."""
     if t is None:
         return None
-    if not (t.is_cpu and t.dtype in NATIVE_DTYPES):  # (not t.device.type: 6x slower, and a step passes ~9)
-        raise TypeError(f"diagssm's native kernels take float32 or complex64 CPU tensors; got {t.dtype} on "
-                        f"{t.device} (a diagssm bug where a layer passed it: please report it)")
+    if not (t.is_cpu and t.dtype in dtypes):  # (not t.device.type: 6x slower, and a step passes ~9)
+        raise TypeError(f"diagssm's native kernels take {' or '.join(str(d)[6:] for d in dtypes)} CPU tensors; got "
+                        f"{t.dtype} on {t.device} (a diagssm bug where a layer passed it: please report it)")
     return t.data_ptr()
+
+
+def no_autocast(t):
+    """A context with torch.autocast off for the device of tensor `t` (the CPU's where `t` is not a
+    tensor or autocast does not know its device, e.g. meta)."""
+    try:
+        return torch.autocast(device_type=t.device.type if torch.is_tensor(t) else "cpu", enabled=False)
+    except RuntimeError:
+        return torch.autocast(device_type="cpu", enabled=False)
 
 
 def without_autocast(backward):
@@ -186,8 +196,7 @@ def without_autocast(backward):
     in autocast)."""
     @functools.wraps(backward)
     def run(ctx, *grads):
-        device = next((g.device.type for g in grads if torch.is_tensor(g)), "cpu")
-        with torch.autocast(device_type=device, enabled=False):
+        with no_autocast(next((g for g in grads if torch.is_tensor(g)), None)):
             return backward(ctx, *grads)
     return run
 
@@ -198,7 +207,7 @@ def without_autocast_op(op):
     bfloat16 (then refused by `ptr` on the native path, or bfloat16 outputs on the PyTorch one)."""
     @functools.wraps(op)
     def run(u, *args, **kwargs):
-        with torch.autocast(device_type="cuda" if getattr(u, "is_cuda", False) else "cpu", enabled=False):
+        with no_autocast(u):
             return op(u, *args, **kwargs)
     return run
 
@@ -303,12 +312,11 @@ def _tiles(w):
     kernels' weights: per tile of V channels (V = `vector_floats()`), strips of S outputs (the kernels'
     `strip_width(I)`), each strip (K, S, V) contiguous. Copied by the library (`tile_weights`), with the
     same result as `_tiles_ref`."""
-    _float32_cpu(w)
     w = w.resolve_neg()  # any strides, but the values in memory (a lazy negation is not)
     K, I, H = w.shape
     S, V = _widths(I)
     t = w.new_empty(H // V, I // S, K, S, V)
-    library().tile_weights(ptr(t), ptr(w), *w.stride(), K, I, H, 0)
+    library().tile_weights(ptr(t, FLOAT32), ptr(w, FLOAT32), *w.stride(), K, I, H, 0)
     return t
 
 
@@ -317,18 +325,10 @@ def _untile(g, out=None):
     with any strides, e.g. a permuted slice of the tensor to return) or a new tensor; as `_untile_ref`."""
     n, m, K, S, V = g.shape
     out = g.new_empty(K, m * S, n * V) if out is None else out
-    _float32_cpu(g, out)
     if out.shape != (K, m * S, n * V):
         raise ValueError(f"_untile: out must be {(K, m * S, n * V)}; got {tuple(out.shape)}")
-    library().tile_weights(ptr(g), ptr(out), *out.stride(), *out.shape, 1)
+    library().tile_weights(ptr(g, FLOAT32), ptr(out, FLOAT32), *out.stride(), *out.shape, 1)
     return out
-
-
-def _float32_cpu(*ts):
-    """The library reads and writes raw float32 memory: anything else would be a wrong answer, so an error."""
-    for t in ts:
-        if t.dtype != torch.float32 or t.device.type != "cpu":
-            raise TypeError(f"native weight tiling: float32 on the CPU only (got {t.dtype} on {t.device})")
 
 
 def _tiles_ref(w):

@@ -245,11 +245,17 @@ def apply_overrides(data, overrides):
             elif not isinstance(node[part], dict):
                 raise ValueError(f"--set {item!r}: {part!r} holds {node[part]!r}, not a mapping")
             node = node[part]
-        try:
-            node[parts[-1]] = read_yaml(text)
-        except yaml.YAMLError as e:  # had escaped as a traceback
-            raise ValueError(f"--set {item!r}: not valid YAML ({' '.join(str(e).split())})") from None
+        node[parts[-1]] = read_value(text, f"--set {item!r}")
     return data
+
+
+def read_value(text, where):
+    """A KEY=VALUE argument's value as YAML (`read_yaml`); not valid YAML is a ValueError naming
+    `where` (it had escaped as a traceback)."""
+    try:
+        return read_yaml(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML ({' '.join(str(e).split())})") from None
 
 
 class _UniqueKeys(yaml.SafeLoader):

@@ -10,8 +10,6 @@ and --seed; `build` caches the task (see `diagssm.tasks.cache`) with a progress 
 import time
 from pathlib import Path
 
-import yaml
-
 from diagssm.tasks import cache, registry
 from diagssm.train import config as config_mod
 from diagssm.tasks.show import show, summary
@@ -48,7 +46,7 @@ def task_request(args):
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--param {item!r} must be KEY=VALUE")
-        params[key] = yaml.safe_load(value)
+        params[key] = config_mod.read_value(value, f"--param {item!r}")
     if args.seed is not None:
         params["seed"] = args.seed
     registry.check_name(name)
