@@ -84,8 +84,10 @@ needs_native = pytest.mark.skipif(not chunked_native.available(),
 
 
 @needs_native
-@pytest.mark.parametrize("H, Bsz, L, chunk, Cp", [(16, 3, 150, 16, 2), (16, 5, 64, 16, 1), (40, 4, 37, None, 2),
-                                                   (16, 8, 200, 8, 1)])
+# L = 170 (chunk 16) and 190 (chunk 8): 10 and 23 full chunks, so blocks of 3 leave a shorter one (at 150 and
+# 200, 9 and 24 full chunks, every block had been of 3: the shorter block's branch never ran)
+@pytest.mark.parametrize("H, Bsz, L, chunk, Cp", [(16, 3, 170, 16, 2), (16, 5, 64, 16, 1), (40, 4, 37, None, 2),
+                                                   (16, 8, 190, 8, 1)])
 @pytest.mark.parametrize("D, h0", [(True, True), (False, False)])
 @pytest.mark.parametrize("per_block", [None, 3], ids=["one-block", "blocks-of-3"])
 def test_native_kernels_match_the_recurrence(H, Bsz, L, chunk, Cp, D, h0, per_block, monkeypatch):
