@@ -300,8 +300,8 @@ class PeakMemory:
     """The peak memory of what runs between start() and mb(), in MB. On the CPU: the resident-memory
     high-water mark, reset at start(), over the memory resident then (Linux), after start() has
     returned the heap's free memory to the system (`cpu.trim_freed_memory`): glibc keeps freed
-    memory resident (up to 64 MB at the top of its heap after large frees by its own thresholds, or
-    the pad of `keep_freed_memory`), which the pass would reuse without raising the mark, so that
+    memory resident (at the top of its heap up to its trim threshold, which large frees raise to
+    64 MB on 64-bit systems: mallopt(3); or the pad of `keep_freed_memory`), which the pass would reuse without raising the mark, so that
     peaks read low (README, "Against the issue's targets"); elsewhere the increase
     of ru_maxrss, a high-water mark that cannot be reset, so that memory freed before start() hides
     as much of the measured peak (valid once per fresh process, and only where the earlier peak was
